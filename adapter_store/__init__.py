@@ -1,0 +1,42 @@
+"""What a VB-LoRA adapter is and where it lives: format, validation, PEFT interop, stores.
+
+Imports neither `server` nor `clients`.
+"""
+
+from .adapter import VBLoRAAdapter, bank_id_of, index_dtype_for
+from .codec import decode_adapter, decode_bank, encode_adapter, encode_bank, read_metadata
+from .config import AdapterConfig, ModuleSpec, SubvectorSlice
+from .errors import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    AdapterValidationError,
+    BankNotFoundError,
+    IncompatibleBaseModelError,
+    StoreUnavailableError,
+    VersionConflictError,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "AdapterTooLargeError",
+    "AdapterValidationError",
+    "BankNotFoundError",
+    "IncompatibleBaseModelError",
+    "ModuleSpec",
+    "StoreUnavailableError",
+    "SubvectorSlice",
+    "VBLoRAAdapter",
+    "VersionConflictError",
+    "bank_id_of",
+    "decode_adapter",
+    "decode_bank",
+    "encode_adapter",
+    "encode_bank",
+    "index_dtype_for",
+    "read_metadata",
+]

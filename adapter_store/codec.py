@@ -1,0 +1,138 @@
+"""The wire and storage format: one safetensors blob per adapter (never pickle).
+
+Tensors: `indices (S, k)` in the smallest integer dtype that holds h, `weights (S, k-1)`
+(the last weight is 1 minus the others) and, unless omitted, `bank (h, b)`. Metadata:
+`format`, `format_version`, `config` (JSON) and `bank_id` (content hash of the bank), so a
+receiver that already holds the bank can take a blob without it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .adapter import FLOAT_DTYPES, VBLoRAAdapter, bank_id_of, index_dtype_for
+from .config import AdapterConfig
+from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError, BankNotFoundError
+
+FORMAT = "vbserve-vblora"
+FORMAT_VERSION = "1"
+BANK_FORMAT = "vbserve-bank"
+DEFAULT_MAX_BLOB_BYTES = 64 << 20
+MAX_HEADER_BYTES = 1 << 20
+
+BankResolver = Callable[[str], torch.Tensor | None]
+
+
+def encode_adapter(adapter: VBLoRAAdapter, *, include_bank: bool = True) -> bytes:
+    """Serialize `adapter`; with `include_bank=False` the blob names its bank by id only."""
+    cfg = adapter.config
+    tensors = {
+        "indices": adapter.indices.to(index_dtype_for(cfg.num_vectors)),
+        "weights": adapter.weights[:, :-1].contiguous(),
+    }
+    if include_bank:
+        tensors["bank"] = adapter.bank
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(cfg.to_json(), separators=(",", ":")),
+        "bank_id": adapter.bank_id,
+        "weights_dtype": _dtype_name(adapter.weights.dtype),
+    }
+    return st_save(tensors, metadata=metadata)
+
+
+def decode_adapter(
+    blob: bytes,
+    *,
+    bank_resolver: BankResolver | None = None,
+    max_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+) -> VBLoRAAdapter:
+    """Parse and validate a blob. A blob without its bank needs `bank_resolver(bank_id)`."""
+    metadata, tensors = _load(blob, max_bytes, FORMAT)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError("format_version", f"unsupported {metadata.get('format_version')!r}")
+    try:
+        config = AdapterConfig.from_json(json.loads(metadata.get("config", "")))
+    except json.JSONDecodeError:
+        raise AdapterFormatError("config", "metadata is not valid JSON") from None
+    unknown = set(tensors) - {"bank", "indices", "weights"}
+    if unknown:
+        raise AdapterFormatError("tensors", f"unexpected tensors {sorted(unknown)}")
+    for name in ("indices", "weights"):
+        if name not in tensors:
+            raise AdapterFormatError(name, "tensor missing from blob")
+    bank_id = metadata.get("bank_id", "")
+    bank = tensors.get("bank")
+    if bank is None:
+        bank = bank_resolver(bank_id) if bank_resolver else None
+        if bank is None:
+            raise BankNotFoundError("bank_id", f"blob omits its bank and bank {bank_id!r} is not held")
+    weights = tensors["weights"]
+    if weights.dim() != 2:
+        raise AdapterValidationError("weights", f"must be 2-D (S, k-1), got {tuple(weights.shape)}")
+    if weights.dtype not in FLOAT_DTYPES:
+        raise AdapterValidationError("weights", f"dtype {_dtype_name(weights.dtype)} is not a float dtype")
+    weights = torch.cat([weights, (1 - weights.float().sum(-1, keepdim=True)).to(weights.dtype)], dim=-1)
+    adapter = VBLoRAAdapter(config, bank, tensors["indices"], weights)
+    if bank_id and adapter.bank_id != bank_id:
+        raise AdapterValidationError("bank_id", "bank content does not match its declared hash")
+    return adapter
+
+
+def encode_bank(bank: torch.Tensor) -> bytes:
+    return st_save({"bank": bank.contiguous()}, metadata={"format": BANK_FORMAT, "bank_id": bank_id_of(bank)})
+
+
+def decode_bank(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> torch.Tensor:
+    metadata, tensors = _load(blob, max_bytes, BANK_FORMAT)
+    bank = tensors.get("bank")
+    if bank is None or bank.dim() != 2:
+        raise AdapterFormatError("bank", "bank blob must hold one 2-D tensor 'bank'")
+    if metadata.get("bank_id") != bank_id_of(bank):
+        raise AdapterValidationError("bank_id", "bank content does not match its declared hash")
+    return bank
+
+
+def read_metadata(blob: bytes, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> dict[str, str]:
+    """The safetensors header's `__metadata__`, read without touching tensor data."""
+    if len(blob) > max_bytes:
+        raise AdapterTooLargeError("blob", f"{len(blob)} bytes exceed the limit of {max_bytes}")
+    if len(blob) < 8:
+        raise AdapterFormatError("blob", "truncated: shorter than the 8-byte safetensors header length")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(blob):
+        raise AdapterFormatError("blob", "truncated or lying header length")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFormatError("blob", "header is not valid JSON") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFormatError("blob", "header has no string __metadata__")
+    return meta
+
+
+def _load(blob: bytes, max_bytes: int, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise AdapterFormatError("blob", "must be bytes")
+    blob = bytes(blob)
+    metadata = read_metadata(blob, max_bytes)
+    if metadata.get("format") != fmt:
+        raise AdapterFormatError("format", f"expected {fmt!r}, got {metadata.get('format')!r}")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
+        raise AdapterFormatError("blob", f"not a valid safetensors file ({exc})") from None
+    return metadata, tensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

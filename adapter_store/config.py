@@ -1,0 +1,174 @@
+"""What an adapter's shape is: which modules it targets and the VB-LoRA sizes r, b, h, k.
+
+Sub-vector layout (the canonical order every tensor of an adapter follows): modules in
+`AdapterConfig.modules` order; per module first the A sub-vectors in PEFT's `logits_A`
+layout `(r, in/b)`, then the B sub-vectors in `logits_B` layout `(out/b, r)`, each
+flattened row-major. S = sum over modules of r * (in + out) / b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from .errors import AdapterValidationError, IncompatibleBaseModelError
+
+# Banks of more than 65536 vectors would need 32-bit indices and no one trains them.
+MAX_NUM_VECTORS = 65536
+MAX_TOPK = 64
+MAX_RANK = 256
+MAX_VECTOR_LENGTH = 8192
+MAX_MODULES = 4096
+MAX_SUBVECTORS = 1 << 24
+
+
+def natural_key(name: str) -> list[object]:
+    """Sort key that orders `layers.10` after `layers.9`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One targeted linear layer: its dotted name in the base model and its shape."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class SubvectorSlice:
+    """Where one module's A and B sub-vectors sit in the adapter's `(S, ...)` tensors."""
+
+    module: ModuleSpec
+    a_start: int
+    b_start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Shape of a VB-LoRA adapter. `modules` is kept in canonical (natural-sorted) order."""
+
+    modules: tuple[ModuleSpec, ...]
+    r: int
+    vector_length: int  # b
+    num_vectors: int  # h
+    topk: int  # k
+    base_model: str = ""  # informational name; compatibility is checked by fingerprint
+    layout: tuple[SubvectorSlice, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value, high in (
+            ("r", self.r, MAX_RANK),
+            ("vector_length", self.vector_length, MAX_VECTOR_LENGTH),
+            ("num_vectors", self.num_vectors, MAX_NUM_VECTORS),
+            ("topk", self.topk, MAX_TOPK),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise AdapterValidationError(name, f"must be an integer in [1, {high}], got {value!r}")
+        if self.topk > self.num_vectors:
+            raise AdapterValidationError("topk", f"{self.topk} exceeds num_vectors {self.num_vectors}")
+        if not self.modules:
+            raise AdapterValidationError("modules", "an adapter must target at least one module")
+        if len(self.modules) > MAX_MODULES:
+            raise AdapterValidationError("modules", f"{len(self.modules)} modules exceed the limit {MAX_MODULES}")
+        ordered = tuple(sorted(self.modules, key=lambda m: natural_key(m.name)))
+        if len({m.name for m in ordered}) != len(ordered):
+            raise AdapterValidationError("modules", "module names must be unique")
+        b = self.vector_length
+        layout, offset = [], 0
+        for m in ordered:
+            if not m.name or len(m.name) > 512:
+                raise AdapterValidationError("modules", f"bad module name {m.name!r}")
+            for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
+                if not isinstance(dim, int) or dim <= 0:
+                    raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
+                if dim % b:
+                    raise AdapterValidationError(
+                        "vector_length", f"b={b} does not divide {m.name}.{dim_name}={dim}"
+                    )
+            a_start = offset
+            b_start = a_start + self.r * m.in_features // b
+            offset = b_start + self.r * m.out_features // b
+            layout.append(SubvectorSlice(m, a_start, b_start, offset))
+        if offset > MAX_SUBVECTORS:
+            raise AdapterValidationError("modules", f"{offset} sub-vectors exceed the limit {MAX_SUBVECTORS}")
+        object.__setattr__(self, "modules", ordered)
+        object.__setattr__(self, "layout", tuple(layout))
+
+    @property
+    def num_subvectors(self) -> int:
+        return self.layout[-1].end
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Short names (`q_proj`, ...) of the targeted modules, as PEFT spells them."""
+        return sorted({m.name.rsplit(".", 1)[-1] for m in self.modules})
+
+    @property
+    def base_fingerprint(self) -> str:
+        """Hash of the targeted modules' names and shapes: two models that give the same
+        fingerprint for these names can run this adapter."""
+        return module_fingerprint(self.modules)
+
+    @property
+    def composition_key(self) -> tuple:
+        """Adapters with equal keys compose together in one batched kernel call."""
+        return (self.modules, self.r, self.vector_length, self.num_vectors, self.topk)
+
+    def check_compatible(self, base_modules: dict[str, tuple[int, int]]) -> None:
+        """Raise unless every targeted module exists in the base model with the same
+        (in_features, out_features)."""
+        for m in self.modules:
+            shape = base_modules.get(m.name)
+            if shape is None:
+                raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
+            if shape != (m.in_features, m.out_features):
+                raise IncompatibleBaseModelError(
+                    "modules", f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
+                    f"{m.in_features}->{m.out_features} in the adapter"
+                )
+
+    def to_json(self) -> dict:
+        return {
+            "r": self.r,
+            "vector_length": self.vector_length,
+            "num_vectors": self.num_vectors,
+            "topk": self.topk,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "modules": [[m.name, m.in_features, m.out_features] for m in self.modules],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> AdapterConfig:
+        if not isinstance(data, dict):
+            raise AdapterValidationError("config", "must be a JSON object")
+        try:
+            modules = tuple(ModuleSpec(str(n), int(i), int(o)) for n, i, o in data["modules"])
+            config = cls(
+                modules=modules,
+                r=data["r"],
+                vector_length=data["vector_length"],
+                num_vectors=data["num_vectors"],
+                topk=data["topk"],
+                base_model=str(data.get("base_model", "")),
+            )
+        except KeyError as exc:
+            raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, AdapterValidationError):
+                raise
+            raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
+        claimed = data.get("base_fingerprint")
+        if claimed is not None and claimed != config.base_fingerprint:
+            raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
+        return config
+
+
+def module_fingerprint(modules: tuple[ModuleSpec, ...] | list[ModuleSpec]) -> str:
+    canon = sorted(([m.name, m.in_features, m.out_features] for m in modules), key=lambda x: natural_key(x[0]))
+    return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
