@@ -58,7 +58,9 @@ class VBLoRAAdapter:
             raise AdapterValidationError("bank", "contains NaN or Inf")
         idx = self.indices.to(torch.int64)
         if s and (int(idx.min()) < 0 or int(idx.max()) >= h):
-            raise AdapterValidationError("indices", f"values must lie in [0, {h}), got [{int(idx.min())}, {int(idx.max())}]")
+            raise AdapterValidationError(
+                "indices", f"values must lie in [0, {h}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
         w = self.weights.float()
         if not torch.isfinite(w).all():
             raise AdapterValidationError("weights", "contains NaN or Inf")
@@ -73,9 +75,7 @@ class VBLoRAAdapter:
         object.__setattr__(self, "bank_id", bank_id_of(self.bank))
 
     @classmethod
-    def from_logits(
-        cls, config: AdapterConfig, bank: torch.Tensor, logits: torch.Tensor
-    ) -> VBLoRAAdapter:
+    def from_logits(cls, config: AdapterConfig, bank: torch.Tensor, logits: torch.Tensor) -> VBLoRAAdapter:
         """Keep the top-k of trained `(S, h)` logits, as PEFT's `save_only_topk_weights` does."""
         top, idx = logits.detach().topk(config.topk, dim=-1)
         return cls(config, bank.detach(), idx.to(index_dtype_for(config.num_vectors)), torch.softmax(top, dim=-1))

@@ -87,9 +87,7 @@ class AdapterConfig:
                 if not isinstance(dim, int) or dim <= 0:
                     raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
                 if dim % b:
-                    raise AdapterValidationError(
-                        "vector_length", f"b={b} does not divide {m.name}.{dim_name}={dim}"
-                    )
+                    raise AdapterValidationError("vector_length", f"b={b} does not divide {m.name}.{dim_name}={dim}")
             a_start = offset
             b_start = a_start + self.r * m.in_features // b
             offset = b_start + self.r * m.out_features // b
@@ -128,8 +126,9 @@ class AdapterConfig:
                 raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
             if shape != (m.in_features, m.out_features):
                 raise IncompatibleBaseModelError(
-                    "modules", f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
-                    f"{m.in_features}->{m.out_features} in the adapter"
+                    "modules",
+                    f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
+                    f"{m.in_features}->{m.out_features} in the adapter",
                 )
 
     def to_json(self) -> dict:

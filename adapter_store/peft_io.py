@@ -1,0 +1,213 @@
+"""Hugging Face PEFT VB-LoRA checkpoints in and out (`adapter_config.json` +
+`adapter_model.safetensors`), with or without `save_only_topk_weights`.
+
+PEFT layouts: `logits_A (r, in/b, h)`, `logits_B (out/b, r, h)`; the top-k files keep the
+same leading dims with `k` indices and `k-1` weights. Our canonical sub-vector order is
+those leading dims flattened, so import and export are reshapes, never reorderings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .adapter import VBLoRAAdapter, index_dtype_for
+from .codec import DEFAULT_MAX_BLOB_BYTES
+from .config import AdapterConfig, ModuleSpec
+from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 64 << 10
+
+# VBLoRAConfig's fields in PEFT 0.21. An unknown field is refused rather than ignored:
+# it may change what the checkpoint means.
+_KNOWN_FIELDS = {
+    "auto_mapping", "base_model_name_or_path", "bias", "exclude_modules", "fan_in_fan_out",
+    "inference_mode", "init_logits_std", "init_vector_bank_bound", "layers_pattern",
+    "layers_to_transform", "modules_to_save", "num_vectors", "peft_type", "peft_version", "r",
+    "revision", "save_only_topk_weights", "target_modules", "task_type", "topk", "vblora_dropout",
+    "vector_length",
+}  # fmt: skip
+_MODULE_KEY = re.compile(r"^base_model\.model\.(.+)\.vblora_logits_([AB])(_topk_indices|_topk_weights)?$")
+_BANK_KEY = re.compile(r"^base_model\.vblora_vector_bank(\.[^.]+)?$")
+
+
+def import_peft(config: object, tensors: dict[str, torch.Tensor]) -> VBLoRAAdapter:
+    """Build an adapter from a parsed `adapter_config.json` and the checkpoint's tensors."""
+    cfg = _check_peft_config(config)
+    r, h, b, k = cfg["r"], cfg["num_vectors"], cfg["vector_length"], cfg["topk"]
+    topk_only = bool(cfg.get("save_only_topk_weights", False))
+    banks = [name for name in tensors if _BANK_KEY.match(name)]
+    if len(banks) != 1:
+        raise AdapterFormatError("adapter_model.vblora_vector_bank", f"expected one bank tensor, found {len(banks)}")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name == banks[0]:
+            continue
+        m = _MODULE_KEY.match(name)
+        if not m:
+            raise AdapterFormatError("adapter_model", f"unexpected tensor {name!r}")
+        parts.setdefault(m.group(1), {})[m.group(2) + (m.group(3) or "")] = t
+    wanted = ("A_topk_indices", "A_topk_weights", "B_topk_indices", "B_topk_weights") if topk_only else ("A", "B")
+    modules, idx_parts, w_parts = [], [], []
+    for module_name, p in parts.items():
+        if set(p) != set(wanted):
+            raise AdapterFormatError(
+                f"adapter_model.{module_name}", f"expected tensors {sorted(wanted)}, found {sorted(p)}"
+            )
+        first = p[wanted[0]]
+        second = p[wanted[2] if topk_only else "B"]
+        if first.dim() != 3 or second.dim() != 3 or first.shape[0] != r or second.shape[1] != r:
+            raise AdapterValidationError(f"adapter_model.{module_name}", f"shapes do not match r={r}")
+        modules.append(ModuleSpec(module_name, first.shape[1] * b, second.shape[0] * b))
+        per_matrix = []
+        for mat in ("A", "B"):
+            if topk_only:
+                idx, w = p[f"{mat}_topk_indices"], p[f"{mat}_topk_weights"]
+                if idx.shape[-1] != k or w.shape[-1] != k - 1 or idx.shape[:-1] != w.shape[:-1]:
+                    raise AdapterValidationError(
+                        f"adapter_model.{module_name}.{mat}", f"top-k shapes do not match k={k}"
+                    )
+                if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise AdapterValidationError(f"adapter_model.{module_name}.{mat}", f"weights dtype {w.dtype}")
+                w = torch.cat([w, (1 - w.float().sum(-1, keepdim=True)).to(w.dtype)], dim=-1)
+            else:
+                logits = p[mat]
+                if logits.shape[-1] != h or not logits.is_floating_point():
+                    raise AdapterValidationError(
+                        f"adapter_model.{module_name}.{mat}", f"logits must be float (..., {h})"
+                    )
+                top, idx = logits.topk(k, dim=-1)
+                w = torch.softmax(top, dim=-1)
+            per_matrix.append((idx.reshape(-1, k), w.reshape(-1, k)))
+        idx_parts.append((module_name, [i for i, _ in per_matrix]))
+        w_parts.append((module_name, [w for _, w in per_matrix]))
+    adapter_config = AdapterConfig(
+        tuple(modules), r=r, vector_length=b, num_vectors=h, topk=k,
+        base_model=str(cfg.get("base_model_name_or_path") or ""),
+    )  # fmt: skip
+    # Concatenate in the config's canonical module order.
+    order = {m.name: i for i, m in enumerate(adapter_config.modules)}
+    idx_parts.sort(key=lambda p: order[p[0]])
+    w_parts.sort(key=lambda p: order[p[0]])
+    indices = torch.cat([t for _, ts in idx_parts for t in ts])
+    weights = torch.cat([t for _, ts in w_parts for t in ts])
+    if indices.is_floating_point():
+        raise AdapterValidationError("adapter_model.topk_indices", "indices must be integers")
+    index_range_ok = indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < h)
+    if not index_range_ok:
+        raise AdapterValidationError("indices", f"values must lie in [0, {h})")
+    return VBLoRAAdapter(adapter_config, tensors[banks[0]], indices.to(index_dtype_for(h)), weights)
+
+
+def export_peft(adapter: VBLoRAAdapter, *, save_only_topk_weights: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter as PEFT writes it: (adapter_config.json dict, tensors)."""
+    cfg = adapter.config
+    r, b, k = cfg.r, cfg.vector_length, cfg.topk
+    tensors: dict[str, torch.Tensor] = {"base_model.vblora_vector_bank": adapter.bank}
+    for sl in cfg.layout:
+        m = sl.module
+        for mat, start, stop, lead in (
+            ("A", sl.a_start, sl.b_start, (r, m.in_features // b)),
+            ("B", sl.b_start, sl.end, (m.out_features // b, r)),
+        ):
+            key = f"base_model.model.{m.name}.vblora_logits_{mat}"
+            idx = adapter.indices[start:stop].reshape(*lead, k)
+            w = adapter.weights[start:stop].reshape(*lead, k)
+            if save_only_topk_weights:
+                tensors[key + "_topk_indices"] = idx.contiguous()
+                tensors[key + "_topk_weights"] = w[..., :-1].contiguous()
+            else:
+                # What PEFT itself rebuilds from a top-k checkpoint: log-weights, -inf elsewhere.
+                logits = torch.full((*lead, cfg.num_vectors), float("-inf"))
+                tensors[key] = logits.scatter(-1, idx.long(), w.float().log())
+    config = {
+        "peft_type": "VBLORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.base_model or None,
+        # Full module names, so PEFT targets exactly these layers and no others.
+        "target_modules": [m.name for m in cfg.modules],
+        "r": r,
+        "num_vectors": cfg.num_vectors,
+        "vector_length": b,
+        "topk": k,
+        "save_only_topk_weights": save_only_topk_weights,
+        "vblora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+def read_peft_files(
+    config_bytes: bytes, weights_bytes: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES
+) -> VBLoRAAdapter:
+    """Import from the two files' raw bytes (an upload)."""
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise AdapterTooLargeError(CONFIG_NAME, f"exceeds {MAX_CONFIG_BYTES} bytes")
+    if len(weights_bytes) > max_bytes:
+        raise AdapterTooLargeError(WEIGHTS_NAME, f"{len(weights_bytes)} bytes exceed the limit of {max_bytes}")
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(CONFIG_NAME, f"not valid JSON ({exc})") from None
+    try:
+        tensors = st_load(bytes(weights_bytes))
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
+        raise AdapterFormatError(WEIGHTS_NAME, f"not a valid safetensors file ({exc})") from None
+    return import_peft(config, tensors)
+
+
+def load_peft_dir(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> VBLoRAAdapter:
+    path = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise AdapterFormatError(name, f"missing from {path}")
+    if (path / WEIGHTS_NAME).stat().st_size > max_bytes:
+        raise AdapterTooLargeError(WEIGHTS_NAME, f"exceeds the limit of {max_bytes} bytes")
+    return read_peft_files((path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), max_bytes=max_bytes)
+
+
+def save_peft_dir(adapter: VBLoRAAdapter, path: str | Path, *, save_only_topk_weights: bool = True) -> None:
+    config, tensors = export_peft(adapter, save_only_topk_weights=save_only_topk_weights)
+    write_checkpoint_dir(path, config, tensors)
+
+
+def write_checkpoint_dir(path: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT-style checkpoint directory (also used for the plain-LoRA export)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    (path / WEIGHTS_NAME).write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def _check_peft_config(config: object) -> dict:
+    if not isinstance(config, dict):
+        raise AdapterFormatError(CONFIG_NAME, "must be a JSON object")
+    if config.get("peft_type") != "VBLORA":
+        raise AdapterFormatError(f"{CONFIG_NAME}.peft_type", f"must be 'VBLORA', got {config.get('peft_type')!r}")
+    unknown = sorted(set(config) - _KNOWN_FIELDS)
+    if unknown:
+        raise AdapterFormatError(f"{CONFIG_NAME}.{unknown[0]}", "unknown field")
+    for key in ("r", "num_vectors", "vector_length", "topk"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise AdapterValidationError(f"{CONFIG_NAME}.{key}", f"must be a positive integer, got {value!r}")
+    if config.get("bias", "none") != "none":
+        raise AdapterValidationError(f"{CONFIG_NAME}.bias", "only 'none' is supported")
+    if config.get("modules_to_save"):
+        raise AdapterValidationError(f"{CONFIG_NAME}.modules_to_save", "is not supported")
+    if config.get("fan_in_fan_out"):
+        raise AdapterValidationError(
+            f"{CONFIG_NAME}.fan_in_fan_out", "Conv1D (fan_in_fan_out) models are not supported"
+        )
+    return config

@@ -1,0 +1,1 @@
+"""vbserve: the service (HTTP API, engine, VB-LoRA kernels, training)."""

@@ -1,0 +1,9 @@
+"""VB-LoRA kernels behind one call each. The torch variants run on CPU and CUDA.
+
+A fused Triton variant would slot in here, picked by device; see the engine README for
+why the torch path is the only one today.
+"""
+
+from .torch_ops import add_multi_adapter_lora, compose_subvectors
+
+__all__ = ["add_multi_adapter_lora", "compose_subvectors"]

@@ -1,0 +1,46 @@
+"""Device-agnostic torch implementations of the VB-LoRA kernels (CPU and CUDA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compose_subvectors(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Every sub-vector of every adapter in one fused gather + weighted sum.
+
+    bank:    (n, h, b)  one vector bank per adapter
+    indices: (n, S, k)  integer, rows of that adapter's bank
+    weights: (n, S, k)  top-k mixing weights
+    returns: (n, S, b)  sub-vector s of adapter a = sum_j weights[a,s,j] * bank[a, indices[a,s,j]]
+
+    `embedding_bag(mode="sum")` with per-sample weights is exactly that weighted gather and
+    never materializes the (n, S, k, b) intermediate; offsetting each adapter's indices by
+    a*h lets one call serve all adapters. Gradients flow into `bank` and `weights`.
+    """
+    n, h, b = bank.shape
+    _, s, k = indices.shape
+    offsets = (torch.arange(n, device=indices.device) * h).view(n, 1, 1)
+    flat_idx = (indices.long() + offsets).view(n * s, k)
+    flat_w = weights.to(bank.dtype).reshape(n * s, k)
+    out = F.embedding_bag(flat_idx, bank.reshape(n * h, b), per_sample_weights=flat_w, mode="sum")
+    return out.view(n, s, b)
+
+
+def add_multi_adapter_lora(
+    base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """`base_out + B_a (A_a x)` row by row, each row with its own adapter, in fixed ops.
+
+    base_out: (N, L, out)   the base layer's output
+    x:        (N, L, in)    its input (a per-token batch is N = T, L = 1)
+    lora_a:   (n, r, in)    A of every adapter slot
+    lora_b:   (n, out, r)   B of every adapter slot
+    slots:    (N,)          long, the slot of each row; -1 = base only (adds nothing)
+    returns:  (N, L, out)
+    """
+    use = slots >= 0
+    idx = slots.clamp(min=0)
+    xa = torch.bmm(x, lora_a[idx].transpose(1, 2))  # (N, L, r)
+    xa = xa * use.view(-1, 1, 1).to(xa.dtype)
+    return torch.baddbmm(base_out, xa, lora_b[idx].transpose(1, 2))
