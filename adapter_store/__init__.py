@@ -17,17 +17,22 @@ from .errors import (
     StoreUnavailableError,
     VersionConflictError,
 )
+from .store import AdapterRecord, AdapterStore, RedisAdapterStore, SQLiteAdapterStore, open_store
 
 __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterFormatError",
     "AdapterNotFoundError",
+    "AdapterRecord",
+    "AdapterStore",
     "AdapterTooLargeError",
     "AdapterValidationError",
     "BankNotFoundError",
     "IncompatibleBaseModelError",
     "ModuleSpec",
+    "RedisAdapterStore",
+    "SQLiteAdapterStore",
     "StoreUnavailableError",
     "SubvectorSlice",
     "VBLoRAAdapter",
@@ -38,5 +43,6 @@ __all__ = [
     "encode_adapter",
     "encode_bank",
     "index_dtype_for",
+    "open_store",
     "read_metadata",
 ]

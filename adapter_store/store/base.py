@@ -1,0 +1,268 @@
+"""The adapter store interface that every backend implements, and the rules they share.
+
+The public methods live here, once: they validate the caller's input and encode/decode
+adapters, then call a backend's protected `_` methods with plain bytes and strings. So
+both backends reject exactly the same input before touching storage (bad input can
+never leave a half-written store) and only storage differs between them.
+
+Storage model, common to every backend:
+- An adapter is stored as its body (`encode_adapter(include_bank=False)`, which names
+  its bank by id) plus a record; the bank is stored once per `bank_id` (content
+  addressed, global across tenants) with a reference count, and removed when the last
+  adapter that uses it is replaced or deleted.
+- Versions grow per (tenant, name) from 1 and a counter survives delete, so a cache
+  keyed by (tenant, name, version) never takes a new adapter for an old one.
+- Only the latest version's bytes are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..adapter import VBLoRAAdapter
+from ..codec import decode_adapter, decode_bank, encode_adapter, encode_bank
+from ..errors import AdapterNotFoundError, AdapterValidationError, BankNotFoundError, StoreUnavailableError
+
+MAX_KEY_LENGTH = 128
+MAX_LIST_LIMIT = 1000
+# Tenants and names become parts of Redis keys and SQL values: one safe alphabet for both,
+# no separators (`/`, `:`), no braces (Redis Cluster hash tags), no leading dot (hidden files).
+_KEY_ALPHABET = re.compile(r"[A-Za-z0-9._-]+")
+_BANK_ID = re.compile(r"sha256-[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """Metadata of the stored version of one adapter (no tensors).
+
+    body_bytes: size of the stored body (indices + weights + metadata).
+    bank_bytes: size of the stored bank blob. It is charged to every adapter that uses the
+                bank, so a tenant's byte count does not depend on what others store.
+    created:    unix time of the first put since the name was last absent.
+    updated:    unix time of this version's put.
+    """
+
+    tenant: str
+    name: str
+    version: int
+    bank_id: str
+    config: dict[str, Any]
+    body_bytes: int
+    bank_bytes: int
+    created: float
+    updated: float
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.body_bytes + self.bank_bytes
+
+
+Records = list[AdapterRecord]
+
+
+def validate_key(field: str, value: object) -> str:
+    """Check a tenant or adapter name; raise `AdapterValidationError(field, reason)`."""
+    if not isinstance(value, str):
+        raise AdapterValidationError(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise AdapterValidationError(field, "must not be empty")
+    if len(value) > MAX_KEY_LENGTH:
+        raise AdapterValidationError(field, f"{len(value)} characters exceed the limit of {MAX_KEY_LENGTH}")
+    if not _KEY_ALPHABET.fullmatch(value):
+        raise AdapterValidationError(field, "only letters, digits, '.', '_' and '-' are allowed")
+    if value.startswith("."):
+        raise AdapterValidationError(field, "must not start with '.'")
+    return value
+
+
+def not_found(tenant: str, name: str) -> AdapterNotFoundError:
+    return AdapterNotFoundError("name", f"no adapter {name!r} for tenant {tenant!r}")
+
+
+def validate_bank_id(bank_id: object) -> str:
+    if not isinstance(bank_id, str) or not _BANK_ID.fullmatch(bank_id):
+        raise AdapterValidationError("bank_id", "must look like 'sha256-' followed by 40 hex digits")
+    return bank_id
+
+
+class AdapterStore(ABC):
+    """Where adapters live, per tenant. Synchronous and thread-safe: the server calls it
+    from worker threads. Every method may raise `StoreUnavailableError`."""
+
+    #: Driver exceptions that mean "the storage cannot be reached right now".
+    unavailable_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------------
+
+    def put(
+        self, tenant: str, name: str, adapter: VBLoRAAdapter, *, expected_version: int | None = None
+    ) -> AdapterRecord:
+        """Publish `adapter` as the next version of (tenant, name), atomically.
+
+        expected_version: None writes unconditionally; 0 writes only if the name is absent;
+        n writes only if the stored version is n. Otherwise `VersionConflictError`, and
+        nothing changes.
+        """
+        validate_key("tenant", tenant)
+        validate_key("name", name)
+        if not isinstance(adapter, VBLoRAAdapter):
+            raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter, got {type(adapter).__name__}")
+        if expected_version is not None and (
+            not isinstance(expected_version, int) or isinstance(expected_version, bool) or expected_version < 0
+        ):
+            raise AdapterValidationError(
+                "expected_version", f"must be None or an integer >= 0, got {expected_version!r}"
+            )
+        body = encode_adapter(adapter, include_bank=False)
+        bank = encode_bank(adapter.bank)
+        config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
+        with self._guard():
+            return self._put(tenant, name, expected_version, adapter.bank_id, config, body, bank, time.time())
+
+    def get(self, tenant: str, name: str) -> tuple[AdapterRecord, VBLoRAAdapter]:
+        """The stored version's record and adapter, read as one consistent pair."""
+        validate_key("tenant", tenant)
+        validate_key("name", name)
+        with self._guard():
+            record, body, bank_blob = self._read(tenant, name)
+        bank = decode_bank(bank_blob)
+        adapter = decode_adapter(body, bank_resolver=lambda bank_id: bank if bank_id == record.bank_id else None)
+        return record, adapter
+
+    def get_record(self, tenant: str, name: str) -> AdapterRecord:
+        """Metadata only: no tensor is read or decoded."""
+        validate_key("tenant", tenant)
+        validate_key("name", name)
+        with self._guard():
+            return self._get_record(tenant, name)
+
+    def get_version(self, tenant: str, name: str) -> int | None:
+        """The stored version, or None if absent: one cheap lookup, for cache invalidation."""
+        validate_key("tenant", tenant)
+        validate_key("name", name)
+        with self._guard():
+            return self._get_version(tenant, name)
+
+    def list(self, tenant: str, *, after: str | None = None, limit: int = 100) -> Records:
+        """One page of the tenant's adapters in name order (byte order), names > `after`.
+        Pass the last name of a page as `after` to get the next page."""
+        validate_key("tenant", tenant)
+        if after is not None:
+            validate_key("after", after)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise AdapterValidationError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
+        with self._guard():
+            return self._list(tenant, after, limit)
+
+    def count(self, tenant: str) -> tuple[int, int]:
+        """(number of adapters, sum of their `stored_bytes`), for quotas."""
+        validate_key("tenant", tenant)
+        with self._guard():
+            return self._count(tenant)
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove the adapter (`AdapterNotFoundError` if absent) and release its bank."""
+        validate_key("tenant", tenant)
+        validate_key("name", name)
+        with self._guard():
+            self._delete(tenant, name)
+
+    def get_bank(self, bank_id: str) -> bytes:
+        """The bank blob (`encode_bank` format). Banks are global and content addressed:
+        whether a caller may read one is the HTTP layer's decision."""
+        validate_bank_id(bank_id)
+        with self._guard():
+            blob = self._get_bank(bank_id)
+        if blob is None:
+            raise BankNotFoundError("bank_id", f"bank {bank_id!r} is not stored")
+        return blob
+
+    def has_bank(self, bank_id: str) -> bool:
+        validate_bank_id(bank_id)
+        with self._guard():
+            return self._has_bank(bank_id)
+
+    def ping(self) -> None:
+        """Return if the storage answers, else raise `StoreUnavailableError`."""
+        with self._guard():
+            self._ping()
+
+    def close(self) -> None:
+        """Release connections. Later calls raise `StoreUnavailableError`."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> AdapterStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn the driver's connection failures into `StoreUnavailableError`."""
+        if self._closed:
+            raise StoreUnavailableError("store", "the store is closed")
+        try:
+            yield
+        except self.unavailable_errors as exc:
+            raise StoreUnavailableError("store", f"{type(exc).__name__}: {exc}") from exc
+
+    # -- what a backend implements (arguments already validated) --------------------------
+
+    @abstractmethod
+    def _put(
+        self,
+        tenant: str,
+        name: str,
+        expected_version: int | None,
+        bank_id: str,
+        config_json: str,
+        body: bytes,
+        bank: bytes,
+        now: float,
+    ) -> AdapterRecord:
+        """Atomically: check the version, store body + record, take a reference on the bank
+        (storing it if new), release the replaced version's bank."""
+
+    @abstractmethod
+    def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
+        """(record, body, bank blob) of one version, never parts of two versions."""
+
+    @abstractmethod
+    def _get_record(self, tenant: str, name: str) -> AdapterRecord: ...
+
+    @abstractmethod
+    def _get_version(self, tenant: str, name: str) -> int | None: ...
+
+    @abstractmethod
+    def _list(self, tenant: str, after: str | None, limit: int) -> Records: ...
+
+    @abstractmethod
+    def _count(self, tenant: str) -> tuple[int, int]: ...
+
+    @abstractmethod
+    def _delete(self, tenant: str, name: str) -> None: ...
+
+    @abstractmethod
+    def _get_bank(self, bank_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _has_bank(self, bank_id: str) -> bool: ...
+
+    @abstractmethod
+    def _ping(self) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...

@@ -1,0 +1,250 @@
+"""The embedded store: one SQLite file, so a machine with no Redis still serves.
+
+WAL mode lets readers run beside the one writer; every write is one `BEGIN IMMEDIATE`
+transaction (it takes the write lock up front, so two writers never both read the old
+version and then both write), and every read is one SQL statement, so it sees one
+committed version. Each thread gets its own connection (sqlite3 connections
+must not be shared between threads mid-transaction); `close()` closes all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import VersionConflictError
+from .base import AdapterRecord, AdapterStore, Records, not_found
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    bank_id TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+-- Survives delete, so a re-put name continues from a higher version.
+CREATE TABLE IF NOT EXISTS versions (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    last_version INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS banks (
+    bank_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    refcount INTEGER NOT NULL
+);
+"""
+
+# length() of a BLOB reads its size from the row header, not the blob itself.
+_RECORD_COLUMNS = (
+    "a.version, a.bank_id, a.config_json, length(a.body), coalesce(length(b.data), 0), a.created, a.updated"
+)
+_RECORD_FROM = "adapters a LEFT JOIN banks b ON b.bank_id = a.bank_id"
+
+
+class SQLiteAdapterStore(AdapterStore):
+    """Adapter store in a local SQLite file (created with its parent folder if missing)."""
+
+    unavailable_errors = (sqlite3.OperationalError,)
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0) -> None:
+        """timeout: seconds a write waits for another writer's lock before giving up."""
+        super().__init__()
+        self.path = Path(path)
+        self._timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._guard(), self._write() as conn:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    def __repr__(self) -> str:
+        return f"SQLiteAdapterStore({str(self.path)!r})"
+
+    # -- connections and transactions -------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: no implicit transactions, we open them ourselves.
+            # check_same_thread=False only so that close() may close every thread's connection.
+            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+            with self._connections_lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the write lock from its first statement."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- backend operations -----------------------------------------------------------
+
+    def _put(
+        self,
+        tenant: str,
+        name: str,
+        expected_version: int | None,
+        bank_id: str,
+        config_json: str,
+        body: bytes,
+        bank: bytes,
+        now: float,
+    ) -> AdapterRecord:
+        with self._write() as conn:
+            current = conn.execute(
+                "SELECT version, bank_id, created FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
+            ).fetchone()
+            current_version = current[0] if current else 0
+            if expected_version is not None and expected_version != current_version:
+                raise VersionConflictError(
+                    "version", f"expected version {expected_version}, stored version is {current_version}"
+                )
+            row = conn.execute(
+                "SELECT last_version FROM versions WHERE tenant = ? AND name = ?", (tenant, name)
+            ).fetchone()
+            version = max(row[0] if row else 0, current_version) + 1
+            # Take the new reference before releasing the old one: they may be the same bank.
+            conn.execute(
+                "INSERT INTO banks (bank_id, data, refcount) VALUES (?, ?, 1) "
+                "ON CONFLICT (bank_id) DO UPDATE SET refcount = refcount + 1",
+                (bank_id, bank),
+            )
+            if current:
+                _release_bank(conn, current[1])
+            created = current[2] if current else now
+            conn.execute(
+                "INSERT INTO adapters (tenant, name, version, bank_id, config_json, body, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO UPDATE SET "
+                "version = excluded.version, bank_id = excluded.bank_id, config_json = excluded.config_json, "
+                "body = excluded.body, updated = excluded.updated",
+                (tenant, name, version, bank_id, config_json, body, created, now),
+            )
+            conn.execute(
+                "INSERT INTO versions (tenant, name, last_version) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant, name) DO UPDATE SET last_version = excluded.last_version",
+                (tenant, name, version),
+            )
+            (bank_bytes,) = conn.execute("SELECT length(data) FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
+        return AdapterRecord(
+            tenant, name, version, bank_id, json.loads(config_json), len(body), bank_bytes, created, now
+        )
+
+    def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
+        # One statement reads record, body and bank from one committed state.
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT {_RECORD_COLUMNS}, a.body, b.data FROM {_RECORD_FROM} WHERE a.tenant = ? AND a.name = ?",
+                (tenant, name),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise not_found(tenant, name)
+        return _record(tenant, name, row), row[-2], row[-1]
+
+    def _get_record(self, tenant: str, name: str) -> AdapterRecord:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_RECORD_COLUMNS} FROM {_RECORD_FROM} WHERE a.tenant = ? AND a.name = ?", (tenant, name))
+            .fetchone()
+        )
+        if row is None:
+            raise not_found(tenant, name)
+        return _record(tenant, name, row)
+
+    def _get_version(self, tenant: str, name: str) -> int | None:
+        row = (
+            self._conn()
+            .execute("SELECT version FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def _list(self, tenant: str, after: str | None, limit: int) -> Records:
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT a.name, {_RECORD_COLUMNS} FROM {_RECORD_FROM} "
+                "WHERE a.tenant = ? AND a.name > ? ORDER BY a.name LIMIT ?",
+                (tenant, after or "", limit),
+            )
+            .fetchall()
+        )
+        return [_record(tenant, row[0], row[1:]) for row in rows]
+
+    def _count(self, tenant: str) -> tuple[int, int]:
+        number, total = (
+            self._conn()
+            .execute(
+                "SELECT count(*), coalesce(sum(length(a.body) + coalesce(length(b.data), 0)), 0) "
+                f"FROM {_RECORD_FROM} WHERE a.tenant = ?",
+                (tenant,),
+            )
+            .fetchone()
+        )
+        return number, total
+
+    def _delete(self, tenant: str, name: str) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT bank_id FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
+            if row is None:
+                raise not_found(tenant, name)
+            conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
+            _release_bank(conn, row[0])
+
+    def _get_bank(self, bank_id: str) -> bytes | None:
+        row = self._conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
+        return row[0] if row else None
+
+    def _has_bank(self, bank_id: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM banks WHERE bank_id = ?", (bank_id,)).fetchone() is not None
+
+    def _ping(self) -> None:
+        self._conn().execute("SELECT count(*) FROM banks WHERE 0").fetchone()
+
+    def _close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+def _release_bank(conn: sqlite3.Connection, bank_id: str) -> None:
+    """Drop one reference; the last one removes the bank."""
+    conn.execute("UPDATE banks SET refcount = refcount - 1 WHERE bank_id = ?", (bank_id,))
+    conn.execute("DELETE FROM banks WHERE bank_id = ? AND refcount <= 0", (bank_id,))
+
+
+def _record(tenant: str, name: str, row: tuple) -> AdapterRecord:
+    """Build a record from the `_RECORD_COLUMNS` part of a row."""
+    version, bank_id, config_json, body_bytes, bank_bytes, created, updated = row[:7]
+    return AdapterRecord(
+        tenant, name, version, bank_id, json.loads(config_json), body_bytes, bank_bytes, created, updated
+    )
