@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     max_lora_rank: int = 16
     adapter_cache_bytes: int = 512 << 20  # composed adapters kept, LRU
     max_new_tokens_limit: int = 4096
-    prefill_chunk_tokens: int = 512
+    max_model_len: int = 2048  # context per request; sizes the KV cache (rows x len)
+    prefill_chunk_tokens: int = 512  # prompt tokens admitted per iteration (one long prompt may exceed it)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -62,3 +62,16 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def smollm2():
     cache = Path(os.environ.get("VBSERVE_MODEL_CACHE_DIR", Path.home() / ".cache" / "vbserve" / "models"))
     return load_model(cache_dir=cache)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (no merges), built in the test: every
+    non-ASCII character spans several tokens, which exercises incremental detokenization."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)

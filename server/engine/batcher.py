@@ -1,0 +1,355 @@
+"""The engine: iteration-level (continuous) batching over many adapters.
+
+One thread runs the loop. Each iteration: take new requests, drop cancelled and timed-out
+ones, admit waiting requests whose adapter is loaded (one prefill forward for all of them,
+bounded by a token budget), then one decode step for every running request. Requests
+join and leave between steps; a batch mixes adapters and base-only rows freely.
+
+Rows of the KV cache are kept dense: running requests own rows 0..n-1, new ones are
+appended, and a leaving request's row is filled by the last row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .adapter_manager import AdapterKey, AdapterManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .sampling import sample_next_tokens, token_logprobs
+from .types import (
+    EngineError,
+    FinalResult,
+    GenerationRequest,
+    InvalidRequestError,
+    OverloadedError,
+    TokenEvent,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+Event = TokenEvent | FinalResult
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: an async stream of TokenEvents ending in a FinalResult."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def _push(self, event: Event) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is gone: nobody listens any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the slot is freed on the next step."""
+        self.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, FinalResult):
+                return
+
+    async def result(self) -> FinalResult:
+        async for event in self:
+            if isinstance(event, FinalResult):
+                return event
+        raise AssertionError("unreachable: the stream always ends with a FinalResult")
+
+
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    adapter_key: AdapterKey | None
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    deadline: float | None
+    row: int = -1
+    slot: int = -1
+    length: int = 0  # tokens in the KV cache
+    output: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        adapters: AdapterManager | None,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        max_new_tokens_limit: int,
+        prefill_token_budget: int,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.max_batch_size = min(max_batch_size, runner.max_rows)
+        self.max_queue = max_queue
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.prefill_token_budget = prefill_token_budget
+        self.on_step = on_step or (lambda stats: None)
+        self.eos_ids = _eos_ids(tokenizer, runner.model)
+        self._inbox: queue.Queue[_Sequence] = queue.Queue()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._pending = 0  # submitted, not yet running (inbox + waiting), for the queue bound
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- API -------------------------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return self._pending
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Everything checkable without I/O; raises InvalidRequestError before any compute."""
+        ids = request.prompt_ids
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        vocab = self.runner.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        request.sampling.validate(self.max_new_tokens_limit, vocab)
+        budget = self.runner.max_len
+        if len(ids) >= budget:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens exceed the context length {budget}")
+        if len(ids) + request.sampling.max_new_tokens > budget:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt ({len(ids)}) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds the context length {budget}",
+            )
+        if request.timeout_s is not None and not 0 < request.timeout_s <= 3600:
+            raise InvalidRequestError("timeout", "must be in (0, 3600] seconds")
+
+    async def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate, resolve the adapter, and queue. Raises EngineError subclasses
+        (InvalidRequestError, AdapterUnavailableError, OverloadedError) before any compute."""
+        self.validate(request)
+        key = None
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise InvalidRequestError("model", "this engine serves no adapters")
+            key = await asyncio.to_thread(self.adapters.resolve, request.adapter)
+        with self._pending_lock:
+            if self._pending >= self.max_queue:
+                raise OverloadedError("queue", f"{self._pending} requests already waiting; retry later")
+            self._pending += 1
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        sp = request.sampling
+        generator = None
+        if sp.temperature > 0:
+            generator = torch.Generator().manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+        seq = _Sequence(
+            handle=handle,
+            adapter_key=key,
+            detok=IncrementalDetokenizer(self.tokenizer, sp.stop, request.prompt_ids[-6:]),
+            generator=generator,
+            deadline=request.arrival + request.timeout_s if request.timeout_s else None,
+        )
+        self._inbox.put(seq)
+        return handle
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)  # type: ignore[arg-type]  # wakes the loop
+        self._thread.join(timeout=10)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # a bug must not kill the engine for everyone: fail the batch
+                log.exception("engine step failed; failing the running requests")
+                for seq in list(self._running):
+                    self._finish(seq, "error", EngineError("engine", "internal error during generation"))
+
+    def _step(self) -> None:
+        idle = not self._running and not self._waiting
+        self._take_inbox(block=idle)
+        now = time.monotonic()
+        for seq in [*self._waiting, *self._running]:
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, "cancelled")
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, "timeout")
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._running:
+            self._decode()
+        elif self._waiting and not admitted:
+            time.sleep(0.002)  # only requests whose adapters are still loading: don't spin
+        self.on_step({"running": len(self._running), "waiting": self._pending})
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            seq = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            while True:
+                if seq is not None:
+                    self._waiting.append(seq)
+                seq = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> list[_Sequence]:
+        """Waiting requests (FIFO, skipping ones whose adapter is still loading) that fit
+        in the batch, an adapter slot, and this iteration's prefill token budget."""
+        admitted: list[_Sequence] = []
+        tokens = 0
+        for seq in list(self._waiting):
+            if len(self._running) + len(admitted) >= self.max_batch_size:
+                break
+            n = len(seq.request.prompt_ids)
+            if admitted and tokens + n > self.prefill_token_budget:
+                break
+            if seq.adapter_key is not None:
+                state = self.adapters.state(seq.adapter_key)
+                if isinstance(state, EngineError):
+                    self._finish(seq, "error", state)
+                    continue
+                if state != "ready":
+                    continue
+                slot = self.adapters.acquire_slot(seq.adapter_key)
+                if slot is None:
+                    continue
+                seq.slot = slot
+            self._waiting.remove(seq)
+            with self._pending_lock:
+                self._pending -= 1
+            admitted.append(seq)
+            tokens += n
+        return admitted
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        first_row = len(self._running)
+        width = max(len(s.request.prompt_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            prompt = seq.request.prompt_ids
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+            seq.row = first_row + i
+            seq.length = len(prompt)
+        positions = torch.arange(width).expand(len(seqs), width)
+        last = torch.tensor([s.length - 1 for s in seqs])
+        logits = self.runner.forward(first_row, ids, positions, last, self._slots(seqs))
+        self._running.extend(seqs)
+        self._emit(seqs, logits)
+
+    def _decode(self) -> None:
+        seqs = self._running
+        ids = torch.tensor([[s.output[-1]] for s in seqs])
+        positions = torch.tensor([[s.length] for s in seqs])
+        logits = self.runner.forward(0, ids, positions, torch.zeros(len(seqs), dtype=torch.long), self._slots(seqs))
+        for s in seqs:
+            s.length += 1
+        self._emit(list(seqs), logits)
+
+    def _slots(self, seqs: list[_Sequence]) -> torch.Tensor:
+        return torch.tensor([s.slot for s in seqs], dtype=torch.long)
+
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        params = [s.request.sampling for s in seqs]
+        history = [
+            s.request.prompt_ids + s.output if s.request.sampling.repetition_penalty != 1.0 else [] for s in seqs
+        ]
+        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], history)
+        want_logprobs = any(p.logprobs for p in params)
+        top_n = max(p.top_logprobs for p in params)
+        chosen, tops = token_logprobs(logits, tokens, top_n) if want_logprobs else (None, None)
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            token = int(tokens[i])
+            p = params[i]
+            seq.output.append(token)
+            seq.first_token_at = seq.first_token_at or now
+            is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+            text = "" if is_eos else seq.detok.add(token)
+            event = TokenEvent(len(seq.output) - 1, token, text)
+            if p.logprobs:
+                event.logprob = chosen[i]
+                event.top_logprobs = {k: v for k, v in list(tops[i].items())[: p.top_logprobs]} if tops else None
+            seq.handle._push(event)
+            if is_eos or seq.detok.stopped:
+                self._finish(seq, "stop")
+            elif len(seq.output) >= p.max_new_tokens or seq.length + 1 >= self.runner.max_len:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: str, error: EngineError | None = None) -> None:
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+            with self._pending_lock:
+                self._pending -= 1
+        elif seq in self._running:
+            self._release_row(seq)
+        if seq.slot >= 0:
+            self.adapters.release_slot(seq.slot)
+            seq.slot = -1
+        tail = seq.detok.flush() if reason != "stop" or not seq.detok.stopped else ""
+        if tail:
+            seq.handle._push(TokenEvent(len(seq.output), -1, tail))
+        req = seq.request
+        seq.handle._push(
+            FinalResult(
+                request_id=req.request_id,
+                text=seq.detok.text,
+                token_ids=list(seq.output),
+                finish_reason=reason,
+                usage=Usage(len(req.prompt_ids), len(seq.output)),
+                adapter_version=seq.adapter_key[2] if seq.adapter_key else None,
+                time_to_first_token_s=(seq.first_token_at - req.arrival) if seq.first_token_at else None,
+                error=error,
+            )
+        )
+
+    def _release_row(self, seq: _Sequence) -> None:
+        """Free `seq`'s KV row, moving the last running row into it to keep rows dense."""
+        idx = self._running.index(seq)
+        last = self._running[-1]
+        if last is not seq:
+            self.runner.cache.move_row(last.row, seq.row, last.length)
+            last.row = seq.row
+            self._running[idx] = last
+        self._running.pop()
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return ids

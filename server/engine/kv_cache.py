@@ -1,0 +1,63 @@
+"""A slot-based KV cache: one buffer row per running request, driven by the model's own
+forward (the model calls `update(keys, values, layer_idx)` in every attention layer).
+
+Rows of running requests are kept contiguous (0..n-1) by the batcher, so a forward over a
+row range returns a view of the buffer, never a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (max_rows, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self._rows = slice(0, 0)
+        self._write_pos = torch.zeros(0, 1, dtype=torch.long)
+        self._kv_len = 0
+
+    def begin(self, first_row: int, positions: torch.Tensor, kv_len: int) -> None:
+        """Set up the next forward: it covers rows first_row..first_row+N-1, writes the new
+        keys/values of row i at `positions[i]` (N, L), and attends over [0, kv_len)."""
+        n = positions.shape[0]
+        self._rows = slice(first_row, first_row + n)
+        self._write_pos = positions
+        self._row_idx = torch.arange(first_row, first_row + n, device=positions.device).view(n, 1)
+        self._kv_len = kv_len
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """key/value_states: (N, kv_heads, L, head_dim) -> the rows' (N, kv_heads, kv_len, head_dim)."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        # Advanced indices on dims 0 and 2 put (N, L) first: (N, L, kv_heads, head_dim).
+        k[self._row_idx, :, self._write_pos] = key_states.transpose(1, 2)
+        v[self._row_idx, :, self._write_pos] = value_states.transpose(1, 2)
+        return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy a request's first `length` cached positions from row `src` to row `dst`
+        (compaction after a request leaves)."""
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :length] = buf[src, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

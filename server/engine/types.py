@@ -1,0 +1,150 @@
+"""The engine's API contract: what a request asks for, what it streams back, how it fails."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_TOP_LOGPROBS = 20
+
+
+class EngineError(Exception):
+    """A request the engine refuses or cannot finish. `kind` is stable for API error bodies."""
+
+    kind = "engine_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class InvalidRequestError(EngineError):
+    kind = "invalid_request"
+
+
+class OverloadedError(EngineError):
+    """The waiting queue is full; retry later."""
+
+    kind = "overloaded"
+
+
+class AdapterUnavailableError(EngineError):
+    """The adapter cannot be served: unknown, incompatible, or the store is down."""
+
+    def __init__(self, field: str, message: str, kind: str) -> None:
+        super().__init__(field, message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    tenant: str
+    name: str
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+
+        def bad(name: str, why: str) -> InvalidRequestError:
+            return InvalidRequestError(name, why)
+
+        def number(name: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise bad(name, f"must be a finite number, got {value!r}")
+            return float(value)
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise bad("max_new_tokens", "must be an integer")
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise bad("max_new_tokens", f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
+        if not 0 <= number("temperature", self.temperature) <= 100:
+            raise bad("temperature", "must be in [0, 100]")
+        if not 0 < number("top_p", self.top_p) <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be a non-negative integer")
+        if not 0 < number("repetition_penalty", self.repetition_penalty) <= 10:
+            raise bad("repetition_penalty", "must be in (0, 10]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "must be an integer")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", "must be in [0, 2^63)")
+        if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"must be a list of at most {MAX_STOP_STRINGS} strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_STRING_CHARS:
+                raise bad("stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters")
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_STRINGS:
+            raise bad("stop_token_ids", f"must be a list of at most {MAX_STOP_STRINGS} token ids")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise bad("stop_token_ids", f"each id must be an integer in [0, {vocab_size})")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int):
+            raise bad("top_logprobs", "must be an integer")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: AdapterRef | None = None
+    timeout_s: float | None = None  # deadline from submission
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the newly complete text (may be empty while a
+    multi-byte character or a possible stop string is still pending)."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class FinalResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | cancelled | timeout | error
+    usage: Usage
+    adapter_version: int | None = None
+    time_to_first_token_s: float | None = None
+    error: EngineError | None = None
