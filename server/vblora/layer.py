@@ -1,9 +1,12 @@
 """The layer that applies many adapters in one batch: a base `nn.Linear` plus slot tables.
 
-Each wrapped linear owns `lora_a (slots, r_max, in)` and `lora_b (slots, out, r_max)`;
-the adapter manager writes an adapter's composed matrices into a slot (zero-padded to
-r_max, zeros for modules it does not target), and the engine sets, before each forward,
-which slot every batch row uses (`AdapterRouting.slots`, -1 = base only).
+Each wrapped linear owns `lora_a (slots, r_max, in)` and `lora_b (slots, r_max, out)` (B
+transposed, see `add_multi_adapter_lora`); the adapter manager writes an adapter's
+composed matrices into a slot (zero-padded to r_max, zeros for modules it does not
+target), and the engine sets, before each forward, which slot every batch row uses
+(`AdapterRouting.slots`, -1 = base only). The forward only touches the first
+`max(rank in use)` rows of the tables, so a server configured for rank 16 serving rank-4
+adapters pays for rank 4.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ class MultiAdapterLinear(nn.Module):
         # the others would be memory spent on zeros.
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.slot_rank = [0] * num_slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         slots = self.routing.slots
-        if slots is None or self.lora_a is None:
+        r = max(self.slot_rank)
+        if slots is None or r == 0:
             return y
         lead = x.shape[:-1]
         n = slots.shape[0]
         out = add_multi_adapter_lora(
-            y.reshape(n, -1, y.shape[-1]), x.reshape(n, -1, x.shape[-1]), self.lora_a, self.lora_b, slots
+            y.reshape(n, -1, y.shape[-1]), x.reshape(n, -1, x.shape[-1]), self.lora_a[:, :r], self.lora_b[:, :r], slots
         )
         return out.reshape(*lead, y.shape[-1])
 
@@ -50,17 +55,18 @@ class MultiAdapterLinear(nn.Module):
         if self.lora_a is None:
             w = self.base.weight
             self.lora_a = w.new_zeros(self.num_slots, self.max_rank, self.base.in_features)
-            self.lora_b = w.new_zeros(self.num_slots, self.base.out_features, self.max_rank)
+            self.lora_b = w.new_zeros(self.num_slots, self.max_rank, self.base.out_features)
         r = a.shape[0]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.clear_slot(slot)
         self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b)
+        self.lora_b[slot, :r].copy_(b.T)
+        self.slot_rank[slot] = r
 
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
+        self.slot_rank[slot] = 0
 
 
 def targetable_linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -1,0 +1,191 @@
+"""Serving throughput on SmolLM2-135M, all measured side by side in one run.
+
+(a) our engine, base model only          (b) 32 requests over 32 distinct adapters
+(c) 32 requests on one adapter           (d) PEFT, switching the active adapter per request
+(e) plain HF `generate`, one batch of the base model (the ceiling)
+plus time to first token for a cold adapter (store fetch + compose + prefill) vs a cached one.
+
+    .venv/bin/python benchmarks/serving.py [--requests 32] [--new-tokens 32]
+
+Prints a table and, as its last line, a JSON object of the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapter_store.peft_io import load_peft_dir
+from adapter_store.store import SQLiteAdapterStore
+from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from server.engine.model_loader import load_model
+from server.settings import Settings
+from tests.conftest import random_peft_vblora
+
+TENANT = "bench"
+TOPICS = ["the sea", "a robot", "autumn", "a city at night", "mathematics", "a cat", "coffee", "the moon"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        text = f"Write a short poem about {TOPICS[i % len(TOPICS)]}."
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+async def run_engine(engine, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> tuple[float, int]:
+    """Submit all jobs at once; return (seconds, generated tokens)."""
+    start = time.perf_counter()
+
+    async def one(ids, adapter):
+        ref = AdapterRef(TENANT, adapter) if adapter else None
+        sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        return await (await engine.submit(GenerationRequest(ids, sp, adapter=ref))).result()
+
+    results = await asyncio.gather(*(one(ids, a) for ids, a in jobs))
+    return time.perf_counter() - start, sum(r.usage.completion_tokens for r in results)
+
+
+async def ttft(engine, ids, adapter) -> float:
+    sp = SamplingParams(max_new_tokens=1)
+    start = time.perf_counter()
+    handle = await engine.submit(GenerationRequest(ids, sp, adapter=AdapterRef(TENANT, adapter)))
+    async for _ in handle:
+        return time.perf_counter() - start
+    raise AssertionError
+
+
+def hf_generate(model, tokenizer, ps: list[list[int]], new_tokens: int) -> tuple[float, int]:
+    """One left-padded batch through HF generate."""
+    width = max(len(p) for p in ps)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=pad,
+        )  # fmt: skip
+    return time.perf_counter() - start, (out.shape[1] - width) * len(ps)
+
+
+def peft_per_request(peft_model, ps: list[list[int]], names: list[str], new_tokens: int) -> tuple[float, int]:
+    """PEFT cannot batch different VB-LoRA adapters: switch the active adapter per request."""
+    start = time.perf_counter()
+    total = 0
+    with torch.inference_mode():
+        for ids, name in zip(ps, names, strict=True):
+            peft_model.set_adapter(name)
+            out = peft_model.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+            total += out.shape[1] - len(ids)
+    return time.perf_counter() - start, total
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    n, new = args.requests, args.new_tokens
+    torch.manual_seed(0)
+
+    log("loading SmolLM2-135M ...")
+    loaded = load_model(cache_dir=Settings().model_cache_dir)
+    base, tok = loaded.model, loaded.tokenizer
+    ps = prompts(tok, n)
+    tmp = Path(tempfile.mkdtemp())
+
+    log(f"building {n} random VB-LoRA adapters with PEFT (q,v; r=4 b=64 h=256 k=2) ...")
+    peft_model = random_peft_vblora(base, r=4, b=64, h=256, k=2, targets=["q_proj", "v_proj"], seed=0, bank_scale=0.2)
+    from peft import VBLoRAConfig
+
+    names = [f"a{i}" for i in range(n)]
+    store = SQLiteAdapterStore(tmp / "store.db")
+    for i, name in enumerate(names):
+        if i:
+            cfg = VBLoRAConfig(r=4, vector_length=64, num_vectors=256, topk=2, target_modules=["q_proj", "v_proj"])
+            peft_model.add_adapter(name, cfg)
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(i)
+                for pname, p in peft_model.named_parameters():
+                    if f"vblora_logits_A.{name}" in pname or f"vblora_logits_B.{name}" in pname:
+                        p.copy_(torch.randn(p.shape, generator=gen))
+                    elif pname.endswith(f"vblora_vector_bank.{name}"):
+                        p.copy_((torch.rand(p.shape, generator=gen) - 0.5) * 0.2)
+        peft_model.save_pretrained(tmp / "ckpt", selected_adapters=[name if i else "default"])
+        sub = tmp / "ckpt" / name if i else tmp / "ckpt"
+        store.put(TENANT, name, load_peft_dir(sub))
+    names[0] = "default"
+    store_names = [f"a{i}" for i in range(n)]
+    store_names[0] = "a0"
+    store.put(TENANT, "a0", load_peft_dir(tmp / "ckpt"))
+    store.put(TENANT, "cold", load_peft_dir(tmp / "ckpt" / names[1]))
+
+    settings = Settings(max_batch_size=n, max_adapter_slots=n + 2, max_lora_rank=8, max_model_len=512)
+    engine = build_engine(copy.deepcopy(base), tok, store, settings)
+    rows = []
+    try:
+        log("warm-up ...")
+        await run_engine(engine, [(ps[i], store_names[i]) for i in range(n)], 4)
+        log("(a) engine, base model only ...")
+        a = await run_engine(engine, [(p, None) for p in ps], new)
+        log("(b) engine, 32 distinct adapters ...")
+        b = await run_engine(engine, list(zip(ps, store_names, strict=True)), new)
+        log("(c) engine, one adapter ...")
+        c = await run_engine(engine, [(p, "a1") for p in ps], new)
+        log("TTFT cold vs cached ...")
+        cold = await ttft(engine, ps[0], "cold")
+        cached = min([await ttft(engine, ps[0], "cold") for _ in range(3)])
+    finally:
+        engine.shutdown()
+    log("(e) HF generate, base model batch ...")
+    e = hf_generate(base, tok, ps, new)
+    log(f"(d) PEFT, {n} requests switching adapters ...")
+    d = peft_per_request(peft_model, ps, names, new)
+
+    tps = {k: toks / secs for k, (secs, toks) in dict(a=a, b=b, c=c, d=d, e=e).items()}
+    labels = {
+        "a": "engine, base only",
+        "b": f"engine, {n} distinct adapters",
+        "c": "engine, one adapter",
+        "d": "PEFT, adapter switched per request",
+        "e": "HF generate batch, base (ceiling)",
+    }
+    print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads, {n} requests x {new} new tokens")
+    print(f"{'case':<40}{'tok/s':>10}")
+    for k in "abcde":
+        rows.append((labels[k], tps[k]))
+        print(f"({k}) {labels[k]:<36}{tps[k]:>10.1f}")
+    ratios = {"b_over_a": tps["b"] / tps["a"], "b_over_d": tps["b"] / tps["d"], "a_over_e": tps["a"] / tps["e"]}
+    print(f"{'(b)/(a) [target >= 0.90]':<40}{ratios['b_over_a']:>10.2f}")
+    print(f"{'(b)/(d) [target >= 6]':<40}{ratios['b_over_d']:>10.2f}")
+    print(f"{'(a)/(e) [target >= 0.90]':<40}{ratios['a_over_e']:>10.2f}")
+    print(f"{'TTFT cold adapter (ms)':<40}{cold * 1e3:>10.1f}")
+    print(f"{'TTFT cached adapter (ms)':<40}{cached * 1e3:>10.1f}")
+    summary = {f"tok_s_{k}": round(v, 1) for k, v in tps.items()}
+    summary.update({k: round(v, 3) for k, v in ratios.items()})
+    summary.update(ttft_cold_ms=round(cold * 1e3, 1), ttft_cached_ms=round(cached * 1e3, 1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
