@@ -14,13 +14,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from server.engine.model_loader import load_model
 
 
-def tiny_llama(seed: int = 0, vocab: int = 256) -> LlamaForCausalLM:
-    """2 layers, hidden 64, MLP 128: every dimension divisible by 16 and 32."""
+def tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64) -> LlamaForCausalLM:
+    """2 layers, hidden 64, MLP 128 by default: every dimension divisible by 16 and 32."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

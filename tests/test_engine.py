@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
 from adapter_store.store import SQLiteAdapterStore
@@ -210,7 +209,7 @@ async def test_new_version_served_after_publish(setup):
 async def test_bad_input_typed_error_before_compute(setup, request_kwargs, error, field):
     engine, store, _ = setup
     # An adapter for another base model (different hidden size) lives in the store.
-    store.put(TENANT, "foreign", random_adapter(LlamaForCausalLM(_other_config()), seed=1))
+    store.put(TENANT, "foreign", random_adapter(tiny_llama(hidden=32), seed=1))
     running = asyncio.ensure_future(run(engine, greedy(prompts(1)[0], "ad5", n=60)))
     await asyncio.sleep(0.05)
     kwargs = {"prompt_ids": [1, 2, 3], **request_kwargs}
@@ -221,14 +220,3 @@ async def test_bad_input_typed_error_before_compute(setup, request_kwargs, error
         assert info.value.kind == "incompatible"
     result = await running  # the batch is unaffected
     assert result.finish_reason == "length" and len(result.token_ids) == 60
-
-
-def _other_config():
-    return LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
