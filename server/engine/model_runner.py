@@ -62,7 +62,7 @@ class ModelRunner:
         self.cache.begin(first_row, positions, kv_len)
         # Causal over each row's own history: a query at position p sees keys 0..p.
         mask = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len) <= positions.view(n, 1, -1, 1)
-        self.routing.slots = slots.to(dev) if bool((slots >= 0).any()) else None
+        self.routing.slots = slots.to(dev)
         try:
             hidden = self.model.get_decoder()(
                 input_ids=input_ids,

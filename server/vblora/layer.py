@@ -14,14 +14,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import add_multi_adapter_lora
+from .ops import add_routed_lora, route_rows
 
 
 class AdapterRouting:
     """Per-forward row -> slot map shared by all wrapped layers of one model."""
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None  # (N,) long; None = no adapter in this batch
+        self._slots: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.row_mask: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """(N,) long slot per row of the next forward; None = no adapter in this batch."""
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: torch.Tensor | None) -> None:
+        # Computed once here rather than in each of the model's wrapped layers.
+        if slots is None or not bool((slots >= 0).any()):
+            self._slots = self.index = self.row_mask = None
+        else:
+            self._slots = slots
+            self.index, self.row_mask = route_rows(slots)
 
 
 class MultiAdapterLinear(nn.Module):
@@ -45,8 +61,13 @@ class MultiAdapterLinear(nn.Module):
             return y
         lead = x.shape[:-1]
         n = slots.shape[0]
-        out = add_multi_adapter_lora(
-            y.reshape(n, -1, y.shape[-1]), x.reshape(n, -1, x.shape[-1]), self.lora_a[:, :r], self.lora_b[:, :r], slots
+        out = add_routed_lora(
+            y.reshape(n, -1, y.shape[-1]),
+            x.reshape(n, -1, x.shape[-1]),
+            self.lora_a[:, :r],
+            self.lora_b[:, :r],
+            self.routing.index,
+            self.routing.row_mask,
         )
         return out.reshape(*lead, y.shape[-1])
 

@@ -4,6 +4,6 @@ A fused Triton variant would slot in here, picked by device; see the engine READ
 why the torch path is the only one today.
 """
 
-from .torch_ops import add_multi_adapter_lora, compose_subvectors
+from .torch_ops import add_multi_adapter_lora, add_routed_lora, compose_subvectors, route_rows
 
-__all__ = ["add_multi_adapter_lora", "compose_subvectors"]
+__all__ = ["add_multi_adapter_lora", "add_routed_lora", "compose_subvectors", "route_rows"]

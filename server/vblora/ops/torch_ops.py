@@ -27,6 +27,13 @@ def compose_subvectors(bank: torch.Tensor, indices: torch.Tensor, weights: torch
     return out.view(n, s, b)
 
 
+def route_rows(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-forward preparation shared by every layer: slots (N,) with -1 = base only ->
+    (gather index (N,), row mask (N, 1, 1) or None when every row has an adapter)."""
+    use = slots >= 0
+    return slots.clamp(min=0), None if bool(use.all()) else use.view(-1, 1, 1)
+
+
 def add_multi_adapter_lora(
     base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
@@ -38,13 +45,25 @@ def add_multi_adapter_lora(
     lora_b_t: (n, r, out)   B transposed, of every adapter slot
     slots:    (N,)          long, the slot of each row; -1 = base only (adds nothing)
     returns:  (N, L, out)
+    """
+    return add_routed_lora(base_out, x, lora_a, lora_b_t, *route_rows(slots))
+
+
+def add_routed_lora(
+    base_out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b_t: torch.Tensor,
+    index: torch.Tensor,
+    row_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`add_multi_adapter_lora` with the routing from `route_rows` computed once per forward.
 
     B is kept transposed so the gathered (N, r, out) block is contiguous for `baddbmm`, and
     rows are gathered with `index_select`: on CPU both are several times faster than
-    advanced indexing into (n, out, r) (see benchmarks/RESULTS.md).
+    advanced indexing into (n, out, r).
     """
-    use = slots >= 0
-    idx = slots.clamp(min=0)
-    xa = torch.bmm(x, lora_a.index_select(0, idx).transpose(1, 2))  # (N, L, r)
-    xa = xa * use.view(-1, 1, 1).to(xa.dtype)
-    return torch.baddbmm(base_out, xa, lora_b_t.index_select(0, idx))
+    xa = torch.bmm(x, lora_a.index_select(0, index).transpose(1, 2))  # (N, L, r)
+    if row_mask is not None:
+        xa = xa * row_mask.to(xa.dtype)
+    return torch.baddbmm(base_out, xa, lora_b_t.index_select(0, index))
