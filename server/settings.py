@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path.home() / ".cache" / "vbserve" / "models"
     device: str = "auto"  # auto -> cuda if available else cpu
     dtype: str = "auto"  # auto -> bfloat16 on cuda, float32 on cpu
+    # The name clients pass as `model` to get the base model without an adapter; empty = the loaded model's name.
+    served_model_name: str = ""
 
     # Store: redis://... or a SQLite path (the embedded default).
     store_url: str = "sqlite:///var/vbserve/adapters.db"
@@ -32,6 +34,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = 4096
     max_model_len: int = 2048  # context per request; sizes the KV cache (rows x len)
     prefill_chunk_tokens: int = 512  # prompt tokens admitted per iteration (one long prompt may exceed it)
+    default_max_tokens: int = 256  # when a request names no max_tokens / max_new_tokens (capped by the context left)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

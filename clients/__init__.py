@@ -1,0 +1,45 @@
+"""What a user runs on their side: the Python client (`VBServeClient`,
+`AsyncVBServeClient`) and the `vbctl` command line. HTTP only: imports nothing of the
+server, so it installs and runs without torch."""
+
+from .client import (
+    DEFAULT_URL,
+    AdapterInfo,
+    AdapterPage,
+    APIConnectionError,
+    APIError,
+    AsyncVBServeClient,
+    Completion,
+    ConflictError,
+    IncompatibleAdapterError,
+    InternalServerError,
+    InvalidRequestError,
+    Model,
+    NotFoundError,
+    OverloadedError,
+    TooLargeError,
+    UnavailableError,
+    Usage,
+    VBServeClient,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "APIConnectionError",
+    "APIError",
+    "AdapterInfo",
+    "AdapterPage",
+    "AsyncVBServeClient",
+    "Completion",
+    "ConflictError",
+    "IncompatibleAdapterError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "Model",
+    "NotFoundError",
+    "OverloadedError",
+    "TooLargeError",
+    "UnavailableError",
+    "Usage",
+    "VBServeClient",
+]

@@ -1,0 +1,166 @@
+"""Adapters over HTTP: bounded upload reading, the two upload formats, the three
+download formats, and which banks a tenant may see.
+
+Store calls are synchronous (SQLite, Redis); the async helpers here run them in worker
+threads so a slow store never stalls the event loop that streams tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from typing import Literal
+
+import torch
+from fastapi import Request
+from safetensors.torch import save as st_save
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from adapter_store import AdapterRecord, VBLoRAAdapter, decode_adapter, decode_bank, encode_adapter
+from adapter_store.peft_io import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME, export_peft, read_peft_files
+from adapter_store.store import AdapterStore
+from server.vblora.lora_export import export_lora
+
+from .deps import Services
+from .errors import APIError
+from .schemas import AdapterInfo
+
+ExportFormat = Literal["native", "peft", "lora"]
+PAGE = 1000  # the store's largest page
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`: from
+    Content-Length before reading anything, or while reading a chunked body."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"{declared} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_upload(request: Request, body: bytes, services: Services, tenant: str) -> VBLoRAAdapter:
+    """Our safetensors blob (application/octet-stream), or a PEFT VB-LoRA checkpoint as
+    multipart/form-data with the files `adapter_config.json` and `adapter_model.safetensors`."""
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    limit = services.settings.max_adapter_bytes
+    if content_type == "multipart/form-data":
+        files = await _multipart_files(request, body)
+        return await run_in_threadpool(read_peft_files, files[CONFIG_NAME], files[WEIGHTS_NAME], max_bytes=limit)
+    if content_type == "application/octet-stream":
+        return await run_in_threadpool(_decode_native, services.store, tenant, body, limit)
+    raise APIError(
+        "unsupported_media_type",
+        f"send application/octet-stream (an adapter blob) or multipart/form-data (a PEFT checkpoint), not {content_type}",
+        "content-type",
+    )
+
+
+def check_servable(adapter: VBLoRAAdapter, services: Services) -> None:
+    """Refuse at upload what the engine would refuse at every request."""
+    adapter.config.check_compatible(services.engine.runner.base_module_shapes)
+    if adapter.config.r > services.settings.max_lora_rank:
+        raise APIError(
+            "invalid_request",
+            f"rank {adapter.config.r} exceeds this server's max {services.settings.max_lora_rank}",
+            "r",
+        )
+
+
+def export(adapter: VBLoRAAdapter, fmt: ExportFormat, *, omit_bank: bool) -> bytes:
+    """native: our blob (optionally without its bank, for a client that holds it);
+    peft: the PEFT VB-LoRA checkpoint; lora: the equivalent plain LoRA. Both checkpoints
+    are zips of `adapter_config.json` + `adapter_model.safetensors`."""
+    if fmt == "native":
+        return encode_adapter(adapter, include_bank=not omit_bank)
+    config, tensors = export_peft(adapter) if fmt == "peft" else export_lora(adapter)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(CONFIG_NAME, json.dumps(config, indent=2))
+        zf.writestr(WEIGHTS_NAME, st_save({k: v.contiguous() for k, v in tensors.items()}))
+    return buffer.getvalue()
+
+
+def info(record: AdapterRecord) -> AdapterInfo:
+    return AdapterInfo(
+        name=record.name,
+        version=record.version,
+        bank_id=record.bank_id,
+        config=record.config,
+        body_bytes=record.body_bytes,
+        bank_bytes=record.bank_bytes,
+        stored_bytes=record.stored_bytes,
+        created=record.created,
+        updated=record.updated,
+    )
+
+
+def iter_records(store: AdapterStore, tenant: str) -> Iterator[AdapterRecord]:
+    """Every adapter of the tenant, page by page."""
+    after = None
+    while True:
+        page = store.list(tenant, after=after, limit=PAGE)
+        yield from page
+        if len(page) < PAGE:
+            return
+        after = page[-1].name
+
+
+def tenant_uses_bank(store: AdapterStore, tenant: str, bank_id: str) -> bool:
+    """Banks are global and content addressed; a tenant may read (or reference in an
+    upload) only a bank that one of its own adapters uses, so a bank id learnt elsewhere
+    reveals nothing."""
+    return any(r.bank_id == bank_id for r in iter_records(store, tenant))
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _decode_native(store: AdapterStore, tenant: str, blob: bytes, limit: int) -> VBLoRAAdapter:
+    def resolve_bank(bank_id: str) -> torch.Tensor | None:
+        if not tenant_uses_bank(store, tenant, bank_id):
+            return None
+        return decode_bank(store.get_bank(bank_id))
+
+    return decode_adapter(blob, bank_resolver=resolve_bank, max_bytes=limit)
+
+
+async def _multipart_files(request: Request, body: bytes) -> dict[str, bytes]:
+    async def replay() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(request.headers, replay(), max_files=2, max_fields=2, max_part_size=MAX_CONFIG_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise APIError("invalid_request", f"malformed multipart body: {exc.message}", "body") from None
+    files: dict[str, bytes] = {}
+    try:
+        for key, value in form.multi_items():
+            # Accept the file name as the form field's name or as the uploaded file's name.
+            name = key if key in (CONFIG_NAME, WEIGHTS_NAME) else getattr(value, "filename", None)
+            if name in (CONFIG_NAME, WEIGHTS_NAME):
+                files[name] = await value.read() if isinstance(value, UploadFile) else value.encode()
+    finally:
+        await form.close()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if name not in files:
+            raise APIError("invalid_request", f"multipart body lacks the file {name}", name)
+    return files
+
+
+def _too_large(size: str, limit: int) -> APIError:
+    return APIError("too_large", f"a body of {size} exceeds the limit of {limit} bytes", "body")

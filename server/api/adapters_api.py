@@ -1,0 +1,135 @@
+"""Adapter management: upload, list, inspect, download, delete; and the banks they use.
+
+Every route acts on the caller's tenant only. Errors from the store (unknown name,
+invalid blob, conflict, store down) propagate and are mapped in `errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from adapter_store import AdapterNotFoundError
+from adapter_store.store import validate_key
+
+from .adapter_io import (
+    ExportFormat,
+    check_servable,
+    etag_matches,
+    export,
+    info,
+    parse_upload,
+    read_body,
+    tenant_uses_bank,
+)
+from .deps import ServicesDep, TenantDep
+from .errors import APIError
+from .schemas import AdapterInfo, AdapterList
+
+router = APIRouter(tags=["adapters"])
+
+_MEDIA = {"native": "application/octet-stream", "peft": "application/zip", "lora": "application/zip"}
+_SUFFIX = {"native": ".safetensors", "peft": "-peft.zip", "lora": "-lora.zip"}
+IfNoneMatch = Annotated[str | None, Header()]
+
+
+@router.put(
+    "/v1/adapters/{name}",
+    response_model=AdapterInfo,
+    responses={201: {"model": AdapterInfo, "description": "Created"}, 200: {"description": "Replaced"}},
+)
+async def put_adapter(
+    name: str,
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    tenant: TenantDep,
+    expected_version: Annotated[
+        int | None, Query(ge=0, description="Write only if the stored version is this (0: only if absent)")
+    ] = None,
+) -> AdapterInfo:
+    """Publish a new version of the adapter `name`, checked against the base model first."""
+    validate_key("name", name)
+    if name == services.model_name:
+        raise APIError("conflict", f"{name!r} is the base model's name", "name")
+    body = await read_body(request, services.settings.max_adapter_bytes)
+    adapter = await parse_upload(request, body, services, tenant)
+    check_servable(adapter, services)
+    record = await run_in_threadpool(services.store.put, tenant, name, adapter, expected_version=expected_version)
+    response.status_code = 201 if record.created == record.updated else 200
+    return info(record)
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+def list_adapters(
+    services: ServicesDep,
+    tenant: TenantDep,
+    after: Annotated[str | None, Query(description="Last name of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AdapterList:
+    page = services.store.list(tenant, after=after, limit=limit)
+    has_more = len(page) == limit and bool(services.store.list(tenant, after=page[-1].name, limit=1))
+    return AdapterList(data=[info(r) for r in page], has_more=has_more, next_after=page[-1].name if has_more else None)
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterInfo)
+def get_adapter(name: str, services: ServicesDep, tenant: TenantDep) -> AdapterInfo:
+    return info(services.store.get_record(tenant, name))
+
+
+@router.get(
+    "/v1/adapters/{name}/content",
+    response_class=Response,
+    responses={200: {"content": {m: {} for m in set(_MEDIA.values())}}, 304: {"description": "Not modified"}},
+)
+def get_adapter_content(
+    name: str,
+    services: ServicesDep,
+    tenant: TenantDep,
+    fmt: Annotated[ExportFormat, Query(alias="format")] = "native",
+    omit_bank: bool = False,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """The adapter as our blob, a PEFT VB-LoRA checkpoint or a plain LoRA checkpoint.
+    The ETag is the version, so a client that holds the current one gets a 304."""
+    version = services.store.get_version(tenant, name)
+    if version is None:
+        raise AdapterNotFoundError("name", f"no adapter {name!r}")
+    if etag_matches(if_none_match, _etag(version)):
+        return Response(status_code=304, headers={"ETag": _etag(version)})
+    record, adapter = services.store.get(tenant, name)
+    return Response(
+        export(adapter, fmt, omit_bank=omit_bank),
+        media_type=_MEDIA[fmt],
+        headers={
+            "ETag": _etag(record.version),
+            "Cache-Control": "no-cache",  # names are mutable: revalidate, a 304 is cheap
+            "Content-Disposition": f'attachment; filename="{name}{_SUFFIX[fmt]}"',
+        },
+    )
+
+
+@router.delete("/v1/adapters/{name}", status_code=204, response_class=Response)
+def delete_adapter(name: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    services.store.delete(tenant, name)
+    return Response(status_code=204)
+
+
+@router.get("/v1/banks/{bank_id}", response_class=Response)
+def get_bank(bank_id: str, services: ServicesDep, tenant: TenantDep, if_none_match: IfNoneMatch = None) -> Response:
+    """A vector bank, for a client that pulls adapters with `omit_bank=true`. Only banks
+    that one of the caller's adapters uses are visible."""
+    if not tenant_uses_bank(services.store, tenant, bank_id):
+        raise APIError("not_found", f"none of your adapters uses bank {bank_id!r}", "bank_id")
+    etag = f'"{bank_id}"'
+    # Content addressed: the bytes behind an id never change.
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(services.store.get_bank(bank_id), media_type="application/octet-stream", headers=headers)
+
+
+def _etag(version: int) -> str:
+    return f'"v{version}"'

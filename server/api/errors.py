@@ -1,0 +1,149 @@
+"""Every error the API returns, in one place: `{"error": {"type", "message", "field"}}`
+with the status that its type implies.
+
+Routes raise `APIError`, or let adapter-store and engine errors propagate: their stable
+`kind` picks the status here, so no route maps errors itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapter_store import AdapterError
+from server.engine import EngineError
+
+# Seconds a client should wait before retrying: a full queue drains in about a second, a
+# store outage takes longer to heal.
+RETRY_AFTER_OVERLOADED = 1
+RETRY_AFTER_UNAVAILABLE = 5
+
+# Public error types (what clients switch on) and their statuses.
+STATUS = {
+    "invalid_request": 400,
+    "incompatible_adapter": 400,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "overloaded": 429,
+    "internal_error": 500,
+    "unavailable": 503,
+}
+
+# adapter_store `AdapterError.kind` and engine `EngineError.kind` -> public type.
+_KIND_TO_TYPE = {
+    "invalid_adapter": "invalid_request",
+    "invalid_format": "invalid_request",
+    "invalid_request": "invalid_request",
+    "incompatible_base_model": "incompatible_adapter",
+    "incompatible": "incompatible_adapter",
+    "not_found": "not_found",
+    "conflict": "conflict",
+    "too_large": "too_large",
+    "overloaded": "overloaded",
+    "unavailable": "unavailable",
+    "engine_error": "internal_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, type: str, message: str, field: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.field = field
+        self.status = status or STATUS[type]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.type == "overloaded":
+            return {"Retry-After": str(RETRY_AFTER_OVERLOADED)}
+        if self.type == "unavailable":
+            return {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)}
+        return {}
+
+    def body(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, "field": self.field}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_adapter_error(exc: AdapterError) -> APIError:
+    return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), str(exc.reason), exc.field)
+
+
+def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = None) -> APIError:
+    """`field_names` renames the engine's fields (`max_new_tokens`, `prompt`, `model`) to
+    the names of the API the client called (`max_tokens`, `messages`, ...)."""
+    field = (field_names or {}).get(exc.field, exc.field)
+    kind = _KIND_TO_TYPE.get(exc.kind, "internal_error")
+    return APIError(kind, exc.message, field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(AdapterError, _adapter_error)
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _adapter_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AdapterError)
+    return from_adapter_error(exc).response()
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineError)
+    return from_engine_error(exc).response()
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """Malformed JSON is a 400; well-formed JSON with wrong types or values is a 422 that
+    names the first offending field by its dotted path (`messages.0.content`)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+    if first["type"] == "json_invalid":
+        return APIError("invalid_request", f"body is not valid JSON: {first['msg']}", "body").response()
+    # A value that fits no member of a union (`prompt: str | list[str]`) gives one error
+    # per member, each loc ending in the member's name; the field is their common prefix.
+    loc = tuple(first["loc"])
+    for e in errors[1:]:
+        if tuple(e["loc"][:2]) == loc[:2]:
+            loc = _common_prefix(loc, tuple(e["loc"]))
+    parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    return APIError("invalid_request", message, ".".join(map(str, parts)) or "body", status=422).response()
+
+
+def _common_prefix(a: tuple, b: tuple) -> tuple:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    error = APIError(kind, str(exc.detail), status=exc.status_code)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises the exception after this response, so the server logs it once.
+    return APIError("internal_error", "internal server error").response()

@@ -1,0 +1,153 @@
+"""LoRAX/TGI-compatible routes: `POST /generate` and `POST /generate_stream`.
+
+`parameters.adapter_id` selects the adapter. As in TGI, decoding is greedy unless
+`do_sample` is true or a `temperature` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import fields
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
+
+from .deps import Services, ServicesDep, TenantDep
+from .generation import (
+    Event,
+    adapter_ref,
+    error_event,
+    open_stream,
+    output_limit,
+    run_to_end,
+    sse,
+    sse_response,
+    stop_list,
+    submit,
+)
+from .schemas import (
+    GenerateDetails,
+    GeneratedToken,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamEvent,
+    StreamDetails,
+)
+
+router = APIRouter(tags=["lorax"])
+
+# Engine field names -> TGI's: sampling fields live under `parameters`.
+FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {
+    "prompt": "inputs",
+    "model": "parameters.adapter_id",
+}
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> GenerateResponse:
+    engine_request = _engine_request(services, tenant, body)
+    handle = await submit(services, engine_request, FIELDS)
+    outcome = await run_to_end(services, request, handle, FIELDS)
+    result = outcome.result
+    details = None
+    if body.parameters.details:
+        token = _token_maker(services)
+        details = GenerateDetails(
+            finish_reason=_finish_reason(services, result),
+            generated_tokens=result.usage.completion_tokens,
+            prompt_tokens=result.usage.prompt_tokens,
+            seed=body.parameters.seed,
+            tokens=[token(t) for t in _merge_held_text(outcome.tokens)],
+        )
+    return GenerateResponse(generated_text=result.text, details=details)
+
+
+@router.post("/generate_stream")
+async def generate_stream(
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> StreamingResponse:
+    engine_request = _engine_request(services, tenant, body)
+    handle = await submit(services, engine_request, FIELDS)
+    events = await open_stream(services, request, handle, FIELDS)
+    return sse_response(_stream_events(services, body.parameters, events))
+
+
+def _engine_request(services: Services, tenant: str, body: GenerateRequest) -> GenerationRequest:
+    p = body.parameters
+    ids = services.tokenizer.encode(body.inputs)
+    sampled = p.do_sample or p.temperature is not None
+    sampling = SamplingParams(
+        max_new_tokens=output_limit(services, p.max_new_tokens, len(ids)),
+        temperature=(1.0 if p.temperature is None else p.temperature) if sampled else 0.0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        top_k=p.top_k or 0,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        seed=p.seed,
+        stop=stop_list(p.stop),
+        logprobs=p.details,
+    )
+    return GenerationRequest(ids, sampling, adapter_ref(services, tenant, p.adapter_id))
+
+
+def _finish_reason(services: Services, result: FinalResult) -> str:
+    if result.finish_reason == "stop":
+        ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in services.engine.eos_ids
+        return "eos_token" if ended_on_eos else "stop_sequence"
+    return "length"  # also a timeout: TGI has no other reason for a cut-short generation
+
+
+def _token_maker(services: Services) -> Callable[[TokenEvent], GeneratedToken]:
+    eos = services.engine.eos_ids
+
+    def token(event: TokenEvent) -> GeneratedToken:
+        return GeneratedToken(id=event.token_id, text=event.text, logprob=event.logprob, special=event.token_id in eos)
+
+    return token
+
+
+def _merge_held_text(tokens: list[TokenEvent]) -> list[TokenEvent]:
+    """TGI streams one event per token. Our detokenizer may release held-back text at the
+    end as a token-less event (token_id -1); fold that text into the token before it, so
+    the tokens' texts still add up to `generated_text`."""
+    merged: list[TokenEvent] = []
+    for t in tokens:
+        if t.token_id < 0 and merged:
+            last = merged[-1]
+            merged[-1] = TokenEvent(last.index, last.token_id, last.text + t.text, last.logprob, last.top_logprobs)
+        elif t.token_id >= 0:
+            merged.append(t)
+    return merged
+
+
+async def _stream_events(
+    services: Services, params: GenerateParameters, events: AsyncIterator[Event]
+) -> AsyncIterator[str]:
+    """Each token is sent when the next event arrives: the last token's event must carry
+    `generated_text` and `details`, and whether a token is the last is known only then."""
+    token = _token_maker(services)
+    held: TokenEvent | None = None
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            if event.token_id < 0 and held is not None:
+                held = _merge_held_text([held, event])[0]
+                continue
+            if held is not None:
+                yield sse(GenerateStreamEvent(token=token(held)))
+            held = event
+            continue
+        if event.error is not None:
+            yield error_event(event.error, FIELDS)
+            return
+        if held is None:  # cancelled or timed out before the first token: nothing to report
+            return
+        details = StreamDetails(
+            finish_reason=_finish_reason(services, event),
+            generated_tokens=event.usage.completion_tokens,
+            seed=params.seed,
+        )
+        yield sse(GenerateStreamEvent(token=token(held), generated_text=event.text, details=details))

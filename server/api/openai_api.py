@@ -1,0 +1,262 @@
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+`model` selects the adapter: one of the tenant's adapter names, or the base model's name
+(or nothing) for the base model alone. Routes only translate; `generation` runs them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
+
+from .adapter_io import iter_records
+from .deps import Services, ServicesDep, TenantDep
+from .errors import APIError
+from .generation import (
+    Event,
+    adapter_ref,
+    error_event,
+    open_stream,
+    output_limit,
+    run_to_end,
+    sse,
+    sse_response,
+    stop_list,
+    submit,
+)
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatDelta,
+    ChatLogprobs,
+    ChatRequest,
+    ChatResponse,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+# Engine field names -> the names an OpenAI caller used.
+COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
+CHAT_FIELDS = {"max_new_tokens": "max_tokens", "prompt": "messages"}
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def completions(
+    body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> CompletionResponse | StreamingResponse:
+    ids = services.tokenizer.encode(_single_prompt(body.prompt))
+    logprobs = body.logprobs is not None
+    sampling = _sampling(services, body, len(ids), body.max_tokens, logprobs, body.logprobs or 0)
+    engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
+    handle = await submit(services, engine_request, COMPLETION_FIELDS)
+    meta = _Meta(f"cmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
+    if body.stream:
+        events = await open_stream(services, request, handle, COMPLETION_FIELDS)
+        return sse_response(_completion_chunks(meta, events, logprobs, _include_usage(body)))
+    outcome = await run_to_end(services, request, handle, COMPLETION_FIELDS)
+    choice = CompletionChoice(
+        text=outcome.result.text,
+        finish_reason=outcome.result.finish_reason,
+        logprobs=_completion_logprobs(meta.token_text, outcome.tokens) if logprobs else None,
+    )
+    return CompletionResponse(
+        id=meta.id, created=meta.created, model=meta.model, choices=[choice], usage=_usage(outcome.result)
+    )
+
+
+@router.post("/chat/completions", response_model=ChatResponse)
+async def chat_completions(
+    body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> ChatResponse | StreamingResponse:
+    ids = _chat_prompt_ids(services.tokenizer, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
+    engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
+    handle = await submit(services, engine_request, CHAT_FIELDS)
+    meta = _Meta(f"chatcmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
+    if body.stream:
+        events = await open_stream(services, request, handle, CHAT_FIELDS)
+        return sse_response(_chat_chunks(meta, events, body.logprobs, _include_usage(body)))
+    outcome = await run_to_end(services, request, handle, CHAT_FIELDS)
+    choice = ChatChoice(
+        message=AssistantMessage(content=outcome.result.text),
+        finish_reason=outcome.result.finish_reason,
+        logprobs=_chat_logprobs(meta.token_text, outcome.tokens) if body.logprobs else None,
+    )
+    return ChatResponse(
+        id=meta.id, created=meta.created, model=meta.model, choices=[choice], usage=_usage(outcome.result)
+    )
+
+
+@router.get("/models", response_model=ModelList)
+def models(services: ServicesDep, tenant: TenantDep) -> ModelList:
+    """The base model, then every adapter of the tenant (each runs on that base model)."""
+    base = services.model_name
+    cards = [ModelCard(id=base, created=int(services.started), owned_by="vbserve")]
+    cards += [
+        ModelCard(id=r.name, created=int(r.created), owned_by=tenant, parent=base)
+        for r in iter_records(services.store, tenant)
+    ]
+    return ModelList(data=cards)
+
+
+# -- request translation -------------------------------------------------------------------
+
+
+def _single_prompt(prompt: str | list[str]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise APIError("invalid_request", "exactly one prompt per request is supported", "prompt")
+    return prompt[0]
+
+
+def _chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, body: ChatRequest) -> list[int]:
+    """Render the conversation with the model's own chat template, ending in the
+    assistant's turn. The template writes any special tokens itself."""
+    if not tokenizer.chat_template:
+        raise APIError("invalid_request", "the base model has no chat template; use /v1/completions", "messages")
+    # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        raise APIError("invalid_request", f"the chat template refused the messages: {exc}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _sampling(
+    services: Services, body: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: bool, top: int
+) -> SamplingParams:
+    if body.n != 1:
+        raise APIError("invalid_request", "only n=1 is supported", "n")
+    return SamplingParams(
+        max_new_tokens=output_limit(services, max_tokens, prompt_len),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+        stop=stop_list(body.stop),
+        logprobs=logprobs,
+        top_logprobs=top,
+    )
+
+
+def _include_usage(body: SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+# -- response translation ------------------------------------------------------------------
+
+
+class _Meta:
+    """What every chunk of one response repeats."""
+
+    def __init__(self, id: str, model: str, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.id = id
+        self.model = model
+        self.created = int(time.time())
+        self.token_text: Callable[[int], str] = lambda token_id: tokenizer.decode([token_id])
+
+
+def _usage(result: FinalResult) -> UsageInfo:
+    u = result.usage
+    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+def _scored(tokens: list[TokenEvent]) -> list[TokenEvent]:
+    # Events with token_id -1 carry only text the detokenizer held back, no token.
+    return [t for t in tokens if t.token_id >= 0 and t.logprob is not None]
+
+
+def _completion_logprobs(token_text: Callable[[int], str], tokens: list[TokenEvent]) -> CompletionLogprobs:
+    scored = _scored(tokens)
+    return CompletionLogprobs(
+        tokens=[token_text(t.token_id) for t in scored],
+        token_logprobs=[t.logprob for t in scored],
+        top_logprobs=[{token_text(i): lp for i, lp in (t.top_logprobs or {}).items()} for t in scored],
+    )
+
+
+def _chat_logprobs(token_text: Callable[[int], str], tokens: list[TokenEvent]) -> ChatLogprobs:
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                **entry(t.token_id, t.logprob).model_dump(),
+                top_logprobs=[entry(i, lp) for i, lp in (t.top_logprobs or {}).items()],
+            )
+            for t in _scored(tokens)
+        ]
+    )
+
+
+async def _completion_chunks(
+    meta: _Meta, events: AsyncIterator[Event], logprobs: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(text: str, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
+        lp = _completion_logprobs(meta.token_text, tokens) if logprobs and tokens else None
+        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=lp)
+        return sse(CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
+
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            if event.text or (logprobs and event.logprob is not None):
+                yield chunk(event.text, tokens=[event])
+            continue
+        if event.error is not None:
+            yield error_event(event.error, COMPLETION_FIELDS)
+            return
+        yield chunk("", event.finish_reason)
+        if include_usage:
+            yield sse(
+                CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(event))
+            )
+        yield sse("[DONE]")
+
+
+async def _chat_chunks(
+    meta: _Meta, events: AsyncIterator[Event], logprobs: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: ChatDelta, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
+        lp = _chat_logprobs(meta.token_text, tokens) if logprobs and tokens else None
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=lp)
+        return sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
+
+    # OpenAI opens every stream with the role, before any content.
+    yield chunk(ChatDelta(role="assistant", content=""))
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            if event.text or (logprobs and event.logprob is not None):
+                yield chunk(ChatDelta(content=event.text), tokens=[event])
+            continue
+        if event.error is not None:
+            yield error_event(event.error, CHAT_FIELDS)
+            return
+        yield chunk(ChatDelta(), event.finish_reason)
+        if include_usage:
+            yield sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(event)))
+        yield sse("[DONE]")

@@ -1,0 +1,143 @@
+"""Prometheus metrics of one app: HTTP traffic, generation, the engine's queue and the
+adapter cache.
+
+Every app owns its own `CollectorRegistry` (not the process-global one), so tests can
+build many apps in one process and each scrape shows only its own app.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine import FinalResult
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_COMPOSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "vbserve_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "vbserve_http_request_duration_seconds",
+            "Time from request to the end of the response (a stream counts whole)",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "vbserve_time_to_first_token_seconds",
+            "Time from engine submission to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generations = Counter(
+            "vbserve_generations", "Finished generations by finish reason", ["finish_reason"], registry=r
+        )
+        self.prompt_tokens = Counter("vbserve_prompt_tokens", "Prompt tokens of finished generations", registry=r)
+        self.generated_tokens = Counter("vbserve_generated_tokens", "Tokens generated", registry=r)
+        self.queue_length = Gauge("vbserve_queue_length", "Requests submitted and not yet running", registry=r)
+        self.running = Gauge("vbserve_running_requests", "Requests in the running batch", registry=r)
+        self.adapter_cache_hits = Counter(
+            "vbserve_adapter_cache_hits", "Requests whose adapter was already composed", registry=r
+        )
+        self.adapter_cache_misses = Counter(
+            "vbserve_adapter_cache_misses", "Requests whose adapter had to be loaded and composed", registry=r
+        )
+        self.adapter_cache_evictions = Counter(
+            "vbserve_adapter_cache_evictions", "Composed adapters evicted from the cache", registry=r
+        )
+        self.adapter_cache_bytes = Gauge(
+            "vbserve_adapter_cache_bytes", "Bytes of composed adapter matrices held in the cache", registry=r
+        )
+        self.compose_seconds = Histogram(
+            "vbserve_adapter_compose_seconds",
+            "Time of one batched composition of adapters",
+            buckets=_COMPOSE_BUCKETS,
+            registry=r,
+        )
+        self._adapter_events: dict[str, Callable[[float], None]] = {
+            "hit": self.adapter_cache_hits.inc,
+            "miss": self.adapter_cache_misses.inc,
+            "eviction": self.adapter_cache_evictions.inc,
+            "compose_seconds": self.compose_seconds.observe,
+        }
+
+    # -- engine callbacks (called on the engine and adapter-loader threads) -------------
+
+    def on_step(self, stats: dict) -> None:
+        self.queue_length.set(stats["waiting"])
+        self.running.set(stats["running"])
+
+    def on_adapter_event(self, kind: str, value: float) -> None:
+        record = self._adapter_events.get(kind)
+        if record is not None:
+            record(value)
+
+    def watch_cached_bytes(self, read: Callable[[], int]) -> None:
+        """Read the adapter cache's size at scrape time (the cache changes it under its lock)."""
+        self.adapter_cache_bytes.set_function(read)
+
+    # -- API-layer observations ---------------------------------------------------------
+
+    def observe_result(self, result: FinalResult) -> None:
+        self.generations.labels(result.finish_reason).inc()
+        self.prompt_tokens.inc(result.usage.prompt_tokens)
+        self.generated_tokens.inc(result.usage.completion_tokens)
+        if result.time_to_first_token_s is not None:
+            self.time_to_first_token.observe(result.time_to_first_token_s)
+
+    def observe_abandoned(self) -> None:
+        """A client went away mid-generation; the engine request was cancelled."""
+        self.generations.labels("cancelled").inc()
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_latency.labels(route, method).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (`/v1/adapters/{name}`,
+    not the concrete path, so label cardinality stays bounded)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app fails before sending a response
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            # The router writes the matched route into this same scope dict.
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(path, scope["method"], status, time.perf_counter() - start)
