@@ -36,6 +36,19 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = 512  # prompt tokens admitted per iteration (one long prompt may exceed it)
     default_max_tokens: int = 256  # when a request names no max_tokens / max_new_tokens (capped by the context left)
 
+    # Fine-tuning jobs. jobs_url: redis://... or a SQLite path; empty = the store's Redis
+    # when store_url is Redis, else a jobs.db beside the SQLite store.
+    jobs_url: str = ""
+    jobs_redis_prefix: str = "vbs"
+    training_max_jobs_per_tenant: int = 4  # queued + running
+    training_max_file_bytes: int = 32 << 20  # each of the training and validation files
+    training_max_rows: int = 100_000
+    training_max_num_vectors: int = 4096
+    training_max_attempts: int = 3  # a job whose worker died this many times ends failed
+    training_lease_s: float = 30.0  # a running job without a heartbeat for this long is re-run
+    training_max_events: int = 1000  # progress events kept per job (newest)
+    training_job_retention_s: int = 7 * 86400  # finished jobs are forgotten after this
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

@@ -1,0 +1,50 @@
+"""Typed errors of fine-tuning. Like `adapter_store.errors`, each names the field at fault
+and why, and carries a stable `kind` that the HTTP layer maps to a status, so no route
+parses messages."""
+
+from __future__ import annotations
+
+
+class TrainingError(Exception):
+    """Base of every error this package raises on bad input or a refused request."""
+
+    kind = "invalid_request"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class DatasetError(TrainingError):
+    """A training or validation file breaks a rule; `field` names the file and line."""
+
+
+class DatasetTooLargeError(DatasetError):
+    """A file exceeds the byte or row limit."""
+
+    kind = "too_large"
+
+
+class HyperparameterError(TrainingError):
+    """A hyperparameter is out of bounds or does not fit the base model."""
+
+
+class TooManyJobsError(TrainingError):
+    """The tenant already has the allowed number of queued + running jobs."""
+
+    kind = "overloaded"
+
+
+class JobNotFoundError(TrainingError):
+    kind = "not_found"
+
+
+class JobStateError(TrainingError):
+    """The job is in a state that does not allow the operation (e.g. cancel a finished job)."""
+
+    kind = "conflict"
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the trainer when `should_stop()` answers True."""

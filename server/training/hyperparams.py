@@ -1,0 +1,154 @@
+"""What a fine-tuning job may ask for, with bounds, and whether it fits the base model.
+
+Defaults are the paper's (VB-LoRA, Appendix A.1): AdamW, linear schedule with warmup,
+bank lr 1e-3, logits lr 1e-2, top-k 2. Bounds keep one job from asking for hours of
+compute or gigabytes of logits; `check_fits` then checks the request against the loaded
+model and the server's limits and returns the adapter config the trainer fills in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapter_store import AdapterConfig, AdapterValidationError, ModuleSpec
+from adapter_store.config import MAX_NUM_VECTORS, MAX_RANK, MAX_TOPK, MAX_VECTOR_LENGTH
+
+from .errors import HyperparameterError
+
+# One (S, h) float32 logits tensor plus its gradient and two AdamW moments: 2^27 elements
+# is 2 GiB in all, the most a job may hold beside the model.
+MAX_LOGITS = 1 << 27
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+
+
+class TrainingHyperparameters(BaseModel):
+    """A job's hyperparameters. `max_steps`, when set, replaces `epochs` (as in Hugging
+    Face's Trainer): training cycles through the data until that many optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
+    r: int = Field(4, ge=1, le=MAX_RANK)
+    vector_length: int = Field(64, ge=1, le=MAX_VECTOR_LENGTH, description="b: length of each bank vector")
+    num_vectors: int = Field(256, ge=1, le=MAX_NUM_VECTORS, description="h: vectors in the bank")
+    topk: int = Field(2, ge=1, le=MAX_TOPK, description="k: bank vectors mixed into each sub-vector")
+    epochs: int = Field(1, ge=1, le=100)
+    max_steps: int | None = Field(None, ge=1, le=1_000_000)
+    batch_size: int = Field(4, ge=1, le=256)
+    grad_accum_steps: int = Field(1, ge=1, le=256)
+    lr_bank: float = Field(1e-3, gt=0, le=1)
+    lr_logits: float = Field(1e-2, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decay of the logits (never of the bank)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int = Field(512, ge=2, le=32768)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    truncation: Literal["refuse", "truncate"] = "refuse"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _MODULE_NAME.fullmatch(name) or len(name) > 512:
+                raise ValueError(f"{name!r} is not a module name (letters, digits, '_' and '.')")
+        if len(set(names)) != len(names):
+            raise ValueError("names must be unique")
+        return names
+
+    @model_validator(mode="after")
+    def _topk_within_bank(self) -> TrainingHyperparameters:
+        if self.topk > self.num_vectors:
+            raise ValueError(f"topk {self.topk} exceeds num_vectors {self.num_vectors}")
+        return self
+
+    @classmethod
+    def parse(cls, data: object) -> TrainingHyperparameters:
+        """Validate untrusted input; the first violation becomes a `HyperparameterError`
+        naming its field (`hyperparameters.lr_bank`)."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise HyperparameterError("hyperparameters", "must be an object")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            field = f"hyperparameters.{where}" if where else "hyperparameters"
+            if error["type"] == "value_error" and not where:
+                field = "hyperparameters.topk"  # the only cross-field rule
+            raise HyperparameterError(field, error["msg"].removeprefix("Value error, ")) from None
+
+    @property
+    def torch_save_dtype(self) -> torch.dtype:
+        return SAVE_DTYPES[self.save_dtype]
+
+    def check_fits(
+        self,
+        model_shapes: Mapping[str, tuple[int, int]],
+        *,
+        max_rank: int = MAX_RANK,
+        max_num_vectors: int = MAX_NUM_VECTORS,
+        max_positions: int | None = None,
+        base_model: str = "",
+    ) -> AdapterConfig:
+        """The adapter config these hyperparameters give on a model whose targetable linear
+        layers are `model_shapes` ({dotted name: (in_features, out_features)}).
+
+        A target matches a layer by full dotted name or by its last components
+        (`q_proj` matches every `...self_attn.q_proj`), as PEFT matches them.
+        max_rank: the serving engine's LoRA rank limit (a trained adapter must be servable).
+        max_positions: the model's context length, which bounds max_seq_len.
+        """
+        matched: dict[str, tuple[int, int]] = {}
+        for target in self.target_modules:
+            names = [n for n in model_shapes if n == target or n.endswith("." + target)]
+            if not names:
+                known = sorted({n.rsplit(".", 1)[-1] for n in model_shapes})
+                raise HyperparameterError(
+                    "hyperparameters.target_modules",
+                    f"the base model has no linear layer {target!r}; it has {', '.join(known)}",
+                )
+            matched.update((n, model_shapes[n]) for n in names)
+        b = self.vector_length
+        for name, dims in matched.items():
+            for dim_name, dim in zip(("in_features", "out_features"), dims, strict=True):
+                if dim % b:
+                    common = math.gcd(*(d for ds in matched.values() for d in ds))
+                    raise HyperparameterError(
+                        "hyperparameters.vector_length",
+                        f"{b} does not divide {name}.{dim_name}={dim}; "
+                        f"it must divide {common} for these target modules",
+                    )
+        if self.r > max_rank:
+            raise HyperparameterError("hyperparameters.r", f"{self.r} exceeds the server's LoRA rank limit {max_rank}")
+        if self.num_vectors > max_num_vectors:
+            raise HyperparameterError(
+                "hyperparameters.num_vectors", f"{self.num_vectors} exceeds the limit {max_num_vectors}"
+            )
+        if max_positions is not None and self.max_seq_len > max_positions:
+            raise HyperparameterError(
+                "hyperparameters.max_seq_len", f"{self.max_seq_len} exceeds the model's context of {max_positions}"
+            )
+        modules = tuple(ModuleSpec(n, i, o) for n, (i, o) in matched.items())
+        try:
+            config = AdapterConfig(
+                modules, r=self.r, vector_length=b, num_vectors=self.num_vectors, topk=self.topk, base_model=base_model
+            )
+        except AdapterValidationError as exc:
+            raise HyperparameterError(f"hyperparameters.{exc.field}", exc.reason) from None
+        if config.num_subvectors * self.num_vectors > MAX_LOGITS:
+            raise HyperparameterError(
+                "hyperparameters.num_vectors",
+                f"{config.num_subvectors} sub-vectors x {self.num_vectors} vectors = "
+                f"{config.num_subvectors * self.num_vectors} logits exceed the limit {MAX_LOGITS}; "
+                "use fewer vectors, a smaller rank, a longer vector_length or fewer target modules",
+            )
+        return config

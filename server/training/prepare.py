@@ -1,0 +1,82 @@
+"""From an uploaded job to what the trainer needs: checked hyperparameters, the adapter
+config they give on the loaded model, and the tokenized files.
+
+Both sides call it: the HTTP layer before queueing (so a bad file is refused at upload,
+with its line number, not minutes later by a worker) and the worker before training
+(the queue may hold jobs queued under other limits or by an older server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapter_store import AdapterConfig
+from server.settings import Settings
+from server.vblora.layer import targetable_linears
+
+from .data import DatasetLimits, Example, parse_jsonl
+from .hyperparams import TrainingHyperparameters
+
+
+@dataclass(frozen=True)
+class TrainingLimits:
+    """Server-side limits a job must fit in."""
+
+    max_rank: int = 16  # the serving engine's LoRA rank limit: a trained adapter must be servable
+    max_num_vectors: int = 4096
+    dataset: DatasetLimits = field(default_factory=DatasetLimits)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrainingLimits:
+        return cls(
+            max_rank=settings.max_lora_rank,
+            max_num_vectors=settings.training_max_num_vectors,
+            dataset=DatasetLimits(max_bytes=settings.training_max_file_bytes, max_rows=settings.training_max_rows),
+        )
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    config: AdapterConfig
+    train: list[Example]
+    validation: list[Example] | None
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{dotted name: (in_features, out_features)} of every linear an adapter may target."""
+    return {name: (m.in_features, m.out_features) for name, m in targetable_linears(model).items()}
+
+
+def prepare_job(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    hp: TrainingHyperparameters,
+    training_file: bytes,
+    validation_file: bytes | None = None,
+    *,
+    limits: TrainingLimits | None = None,
+    base_model: str = "",
+) -> PreparedJob:
+    """Raise `HyperparameterError` / `DatasetError` (naming the field) or return the job
+    ready to train. Hyperparameters are checked first: they are cheap and a wrong
+    `max_seq_len` would otherwise be reported as a dataset error."""
+    limits = limits or TrainingLimits()
+    config = hp.check_fits(
+        model_shapes(model),
+        max_rank=limits.max_rank,
+        max_num_vectors=limits.max_num_vectors,
+        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        base_model=base_model,
+    )
+
+    def parse(data: bytes, field: str) -> list[Example]:
+        return parse_jsonl(
+            data, tokenizer, max_seq_len=hp.max_seq_len, truncation=hp.truncation, limits=limits.dataset, field=field
+        )
+
+    train = parse(training_file, "training_file")
+    validation = parse(validation_file, "validation_file") if validation_file is not None else None
+    return PreparedJob(config, train, validation)

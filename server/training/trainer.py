@@ -1,0 +1,283 @@
+"""VB-LoRA training, as the paper writes it (Sec. 3, Algorithm 1).
+
+Trainable: one `(S, h)` logits tensor for every sub-vector of every targeted module, in
+the canonical layout of `AdapterConfig`, and the `(h, b)` vector bank. The base model
+stays frozen. Each forward composes all sub-vectors in one differentiable call,
+
+    w = softmax(topk(logits, k)),  u_s = sum_j w_sj * bank[i_sj]   (compose_subvectors)
+
+views them as each module's A `(r, in)` and B `(out, r)` (split_lora_matrices, PEFT's
+layout), and adds `B (A x)` to the output of every targeted linear layer through a forward
+hook. Hooks leave the model's structure untouched and are removed when training ends, so
+the model can be trained again or served afterwards; they never touch the serving
+engine's slot tables. A worker owns the model it trains: two trainers must not hook one
+model at once.
+
+Optimizer and schedule are the paper's defaults: AdamW with the bank (lr 1e-3) and the
+logits (lr 1e-2) in two parameter groups, linear warmup then linear decay. The loss of an
+optimizer step is the token-level mean over all its micro-batches (summed per micro-batch,
+divided by the step's target-token count), so gradient accumulation gives the same
+gradient as one large batch. At the end only the top-k indices and weights of the logits
+are kept: `VBLoRAAdapter.from_logits`.
+
+Initialization: bank ~ U(-0.02, 0.02); logits ~ N(0, 0.01) in the paper's (mean,
+variance) notation, i.e. standard deviation 0.1, which is PEFT's `init_logits_std`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from adapter_store import AdapterConfig, VBLoRAAdapter
+from server.vblora.compose import split_lora_matrices
+from server.vblora.ops import compose_subvectors
+
+from .data import IGNORE_INDEX, Example
+from .errors import TrainingCancelled
+from .hyperparams import TrainingHyperparameters
+
+INIT_BANK_BOUND = 0.02
+INIT_LOGITS_STD = 0.1
+# Batches are formed inside windows of this many batches' worth of shuffled rows, sorted by
+# length: rows of similar length share a batch (little padding) while the order stays random.
+SORT_WINDOW_BATCHES = 16
+
+ProgressCallback = Callable[[int, int, float, float, float | None], None]
+"""on_progress(step, total_steps, loss, tokens_per_s, val_loss or None)."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    adapter: VBLoRAAdapter
+    steps: int
+    train_loss: float  # mean token loss of the last optimizer step
+    val_loss: float | None  # after the last epoch (None without validation rows)
+    tokens_per_s: float  # input tokens (padding excluded) per second over the whole run
+
+
+class VBLoRAParameters(nn.Module):
+    """The trainable part of one adapter: `logits (S, h)` and `bank (h, b)`."""
+
+    def __init__(self, config: AdapterConfig, *, seed: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(seed)
+        h, b = config.num_vectors, config.vector_length
+        bank = torch.empty(h, b).uniform_(-INIT_BANK_BOUND, INIT_BANK_BOUND, generator=gen)
+        logits = torch.empty(config.num_subvectors, h).normal_(0.0, INIT_LOGITS_STD, generator=gen)
+        self.bank = nn.Parameter(bank.to(device))
+        self.logits = nn.Parameter(logits.to(device))
+
+    def matrices(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module name: (A (r, in), B (out, r))}, differentiable in logits and bank."""
+        top, idx = self.logits.topk(self.config.topk, dim=-1)
+        subvectors = compose_subvectors(self.bank[None], idx[None], torch.softmax(top, dim=-1)[None])
+        return {name: (a[0], b[0]) for name, (a, b) in split_lora_matrices(self.config, subvectors).items()}
+
+    def to_adapter(self, dtype: torch.dtype = torch.float16) -> VBLoRAAdapter:
+        return VBLoRAAdapter.from_logits(self.config, self.bank.float().cpu(), self.logits.float().cpu()).to(dtype)
+
+    @torch.no_grad()
+    def copy_into_peft(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
+        """Write these logits and bank into a PEFT VB-LoRA model of the same shape
+        (`logits_A (r, in/b, h)`, `logits_B (out/b, r, h)`), so PEFT can start from the
+        same initialization: the parity tests and the training benchmark compare the two."""
+        r, b, h = self.config.r, self.config.vector_length, self.config.num_vectors
+        base = peft_model.get_base_model()
+        for sl in self.config.layout:
+            layer = base.get_submodule(sl.module.name)
+            a_shape = (r, sl.module.in_features // b, h)
+            layer.vblora_logits_A[adapter_name].copy_(self.logits[sl.a_start : sl.b_start].view(a_shape))
+            b_shape = (sl.module.out_features // b, r, h)
+            layer.vblora_logits_B[adapter_name].copy_(self.logits[sl.b_start : sl.end].view(b_shape))
+            layer.vblora_vector_bank[adapter_name].copy_(self.bank)
+
+
+@contextmanager
+def lora_hooks(model: nn.Module, params: VBLoRAParameters) -> Iterator[Callable[[], None]]:
+    """Add `B (A x)` to every targeted linear of `model` while inside.
+
+    Yields `refresh()`: call it before each forward to compose A and B from the current
+    parameters (once per forward for all modules, not once per module)."""
+    current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def refresh() -> None:
+        current.clear()
+        current.update(params.matrices())
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            a, b = current[name]
+            x = args[0]
+            return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(output.dtype)
+
+        return hook
+
+    handles = [model.get_submodule(m.name).register_forward_hook(make_hook(m.name)) for m in params.config.modules]
+    try:
+        yield refresh
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch: shuffled, then grouped by length within
+    windows so that a batch pads little; the batches themselves come in random order.
+    Deterministic for (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    window = batch_size * SORT_WINDOW_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def collate(
+    examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each `(B, longest)`, right-padded: padding is
+    masked from attention and labelled -100."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def target_count(examples: Sequence[Example]) -> int:
+    """Tokens the loss is taken on: labels after the one-position shift."""
+    return sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
+
+
+def loss_sum(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions (float32)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def train_adapter(
+    model: nn.Module,
+    examples: Sequence[Example],
+    hp: TrainingHyperparameters,
+    config: AdapterConfig,
+    *,
+    val_examples: Sequence[Example] | None = None,
+    pad_token_id: int = 0,
+    on_progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Train a VB-LoRA adapter of shape `config` (from `hp.check_fits`) on `examples`.
+
+    Deterministic for `hp.seed` on one device: initialization and data order come from
+    generators seeded by it, and the global RNG (dropout, if the model has any) is
+    seeded inside a forked RNG state so the caller's is left as it was.
+    should_stop: checked before every micro-batch; when it answers True,
+    `TrainingCancelled` is raised and no adapter is produced.
+    """
+    if not examples or target_count(examples) == 0:
+        raise ValueError("train_adapter needs examples with at least one target token")
+    device = next(model.parameters()).device
+    params = VBLoRAParameters(config, seed=hp.seed, device=device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [params.bank], "lr": hp.lr_bank, "weight_decay": 0.0},
+            {"params": [params.logits], "lr": hp.lr_logits, "weight_decay": hp.weight_decay},
+        ]
+    )
+    lengths = [len(e.input_ids) for e in examples]
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / hp.batch_size) / hp.grad_accum_steps)
+    total = hp.max_steps or steps_per_epoch * hp.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * total), total)
+    stop = should_stop or (lambda: False)
+
+    step, epoch, tokens, loss, val_loss = 0, 0, 0, float("nan"), None
+    started = time.perf_counter()
+    with _frozen(model), lora_hooks(model, params) as refresh, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hp.seed)
+        while step < total:
+            batches = plan_batches(lengths, hp.batch_size, seed=hp.seed, epoch=epoch)
+            for start in range(0, len(batches), hp.grad_accum_steps):
+                group = [[examples[i] for i in batch] for batch in batches[start : start + hp.grad_accum_steps]]
+                denominator = max(1, sum(target_count(b) for b in group))
+                step_loss = 0.0
+                for batch in group:
+                    if stop():
+                        raise TrainingCancelled()
+                    ids, mask, labels = collate(batch, pad_token_id, device)
+                    refresh()
+                    part = loss_sum(model, ids, mask, labels) / denominator
+                    part.backward()
+                    step_loss += float(part.detach())
+                    tokens += int(mask.sum())
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, loss = step + 1, step_loss
+                epoch_done = start + hp.grad_accum_steps >= len(batches)
+                val_loss = None
+                if val_examples and (epoch_done or step == total):
+                    val_loss = evaluate(model, refresh, val_examples, hp.batch_size, pad_token_id)
+                if on_progress is not None:
+                    on_progress(step, total, loss, tokens / (time.perf_counter() - started), val_loss)
+                if step == total:
+                    break
+            epoch += 1
+    final_val = val_loss if val_examples else None
+    return TrainingResult(
+        params.to_adapter(hp.torch_save_dtype), step, loss, final_val, tokens / (time.perf_counter() - started)
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, refresh: Callable[[], None], examples: Sequence[Example], batch_size: int, pad_token_id: int
+) -> float:
+    """Token-level mean loss on `examples` with the adapter as it is now."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    refresh()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        total += loss_sum(model, *collate(batch, pad_token_id, device)).double().cpu()
+    model.train(was_training)
+    return float(total) / max(1, target_count(examples))
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Base weights get no gradient; train mode while inside; both restored after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.requires_grad_(False)
+    model.train()
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)

@@ -1,0 +1,268 @@
+"""The worker: takes jobs from the queue, trains, publishes the adapter to the store.
+
+`run_worker(settings)` is the `vbserve worker` process: it loads its own copy of the base
+model (training hooks its linear layers, which must never happen to a model that is
+serving) and loops until SIGTERM/SIGINT. `start_embedded_worker(settings)` runs the same
+loop in a thread of the API process, for a machine with no Redis and no separate worker.
+
+How a job ends (see `jobs.base` for the states):
+- bad input (dataset, hyperparameters, an adapter the store refuses): `failed` at once,
+  with the typed error's `field: reason` as the message; retrying would fail the same way.
+- the store or queue unreachable: `retry` (queued again, counted as an attempt).
+- cancel requested: `cancelled`, nothing published. Worker shutting down: queued again
+  without counting an attempt. Lease lost (this worker stalled and another took over):
+  drop the job silently, the other worker owns it now.
+- anything else (a bug, out of memory): `failed`, logged with its traceback.
+- success: mark the bank id, `store.put` (atomic, a new version), `finish(succeeded)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from types import TracebackType
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from adapter_store import AdapterError, AdapterNotFoundError, AdapterStore, StoreUnavailableError, open_store
+from server.engine.model_loader import load_model, resolve_device, resolve_dtype
+from server.settings import Settings, get_settings
+
+from .errors import TrainingCancelled, TrainingError
+from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
+from .prepare import TrainingLimits, prepare_job
+from .trainer import train_adapter
+
+log = logging.getLogger(__name__)
+
+# Progress is written at most this often (and on validation steps and the last step), so
+# a fast model does not turn every optimizer step into a queue write.
+PROGRESS_INTERVAL_S = 1.0
+
+
+class Worker:
+    """Runs jobs one at a time on one model. Not thread-safe: one worker per model."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        store: AdapterStore,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        limits: TrainingLimits | None = None,
+        base_model: str = "",
+        worker_id: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits or TrainingLimits()
+        self.base_model = base_model
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad if pad is not None else 0
+
+    def run(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:
+        """Claim and run jobs until `stop` is set."""
+        log.info("worker %s waiting for jobs", self.worker_id)
+        while not stop.is_set():
+            try:
+                job = self.queue.claim(self.worker_id, poll_s)
+            except StoreUnavailableError as exc:
+                log.warning("job queue unavailable: %s", exc)
+                stop.wait(poll_s)
+                continue
+            if job is not None:
+                self.run_job(job, stop)
+
+    def run_job(self, job: ClaimedJob, stop: threading.Event | None = None) -> None:
+        """Run one claimed job to a final state (or back to the queue; see the module doc)."""
+        stop = stop or threading.Event()
+        log.info(
+            "job %s: attempt %d for %s/%s", job.id, job.record.attempts, job.record.tenant, job.record.adapter_name
+        )
+        with _Lease(self.queue, job) as lease:
+            try:
+                self._run(job, lease, stop)
+            except StoreUnavailableError as exc:  # could not even record the outcome
+                log.warning("job %s: %s; its lease will lapse and it runs again", job.id, exc)
+
+    def _run(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
+        try:
+            if job.publish_bank_id and self._already_published(job):
+                return
+            self._train_and_publish(job, lease, stop)
+        except TrainingCancelled:
+            if lease.lost:
+                log.warning("job %s: lease lost to another worker; dropping it", job.id)
+            elif lease.cancel_requested:
+                self.queue.finish(job, JobState.CANCELLED)
+            else:
+                self.queue.retry(job, "the worker shut down", count_attempt=False)
+        except StoreUnavailableError as exc:
+            log.warning("job %s: %s; queued again", job.id, exc)
+            self.queue.retry(job, str(exc))
+        except (TrainingError, AdapterError) as exc:
+            self.queue.finish(job, JobState.FAILED, error=str(exc))
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            self.queue.finish(job, JobState.FAILED, error=f"internal error: {type(exc).__name__}")
+
+    def _train_and_publish(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
+        hp = job.hyperparameters
+        prepared = prepare_job(
+            self.model,
+            self.tokenizer,
+            hp,
+            job.training_file,
+            job.validation_file,
+            limits=self.limits,
+            base_model=self.base_model,
+        )
+        result = train_adapter(
+            self.model,
+            prepared.train,
+            hp,
+            prepared.config,
+            val_examples=prepared.validation,
+            pad_token_id=self.pad_token_id,
+            on_progress=_Reporter(self.queue, job, lease),
+            should_stop=lambda: lease.lost or lease.cancel_requested or stop.is_set(),
+        )
+        lease.beat()  # a cancel that arrived during the last step still wins
+        if lease.lost or lease.cancel_requested:
+            raise TrainingCancelled()
+        if not self.queue.mark_publishing(job, result.adapter.bank_id):
+            lease.lost = True
+            raise TrainingCancelled()
+        record = self.store.put(job.record.tenant, job.record.adapter_name, result.adapter)
+        self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version)
+        log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+
+    def _already_published(self, job: ClaimedJob) -> bool:
+        """An earlier attempt died after `store.put` but before `finish`: if the store
+        holds the bank it was publishing, that put went through; finish without training."""
+        try:
+            record = self.store.get_record(job.record.tenant, job.record.adapter_name)
+        except AdapterNotFoundError:
+            return False
+        if record.bank_id != job.publish_bank_id:
+            return False
+        self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version)
+        return True
+
+
+class _Lease:
+    """Renews a job's lease from a background thread (training steps may be longer than a
+    lease) and remembers what the heartbeats said."""
+
+    def __init__(self, queue: JobQueue, job: ClaimedJob) -> None:
+        self.queue = queue
+        self.job = job
+        self.lost = False
+        self.cancel_requested = job.record.cancel_requested
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job.id}", daemon=True)
+
+    def beat(self) -> None:
+        try:
+            hb = self.queue.heartbeat(self.job)
+        except StoreUnavailableError as exc:
+            log.warning("heartbeat of %s failed: %s", self.job.id, exc)
+            return
+        self.lost = self.lost or not hb.owned
+        self.cancel_requested = self.cancel_requested or hb.cancel_requested
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.queue.limits.lease_s / 3):
+            self.beat()
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class _Reporter:
+    """The trainer's `on_progress`: throttled writes of progress and events to the queue."""
+
+    def __init__(self, queue: JobQueue, job: ClaimedJob, lease: _Lease) -> None:
+        self.queue, self.job, self.lease = queue, job, lease
+        self._last = 0.0
+
+    def __call__(self, step: int, total: int, loss: float, tokens_per_s: float, val_loss: float | None) -> None:
+        now = time.time()
+        if val_loss is None and step not in (1, total) and now - self._last < PROGRESS_INTERVAL_S:
+            return
+        self._last = now
+        try:
+            if not self.queue.report(self.job, JobEvent(step, total, loss, tokens_per_s, val_loss, now)):
+                self.lease.lost = True
+        except StoreUnavailableError as exc:  # progress is best effort; the lease decides ownership
+            log.warning("progress of %s not recorded: %s", self.job.id, exc)
+
+
+def run_worker(settings: Settings | None = None, *, stop: threading.Event | None = None) -> None:
+    """The `vbserve worker` entry: load the model, open store and queue, run jobs until
+    SIGTERM/SIGINT (or `stop`). A job running at shutdown goes back to the queue."""
+    settings = settings or get_settings()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    device = resolve_device(settings.device)
+    loaded = load_model(
+        settings.model,
+        gguf_file=settings.gguf_file,
+        cache_dir=settings.model_cache_dir,
+        device=device,
+        dtype=resolve_dtype(settings.dtype, device),
+    )
+    store = open_store(settings.store_url)
+    queue = open_job_queue(jobs_url(settings), redis_prefix=settings.jobs_redis_prefix, limits=queue_limits(settings))
+    try:
+        worker = Worker(
+            queue,
+            store,
+            loaded.model,
+            loaded.tokenizer,
+            limits=TrainingLimits.from_settings(settings),
+            base_model=loaded.name,
+        )
+        worker.run(stop)
+    finally:
+        queue.close()
+        store.close()
+
+
+class EmbeddedWorker:
+    """`run_worker` in a daemon thread of this process; `stop()` ends it after the
+    current training step (the job goes back to the queue)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=run_worker, args=(settings,), kwargs={"stop": self._stop}, name="vbserve-worker", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def start_embedded_worker(settings: Settings) -> EmbeddedWorker:
+    """Start a worker thread with its own model copy (loaded in the thread, so the API
+    starts without waiting for it)."""
+    return EmbeddedWorker(settings)

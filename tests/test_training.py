@@ -1,0 +1,412 @@
+"""The VB-LoRA trainer on a tiny random Llama: it learns a made-up task that greedy
+serving then reproduces, its forward equals PEFT's, gradients reach logits and bank,
+runs are deterministic; and every dataset and hyperparameter rule is refused with a
+typed error naming the field."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+
+from adapter_store.store import SQLiteAdapterStore
+from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from server.settings import Settings
+from server.training import (
+    DatasetError,
+    DatasetLimits,
+    DatasetTooLargeError,
+    HyperparameterError,
+    TrainingCancelled,
+    TrainingHyperparameters,
+    model_shapes,
+    parse_jsonl,
+    prepare_job,
+    train_adapter,
+)
+from server.training.data import IGNORE_INDEX
+from server.training.trainer import VBLoRAParameters, lora_hooks, plan_batches
+from tests.conftest import byte_tokenizer, tiny_llama
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TASK = {"key0:": "apple", "key1:": "river", "key2:": "stone", "key3:": "cloud"}
+
+
+def task_model(seed: int = 3) -> torch.nn.Module:
+    """The tiny Llama with a larger LM head. A random head of std 0.02 after RMSNorm caps
+    every logit near 1, so no adapter could make one token clearly win; scaled by 10 the
+    model can express a confident answer, as a trained model can."""
+    model = tiny_llama(seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+def jsonl(rows: list[object]) -> bytes:
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and two threads spinning on a shared 2-core
+    machine can make them a hundred times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TASK_FILE = jsonl([{"prompt": p, "completion": c} for p, c in TASK.items()])
+TASK_HP = TrainingHyperparameters(
+    target_modules=ALL_LINEAR,
+    r=4,
+    vector_length=16,
+    num_vectors=64,
+    max_steps=120,
+    batch_size=4,
+    lr_bank=2e-2,
+    lr_logits=5e-2,
+    warmup_ratio=0.0,
+    max_seq_len=32,
+)
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
+    model, tok = task_model(), byte_tokenizer()
+    job = prepare_job(model, tok, TASK_HP, TASK_FILE)
+    progress: list[tuple] = []
+    result = train_adapter(
+        model, job.train, TASK_HP, job.config, on_progress=lambda *args: progress.append(args), pad_token_id=0
+    )
+    losses = [p[2] for p in progress]
+    assert [p[0] for p in progress] == list(range(1, 121)) and all(p[1] == 120 for p in progress)
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+    assert result.steps == 120 and result.train_loss == losses[-1] and result.tokens_per_s > 0
+    assert result.adapter.weights.dtype == torch.float16  # save_dtype default
+
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    assert store.put("acme", "lookup", result.adapter).version == 1
+    settings = Settings(max_batch_size=4, max_queue=8, max_adapter_slots=2, max_lora_rank=8, max_model_len=64)
+    engine = build_engine(model, tok, store, settings)
+    try:
+        for prompt, completion in TASK.items():
+            ids = tok.encode(prompt)
+            tuned = await (await engine.submit(_greedy(ids, AdapterRef("acme", "lookup")))).result()
+            base = await (await engine.submit(_greedy(ids, None))).result()
+            assert tuned.text.startswith(completion), (prompt, tuned.text)
+            assert not base.text.startswith(completion)
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+def _greedy(ids: list[int], adapter: AdapterRef | None) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=ids, adapter=adapter, sampling=SamplingParams(max_new_tokens=8))
+
+
+def test_forward_matches_peft_and_gradients_reach_logits_and_bank() -> None:
+    from peft import VBLoRAConfig, get_peft_model
+
+    base, tok = tiny_llama(seed=1).requires_grad_(False), byte_tokenizer()
+    hp = TrainingHyperparameters(target_modules=["q_proj", "v_proj", "down_proj"], r=2, vector_length=16, num_vectors=8)
+    config = hp.check_fits(model_shapes(base))
+    params = VBLoRAParameters(config, seed=4)
+    with torch.no_grad():  # large enough that the adapter visibly changes the output
+        params.bank.mul_(50)
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        VBLoRAConfig(r=2, vector_length=16, num_vectors=8, topk=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    params.copy_into_peft(peft_model)
+    ids = torch.tensor([tok.encode("hello world")])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        ref = peft_model(input_ids=ids).logits
+    with lora_hooks(base, params) as refresh:
+        refresh()
+        ours = base(input_ids=ids).logits
+        ours.float().square().mean().backward()
+    assert not torch.allclose(ref, plain, atol=1e-3)
+    torch.testing.assert_close(ours.detach(), ref, rtol=1e-5, atol=1e-5)
+    for grad in (params.logits.grad, params.bank.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # Only the top-k logits of each sub-vector are in the graph.
+    assert int((params.logits.grad != 0).sum(-1).max()) <= config.topk
+    assert all(p.grad is None for p in base.parameters())
+    # The hooks are gone afterwards: the base model is itself again.
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, plain)
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    tok = byte_tokenizer()
+    hp = TASK_HP.model_copy(update={"max_steps": 5})
+
+    def run(seed: int):
+        model = task_model()
+        job = prepare_job(model, tok, hp, TASK_FILE)
+        return train_adapter(model, job.train, hp.model_copy(update={"seed": seed}), job.config).adapter
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.bank_id == b.bank_id and torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    assert a.bank_id != c.bank_id
+
+
+def test_gradient_accumulation_equals_one_large_batch() -> None:
+    tok = byte_tokenizer()
+    rows = jsonl([{"prompt": f"k{i}", "completion": f"v{i}x"} for i in range(4)])  # equal lengths: no padding
+
+    def run(batch_size: int, accum: int):
+        model = task_model()
+        hp = TASK_HP.model_copy(update={"max_steps": 2, "batch_size": batch_size, "grad_accum_steps": accum})
+        job = prepare_job(model, tok, hp, rows)
+        return train_adapter(model, job.train, hp, job.config)
+
+    one, accumulated = run(4, 1), run(2, 2)
+    assert torch.equal(one.adapter.indices, accumulated.adapter.indices)
+    torch.testing.assert_close(one.adapter.bank.float(), accumulated.adapter.bank.float(), atol=2e-3, rtol=0)
+    assert abs(one.train_loss - accumulated.train_loss) < 1e-4
+
+
+def test_validation_loss_per_epoch_and_cancellation() -> None:
+    model, tok = task_model(), byte_tokenizer()
+    hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
+    job = prepare_job(model, tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
+    seen: list[tuple] = []
+    result = train_adapter(
+        model, job.train, hp, job.config, val_examples=job.validation, on_progress=lambda *a: seen.append(a)
+    )
+    # 4 rows, batch 2: two steps per epoch, validation after each epoch.
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6]
+    assert [s[4] is not None for s in seen] == [False, True] * 3
+    assert result.val_loss == seen[-1][4] and seen[-1][4] < seen[1][4]
+
+    calls = 0
+
+    def stop_after_three() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    ids = torch.tensor([tok.encode("key1:")])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(TrainingCancelled):
+        train_adapter(model, job.train, hp, job.config, should_stop=stop_after_three)
+    assert calls == 4
+    with torch.no_grad():  # a cancelled run leaves no hook behind
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_batches_group_similar_lengths_and_cover_every_row_once() -> None:
+    lengths = [5, 50, 6, 51, 7, 52, 8, 53] * 4
+    batches = plan_batches(lengths, 4, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 3 for b in batches)
+    assert plan_batches(lengths, 4, seed=0, epoch=1) != batches
+    assert plan_batches(lengths, 4, seed=0, epoch=0) == batches
+
+
+# -- datasets -----------------------------------------------------------------------------
+
+
+def parse(data: bytes, **kw):
+    kw.setdefault("max_seq_len", 64)
+    return parse_jsonl(data, byte_tokenizer(), **kw)
+
+
+def test_prompt_completion_rows_mask_the_prompt() -> None:
+    [example] = parse(b'\n{"prompt": "ab", "completion": "xyz", "extra": 1}\n\n')
+    tok = byte_tokenizer()
+    assert example.input_ids == tok.encode("ab") + tok.encode("xyz")
+    assert example.labels == [IGNORE_INDEX] * 2 + tok.encode("xyz")
+
+
+def test_chat_rows_train_only_the_last_assistant_turn() -> None:
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    row = {
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    [example] = parse_jsonl(jsonl([row]), tok, max_seq_len=128)
+    answer = tok.encode("ok\n")
+    prompt = tok.encode("<system>be brief\n<user>hi\n<assistant>yo\n<user>again\n<assistant>")
+    assert example.input_ids == prompt + answer
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + answer
+
+
+def test_truncation_keeps_the_completion() -> None:
+    data = jsonl([{"prompt": "p" * 20, "completion": "c" * 6}])
+    with pytest.raises(DatasetError) as err:
+        parse(data, max_seq_len=10)
+    assert err.value.field == "training_file line 1" and "26 tokens exceed max_seq_len 10" in err.value.reason
+    [example] = parse(data, max_seq_len=10, truncation="truncate")
+    tok = byte_tokenizer()
+    assert example.input_ids == tok.encode("pppp" + "cccccc")
+    assert example.labels[4:] == tok.encode("cccccc")
+    [short] = parse(jsonl([{"prompt": "p", "completion": "c" * 20}]), max_seq_len=10, truncation="truncate")
+    assert len(short.input_ids) == 10 and short.labels[0] == IGNORE_INDEX
+
+
+GOOD = '{"prompt": "a", "completion": "b"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        (f'{GOOD}\n{GOOD}\n{{"prompt": "a", "completion"', "training_file line 3", "malformed JSON"),
+        ("", "training_file", "contains no rows"),
+        ("\n  \n", "training_file", "contains no rows"),
+        (f'{GOOD}\n{{"prompt": "a"}}', "training_file line 2", "missing field 'completion'"),
+        ('{"completion": "b"}', "training_file line 1", "missing field 'prompt'"),
+        ('{"prompt": 7, "completion": "b"}', "training_file line 1.prompt", "must be a string, got number"),
+        ('{"prompt": "a", "completion": ""}', "training_file line 1.completion", "must not be empty"),
+        ("[1, 2]", "training_file line 1", "must be a JSON object, got array"),
+        ('{"prompt": "a", "completion": "b", "messages": []}', "training_file line 1", "not both"),
+        ('{"messages": "hi"}', "training_file line 1.messages", "must be a list, got string"),
+        ('{"messages": [{"role": "assistant", "content": "x"}]}', "training_file line 1.messages", "at least one"),
+        (
+            '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+            "training_file line 1.messages[0].role",
+            "must be one of",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}',
+            "training_file line 1.messages[1].role",
+            "last message must be the assistant",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}',
+            "training_file line 1.messages[0].content",
+            "must be a string",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+            "training_file line 1.messages",
+            "no chat template",
+        ),
+    ],
+)
+def test_bad_rows_name_line_and_field(text: str, field: str, reason: str) -> None:
+    with pytest.raises(DatasetError) as err:
+        parse(text.encode())
+    assert err.value.field == field and reason in err.value.reason, err.value
+    assert err.value.kind == "invalid_request"
+
+
+def test_non_utf8_and_size_limits() -> None:
+    with pytest.raises(DatasetError, match=r"training_file line 2: is not valid UTF-8 \(byte 12\)"):
+        parse(GOOD.encode() + b'\n{"prompt": "\xff", "completion": "b"}')
+    cases = [
+        (GOOD.encode() * 100, DatasetLimits(max_bytes=1000), "training_file", "exceed the limit of 1000"),
+        ("\n".join([GOOD] * 3).encode(), DatasetLimits(max_rows=2), "training_file", "more than 2 rows"),
+        (b'{"prompt": "' + b"a" * 100 + b'"}', DatasetLimits(max_line_bytes=50), "training_file line 1", "longer"),
+    ]
+    for data, limits, field, reason in cases:
+        with pytest.raises(DatasetTooLargeError) as err:
+            parse(data, limits=limits)
+        assert err.value.field == field and reason in err.value.reason and err.value.kind == "too_large"
+
+
+def test_an_endless_file_is_refused_after_max_rows_without_reading_on() -> None:
+    class Endless(io.RawIOBase):
+        """A stream that claims billions of rows: it never ends."""
+
+        lines_read = 0
+
+        def readline(self, size: int = -1) -> bytes:
+            self.lines_read += 1
+            return GOOD.encode() + b"\n"
+
+    stream = Endless()
+    with pytest.raises(DatasetTooLargeError, match="more than 5 rows"):
+        parse(stream, limits=DatasetLimits(max_rows=5))
+    assert stream.lines_read == 6
+
+
+# -- hyperparameters ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        ({"r": 0}, "hyperparameters.r", "greater than or equal to 1"),
+        ({"lr_bank": -1}, "hyperparameters.lr_bank", "greater than 0"),
+        ({"warmup_ratio": 1.0}, "hyperparameters.warmup_ratio", "less than 1"),
+        ({"learning_rate": 1e-3}, "hyperparameters.learning_rate", "Extra inputs"),
+        ({"topk": 9, "num_vectors": 8}, "hyperparameters.topk", "exceeds num_vectors"),
+        ({"save_dtype": "int8"}, "hyperparameters.save_dtype", "float16"),
+        ({"truncation": "drop"}, "hyperparameters.truncation", "refuse"),
+        ({"target_modules": []}, "hyperparameters.target_modules", "at least 1"),
+        ({"target_modules": ["q_proj", "q_proj"]}, "hyperparameters.target_modules", "unique"),
+        ({"target_modules": ["q proj"]}, "hyperparameters.target_modules", "not a module name"),
+        ({"batch_size": "four"}, "hyperparameters.batch_size", "integer"),
+        ([1], "hyperparameters", "must be an object"),
+    ],
+)
+def test_hyperparameter_bounds(data: object, field: str, reason: str) -> None:
+    with pytest.raises(HyperparameterError) as err:
+        TrainingHyperparameters.parse(data)
+    assert err.value.field == field and reason in err.value.reason, err.value
+
+
+def test_defaults_are_the_papers() -> None:
+    hp = TrainingHyperparameters.parse(None)
+    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (1e-3, 1e-2, 2, "float16", "refuse")
+
+
+@pytest.mark.parametrize(
+    ("update", "kw", "field", "reason"),
+    [
+        ({"vector_length": 24}, {}, "hyperparameters.vector_length", "24 does not divide"),
+        ({"target_modules": ["qkv_proj"]}, {}, "hyperparameters.target_modules", "no linear layer 'qkv_proj'"),
+        ({"target_modules": ["lm_head"]}, {}, "hyperparameters.target_modules", "no linear layer 'lm_head'"),
+        ({"r": 8}, {"max_rank": 4}, "hyperparameters.r", "rank limit 4"),
+        ({"num_vectors": 512}, {"max_num_vectors": 256}, "hyperparameters.num_vectors", "exceeds the limit 256"),
+        ({"r": 64, "num_vectors": 60000}, {}, "hyperparameters.num_vectors", "logits exceed the limit"),
+        ({"max_seq_len": 1024}, {"max_positions": 256}, "hyperparameters.max_seq_len", "context of 256"),
+    ],
+)
+def test_check_fits_names_the_field(update: dict, kw: dict, field: str, reason: str) -> None:
+    shapes = model_shapes(tiny_llama())
+    hp = TrainingHyperparameters(target_modules=ALL_LINEAR, vector_length=16, num_vectors=64).model_copy(update=update)
+    hp = TrainingHyperparameters.model_validate(hp.model_dump())
+    with pytest.raises(HyperparameterError) as err:
+        hp.check_fits(shapes, **kw)
+    assert err.value.field == field and reason in err.value.reason, err.value
+
+
+def test_check_fits_matches_suffixes_and_full_names() -> None:
+    shapes = model_shapes(tiny_llama())
+    hp = TrainingHyperparameters(target_modules=["v_proj", "model.layers.1.mlp.down_proj"], vector_length=16)
+    config = hp.check_fits(shapes, base_model="tiny")
+    assert [m.name for m in config.modules] == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    assert config.base_model == "tiny" and config.r == 4 and config.num_vectors == 256
+
+
+def test_prepare_job_checks_hyperparameters_before_the_file() -> None:
+    hp = TrainingHyperparameters(vector_length=24)
+    with pytest.raises(HyperparameterError):
+        prepare_job(tiny_llama(), byte_tokenizer(), hp, b"not json")
+    hp = TrainingHyperparameters(vector_length=16, max_seq_len=64)
+    with pytest.raises(DatasetError, match="validation_file line 1"):
+        prepare_job(tiny_llama(), byte_tokenizer(), hp, GOOD.encode(), b"not json")
