@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # Fine-tuning jobs. jobs_url: redis://... or a SQLite path; empty = the store's Redis
     # when store_url is Redis, else a jobs.db beside the SQLite store.
     jobs_url: str = ""
-    jobs_redis_prefix: str = "vbs"
+    redis_prefix: str = "vbs"  # key prefix of all vbserve keys in Redis (adapters and jobs)
     training_max_jobs_per_tenant: int = 4  # queued + running
     training_max_file_bytes: int = 32 << 20  # each of the training and validation files
     training_max_rows: int = 100_000

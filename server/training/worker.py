@@ -229,8 +229,8 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
         device=device,
         dtype=resolve_dtype(settings.dtype, device),
     )
-    store = open_store(settings.store_url)
-    queue = open_job_queue(jobs_url(settings), redis_prefix=settings.jobs_redis_prefix, limits=queue_limits(settings))
+    store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
+    queue = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
     try:
         worker = Worker(
             queue,
