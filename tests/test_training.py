@@ -27,8 +27,8 @@ from server.training import (
     prepare_job,
     train_adapter,
 )
-from server.training.data import IGNORE_INDEX
-from server.training.trainer import VBLoRAParameters, lora_hooks, plan_batches
+from server.training.data import IGNORE_INDEX, Example
+from server.training.trainer import VBLoRAParameters, collate, lora_hooks, loss_sum, plan_batches, target_count
 from tests.conftest import byte_tokenizer, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -142,6 +142,20 @@ def test_forward_matches_peft_and_gradients_reach_logits_and_bank() -> None:
     # The hooks are gone afterwards: the base model is itself again.
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids).logits, plain)
+
+
+def test_loss_on_labelled_positions_only_equals_the_full_loss() -> None:
+    """`loss_sum` asks the model for logits only where a label follows; the loss is the
+    same as from all logits (what a model without `logits_to_keep` gets)."""
+    model = tiny_llama(seed=2)
+    batch = [Example([5, 6, 7, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9]), Example([1, 2, 3], [IGNORE_INDEX, 2, 3])]
+    ids, mask, labels = collate(batch, pad_token_id=0)
+    full = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(
+        full.reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    torch.testing.assert_close(loss_sum(model, ids, mask, labels), expected)
+    assert target_count(batch) == 5
 
 
 def test_training_is_deterministic_for_a_seed() -> None:

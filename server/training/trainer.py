@@ -26,6 +26,7 @@ variance) notation, i.e. standard deviation 0.1, which is PEFT's `init_logits_st
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,12 +77,28 @@ class VBLoRAParameters(nn.Module):
         logits = torch.empty(config.num_subvectors, h).normal_(0.0, INIT_LOGITS_STD, generator=gen)
         self.bank = nn.Parameter(bank.to(device))
         self.logits = nn.Parameter(logits.to(device))
+        # One single-module config per module, for `split_lora_matrices` (see `matrices`).
+        self._module_configs = [
+            AdapterConfig((sl.module,), r=config.r, vector_length=config.vector_length, num_vectors=h, topk=config.topk)
+            for sl in config.layout
+        ]
 
     def matrices(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{module name: (A (r, in), B (out, r))}, differentiable in logits and bank."""
+        """{module name: (A (r, in), B (out, r))}, differentiable in logits and bank.
+
+        The composed `(S, b)` sub-vectors are cut per module with one `split` before
+        `split_lora_matrices` views each module's part: slicing all modules out of the
+        whole tensor would make autograd zero-fill a full `(S, b)` gradient per slice in
+        the backward (420 of them on SmolLM2 with all linear layers: 6x slower), while
+        `split` gathers the gradients with one concatenation."""
         top, idx = self.logits.topk(self.config.topk, dim=-1)
         subvectors = compose_subvectors(self.bank[None], idx[None], torch.softmax(top, dim=-1)[None])
-        return {name: (a[0], b[0]) for name, (a, b) in split_lora_matrices(self.config, subvectors).items()}
+        parts = subvectors.split([sl.end - sl.a_start for sl in self.config.layout], dim=1)
+        out = {}
+        for module_config, part in zip(self._module_configs, parts, strict=True):
+            [(name, (a, b))] = split_lora_matrices(module_config, part).items()
+            out[name] = (a[0], b[0])
+        return out
 
     def to_adapter(self, dtype: torch.dtype = torch.float16) -> VBLoRAAdapter:
         return VBLoRAAdapter.from_logits(self.config, self.bank.float().cpu(), self.logits.float().cpu()).to(dtype)
@@ -167,14 +184,24 @@ def target_count(examples: Sequence[Example]) -> int:
 
 
 def loss_sum(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled positions (float32)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    """Summed next-token cross-entropy over the labelled positions (float32).
+
+    The LM head runs only where a label follows (`logits_to_keep` with a boolean mask,
+    which transformers 5 causal LMs accept): prompt and padding positions need no
+    vocabulary-sized logits, and on a small model with a large vocabulary (SmolLM2:
+    49k x 576) the head is a good part of each step. Models without that argument get
+    the full logits, then the same loss."""
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    keep = targets != IGNORE_INDEX
+    if _accepts_logits_to_keep(model):
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (kept, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[keep]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def train_adapter(
