@@ -32,7 +32,7 @@ Measured:
 - exact match on the held-out rows, greedy through our serving engine, for the base
   model and for our trained adapter (published to a SQLite store, served as float16).
 
-    .venv/bin/python benchmarks/training.py [--steps 60] [--batch-size 8] [--threads 2]
+    .venv/bin/python benchmarks/training.py [--steps 80] [--batch-size 8] [--threads 2]
 
 Prints a table and, as its last line, a JSON object of the headline figures.
 """
@@ -254,7 +254,7 @@ async def base_and_tuned_accuracy(model, tokenizer, store, rows: list[dict], r: 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")

@@ -235,11 +235,13 @@ def test_claim_report_finish(queue: JobQueue) -> None:
 
 def test_events_are_capped_to_the_newest(backend: Backend) -> None:
     queue = backend.open(max_events=3)
-    submitted = queue.submit("acme", "bot", HP, ROWS)
-    job = queue.claim("w1", 2)
+    first, second = queue.submit("acme", "bot", HP, ROWS), queue.submit("acme", "bot2", HP, ROWS)
+    jobs = [queue.claim("w1", 2), queue.claim("w2", 2)]
     for step in range(1, 6):
-        assert queue.report(job, event(step))
-    assert [e.step for e in queue.events("acme", submitted.id)] == [3, 4, 5]
+        for job in jobs:  # two jobs report in turn: each keeps its own newest three
+            assert queue.report(job, event(step))
+    assert [e.step for e in queue.events("acme", first.id)] == [3, 4, 5]
+    assert [e.step for e in queue.events("acme", second.id)] == [3, 4, 5]
     queue.close()
 
 

@@ -6,11 +6,12 @@ same input and only storage differs.
 
 Life of a job:
 
-    queued --claim--> running --finish--> succeeded | failed | cancelled
-      |                 |  \\--retry (transient error, worker shutdown)--> queued
-      |                 \\--lease expires (worker died)--> claimed again by another worker:
-      |                    attempt + 1; past `max_attempts` it ends failed
-      \\--cancel--> cancelled          (running: cancel sets a flag the worker sees)
+    queued  --claim-->   running  --finish-->  succeeded | failed | cancelled
+    running --retry-->   queued     (a transient error, or the worker shutting down)
+    running --its lease lapses (worker died), another worker claims it-->  running,
+                         attempt + 1; past `max_attempts` it ends failed instead
+    queued  --cancel-->  cancelled
+    running --cancel-->  a flag the worker sees within a step; it then ends cancelled
 
 A running job is owned by one worker (`worker` field) under a lease the worker renews
 with `heartbeat`. Every worker-side write (`report`, `mark_publishing`, `finish`,
@@ -108,7 +109,9 @@ class ClaimedJob:
 
     @property
     def hyperparameters(self) -> TrainingHyperparameters:
-        return TrainingHyperparameters.model_validate(self.record.hyperparameters)
+        """Validated again: a job queued by an older server may break today's bounds, which
+        must fail the job with `HyperparameterError`, not crash the worker."""
+        return TrainingHyperparameters.parse(self.record.hyperparameters)
 
 
 @dataclass(frozen=True)

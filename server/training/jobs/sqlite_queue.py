@@ -253,9 +253,12 @@ class SQLiteJobQueue(JobQueue):
                 "val_loss = coalesce(?, val_loss), updated = ? WHERE id = ?",
                 (event.step, event.total_steps, event.loss, event.tokens_per_s, event.val_loss, event.time, job.id),
             )
-            cursor = conn.execute("INSERT INTO events (job_id, data) VALUES (?, ?)", (job.id, event_json(event)))
+            conn.execute("INSERT INTO events (job_id, data) VALUES (?, ?)", (job.id, event_json(event)))
+            # seq is global across jobs: keep this job's newest max_events by position.
             conn.execute(
-                "DELETE FROM events WHERE job_id = ? AND seq <= ?", (job.id, cursor.lastrowid - self.limits.max_events)
+                "DELETE FROM events WHERE job_id = ? AND seq <= (SELECT seq FROM events WHERE job_id = ? "
+                "ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (job.id, job.id, self.limits.max_events),
             )
         return True
 
