@@ -23,7 +23,7 @@ import pytest
 import redis
 import torch
 
-from adapter_store import AdapterStore, SQLiteAdapterStore
+from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -34,6 +34,9 @@ from server.training import (
     TooManyJobsError,
     TrainingError,
     TrainingHyperparameters,
+    model_shapes,
+    prepare_job,
+    train_adapter,
 )
 from server.training.jobs import (
     Heartbeat,
@@ -107,8 +110,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     reason = _redis_unreachable_reason()
     if reason:
         pytest.skip(reason)
-    from adapter_store import RedisAdapterStore
-
     prefix = f"vbstest-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(REDIS_URL)
     try:
@@ -418,9 +419,7 @@ def test_a_publish_interrupted_after_put_is_not_published_twice(backend: Backend
     submitted = queue.submit("acme", "bot", HP, ROWS)
     job = queue.claim("dead", 2)
     worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id="w2")
-    from server.training import prepare_job, train_adapter
-
-    prepared = prepare_job(worker.model, worker.tokenizer, HP, ROWS)
+    prepared = prepare_job(model_shapes(worker.model), worker.tokenizer, HP, ROWS)
     adapter = train_adapter(worker.model, prepared.train, HP, prepared.config).adapter
     assert queue.mark_publishing(job, adapter.bank_id)
     store.put("acme", "bot", adapter)

@@ -79,7 +79,7 @@ TASK_HP = TrainingHyperparameters(
 
 async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
     model, tok = task_model(), byte_tokenizer()
-    job = prepare_job(model, tok, TASK_HP, TASK_FILE)
+    job = prepare_job(model_shapes(model), tok, TASK_HP, TASK_FILE)
     progress: list[tuple] = []
     result = train_adapter(
         model, job.train, TASK_HP, job.config, on_progress=lambda *args: progress.append(args), pad_token_id=0
@@ -164,7 +164,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
     def run(seed: int):
         model = task_model()
-        job = prepare_job(model, tok, hp, TASK_FILE)
+        job = prepare_job(model_shapes(model), tok, hp, TASK_FILE)
         return train_adapter(model, job.train, hp.model_copy(update={"seed": seed}), job.config).adapter
 
     a, b, c = run(0), run(0), run(1)
@@ -179,7 +179,7 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     def run(batch_size: int, accum: int):
         model = task_model()
         hp = TASK_HP.model_copy(update={"max_steps": 2, "batch_size": batch_size, "grad_accum_steps": accum})
-        job = prepare_job(model, tok, hp, rows)
+        job = prepare_job(model_shapes(model), tok, hp, rows)
         return train_adapter(model, job.train, hp, job.config)
 
     one, accumulated = run(4, 1), run(2, 2)
@@ -191,7 +191,7 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
 def test_validation_loss_per_epoch_and_cancellation() -> None:
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
-    job = prepare_job(model, tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
+    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
     seen: list[tuple] = []
     result = train_adapter(
         model, job.train, hp, job.config, val_examples=job.validation, on_progress=lambda *a: seen.append(a)
@@ -420,7 +420,7 @@ def test_check_fits_matches_suffixes_and_full_names() -> None:
 def test_prepare_job_checks_hyperparameters_before_the_file() -> None:
     hp = TrainingHyperparameters(vector_length=24)
     with pytest.raises(HyperparameterError):
-        prepare_job(tiny_llama(), byte_tokenizer(), hp, b"not json")
+        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, b"not json")
     hp = TrainingHyperparameters(vector_length=16, max_seq_len=64)
     with pytest.raises(DatasetError, match="validation_file line 1"):
-        prepare_job(tiny_llama(), byte_tokenizer(), hp, GOOD.encode(), b"not json")
+        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, GOOD.encode(), b"not json")

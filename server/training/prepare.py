@@ -8,6 +8,7 @@ with its line number, not minutes later by a worker) and the worker before train
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -46,29 +47,42 @@ class PreparedJob:
 
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{dotted name: (in_features, out_features)} of every linear an adapter may target."""
+    """{dotted name: (in_features, out_features)} of every linear an adapter may target
+    in a plain (not engine-wrapped) model."""
     return {name: (m.in_features, m.out_features) for name, m in targetable_linears(model).items()}
 
 
+def model_context(model: nn.Module) -> int | None:
+    """The model's context length, which bounds `max_seq_len`."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def prepare_job(
-    model: nn.Module,
+    shapes: Mapping[str, tuple[int, int]],
     tokenizer: PreTrainedTokenizerBase,
     hp: TrainingHyperparameters,
     training_file: bytes,
     validation_file: bytes | None = None,
     *,
     limits: TrainingLimits | None = None,
+    max_positions: int | None = None,
     base_model: str = "",
 ) -> PreparedJob:
     """Raise `HyperparameterError` / `DatasetError` (naming the field) or return the job
     ready to train. Hyperparameters are checked first: they are cheap and a wrong
-    `max_seq_len` would otherwise be reported as a dataset error."""
+    `max_seq_len` would otherwise be reported as a dataset error.
+
+    shapes: the base model's targetable linears, `model_shapes(model)` on a plain model;
+    the API process, whose model the engine has wrapped, passes the engine's
+    `ModelRunner.base_module_shapes`.
+    max_positions: the model's context length (`config.max_position_embeddings`).
+    """
     limits = limits or TrainingLimits()
     config = hp.check_fits(
-        model_shapes(model),
+        shapes,
         max_rank=limits.max_rank,
         max_num_vectors=limits.max_num_vectors,
-        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        max_positions=max_positions,
         base_model=base_model,
     )
 

@@ -36,7 +36,7 @@ from server.settings import Settings, get_settings
 
 from .errors import TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
-from .prepare import TrainingLimits, prepare_job
+from .prepare import TrainingLimits, model_context, model_shapes, prepare_job
 from .trainer import train_adapter
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # Progress is written at most this often (and on validation steps and the last step), so
 # a fast model does not turn every optimizer step into a queue write.
 PROGRESS_INTERVAL_S = 1.0
+# The lease thread beats at least this often, so a cancel reaches the trainer's
+# `should_stop` within about this long even under a long lease.
+CANCEL_POLL_S = 2.0
 
 
 class Worker:
@@ -119,12 +122,13 @@ class Worker:
     def _train_and_publish(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
         hp = job.hyperparameters
         prepared = prepare_job(
-            self.model,
+            model_shapes(self.model),
             self.tokenizer,
             hp,
             job.training_file,
             job.validation_file,
             limits=self.limits,
+            max_positions=model_context(self.model),
             base_model=self.base_model,
         )
         result = train_adapter(
@@ -182,7 +186,7 @@ class _Lease:
         self.cancel_requested = self.cancel_requested or hb.cancel_requested
 
     def _loop(self) -> None:
-        while not self._done.wait(self.queue.limits.lease_s / 3):
+        while not self._done.wait(min(self.queue.limits.lease_s / 3, CANCEL_POLL_S)):
             self.beat()
 
     def __enter__(self) -> _Lease:

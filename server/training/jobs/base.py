@@ -253,7 +253,8 @@ class JobQueue(ABC):
             return self._claim(worker_id, deadline)
 
     def heartbeat(self, job: ClaimedJob) -> Heartbeat:
-        """Renew the lease. Call it more often than `lease_s` (the worker does every third)."""
+        """Renew the lease and learn of a cancel. Call it more often than `lease_s` (the
+        worker does every third of it, and at least every 2 s)."""
         with self._guard():
             return self._heartbeat(job, time.time())
 
