@@ -7,9 +7,11 @@ status) and its `.field` (the HTTP layer names it in the 4xx body).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import struct
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -176,18 +178,31 @@ def test_unknown_format_marker() -> None:
     assert (blob_parts(adapter)[1]["format"], blob_parts(adapter)[1]["format_version"]) == (FORMAT, FORMAT_VERSION)
 
 
+def pack(text: str) -> str:
+    """Config metadata as the codec writes it: zlib-compressed, base64-encoded."""
+    return base64.b64encode(zlib.compress(text.encode())).decode()
+
+
 def test_config_metadata_not_json() -> None:
     adapter = make_adapter()
     expect(AdapterFormatError, "config", lambda: decode_adapter(craft(adapter, config="{r: 2")))
+    expect(AdapterFormatError, "config", lambda: decode_adapter(craft(adapter, config=pack("{r: 2"))))
+    expect(AdapterFormatError, "config", lambda: decode_adapter(craft(adapter, config=pack("{}")[:-8])))
     expect(AdapterFormatError, "config", lambda: decode_adapter(craft(adapter, config=None)))
-    expect(AdapterValidationError, "config", lambda: decode_adapter(craft(adapter, config="[1, 2]")))
+    expect(AdapterValidationError, "config", lambda: decode_adapter(craft(adapter, config=pack("[1, 2]"))))
+
+
+def test_config_compression_bomb_is_refused() -> None:
+    adapter = make_adapter()
+    bomb = pack(" " * (64 << 20))  # 64 MiB of JSON whitespace in a few KB
+    expect(AdapterTooLargeError, "config", lambda: decode_adapter(craft(adapter, config=bomb)))
 
 
 def test_config_fingerprint_must_match_its_modules() -> None:
     adapter = make_adapter()
     cfg = adapter.config.to_json()
     cfg["base_fingerprint"] = "0" * 32
-    blob = craft(adapter, config=json.dumps(cfg))
+    blob = craft(adapter, config=pack(json.dumps(cfg)))
     expect(AdapterValidationError, "config.base_fingerprint", lambda: decode_adapter(blob))
 
 
@@ -316,7 +331,7 @@ def test_vector_length_must_divide_every_dimension() -> None:
     cfg = adapter.config.to_json()
     cfg["modules"][0][1] = 72
     del cfg["base_fingerprint"]
-    expect(AdapterValidationError, "vector_length", lambda: decode_adapter(craft(adapter, config=json.dumps(cfg))))
+    expect(AdapterValidationError, "vector_length", lambda: decode_adapter(craft(adapter, config=pack(json.dumps(cfg)))))
 
 
 # --- PEFT checkpoints ---------------------------------------------------------------------
