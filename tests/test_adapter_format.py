@@ -331,7 +331,9 @@ def test_vector_length_must_divide_every_dimension() -> None:
     cfg = adapter.config.to_json()
     cfg["modules"][0][1] = 72
     del cfg["base_fingerprint"]
-    expect(AdapterValidationError, "vector_length", lambda: decode_adapter(craft(adapter, config=pack(json.dumps(cfg)))))
+    expect(
+        AdapterValidationError, "vector_length", lambda: decode_adapter(craft(adapter, config=pack(json.dumps(cfg))))
+    )
 
 
 # --- PEFT checkpoints ---------------------------------------------------------------------
