@@ -1,10 +1,8 @@
 """The embedded store: one SQLite file, so a machine with no Redis still serves.
 
-WAL mode lets readers run beside the one writer; every write is one `BEGIN IMMEDIATE`
-transaction (it takes the write lock up front, so two writers never both read the old
-version and then both write), and every read is one SQL statement, so it sees one
-committed version. Each thread gets its own connection (sqlite3 connections
-must not be shared between threads mid-transaction); `close()` closes all of them.
+Connections and write transactions come from `adapter_store.sqlite_db` (WAL, a connection
+per thread, `BEGIN IMMEDIATE` writes); every read is one SQL statement, so it sees one
+committed version.
 """
 
 from __future__ import annotations
@@ -12,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import VersionConflictError
+from ..sqlite_db import SQLiteDatabase
 from .base import AdapterRecord, AdapterStore, Records, not_found
 
 SCHEMA = """
@@ -62,46 +58,11 @@ class SQLiteAdapterStore(AdapterStore):
         """timeout: seconds a write waits for another writer's lock before giving up."""
         super().__init__()
         self.path = Path(path)
-        self._timeout = timeout
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._guard(), self._write() as conn:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        with self._guard():
+            self._db = SQLiteDatabase(self.path, SCHEMA, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteAdapterStore({str(self.path)!r})"
-
-    # -- connections and transactions -------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: no implicit transactions, we open them ourselves.
-            # check_same_thread=False only so that close() may close every thread's connection.
-            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
-            with self._connections_lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that holds the write lock from its first statement."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     # -- backend operations -----------------------------------------------------------
 
@@ -116,7 +77,7 @@ class SQLiteAdapterStore(AdapterStore):
         bank: bytes,
         now: float,
     ) -> AdapterRecord:
-        with self._write() as conn:
+        with self._db.write() as conn:
             current = conn.execute(
                 "SELECT version, bank_id, created FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
             ).fetchone()
@@ -158,7 +119,7 @@ class SQLiteAdapterStore(AdapterStore):
     def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
         # One statement reads record, body and bank from one committed state.
         row = (
-            self._conn()
+            self._db.conn()
             .execute(
                 f"SELECT {_RECORD_COLUMNS}, a.body, b.data FROM {_RECORD_FROM} WHERE a.tenant = ? AND a.name = ?",
                 (tenant, name),
@@ -171,7 +132,7 @@ class SQLiteAdapterStore(AdapterStore):
 
     def _get_record(self, tenant: str, name: str) -> AdapterRecord:
         row = (
-            self._conn()
+            self._db.conn()
             .execute(f"SELECT {_RECORD_COLUMNS} FROM {_RECORD_FROM} WHERE a.tenant = ? AND a.name = ?", (tenant, name))
             .fetchone()
         )
@@ -181,7 +142,7 @@ class SQLiteAdapterStore(AdapterStore):
 
     def _get_version(self, tenant: str, name: str) -> int | None:
         row = (
-            self._conn()
+            self._db.conn()
             .execute("SELECT version FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
             .fetchone()
         )
@@ -189,7 +150,7 @@ class SQLiteAdapterStore(AdapterStore):
 
     def _list(self, tenant: str, after: str | None, limit: int) -> Records:
         rows = (
-            self._conn()
+            self._db.conn()
             .execute(
                 f"SELECT a.name, {_RECORD_COLUMNS} FROM {_RECORD_FROM} "
                 "WHERE a.tenant = ? AND a.name > ? ORDER BY a.name LIMIT ?",
@@ -201,7 +162,7 @@ class SQLiteAdapterStore(AdapterStore):
 
     def _count(self, tenant: str) -> tuple[int, int]:
         number, total = (
-            self._conn()
+            self._db.conn()
             .execute(
                 "SELECT count(*), coalesce(sum(length(a.body) + coalesce(length(b.data), 0)), 0) "
                 f"FROM {_RECORD_FROM} WHERE a.tenant = ?",
@@ -212,7 +173,7 @@ class SQLiteAdapterStore(AdapterStore):
         return number, total
 
     def _delete(self, tenant: str, name: str) -> None:
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute("SELECT bank_id FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
             if row is None:
                 raise not_found(tenant, name)
@@ -220,20 +181,17 @@ class SQLiteAdapterStore(AdapterStore):
             _release_bank(conn, row[0])
 
     def _get_bank(self, bank_id: str) -> bytes | None:
-        row = self._conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
+        row = self._db.conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
         return row[0] if row else None
 
     def _has_bank(self, bank_id: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM banks WHERE bank_id = ?", (bank_id,)).fetchone() is not None
+        return self._db.conn().execute("SELECT 1 FROM banks WHERE bank_id = ?", (bank_id,)).fetchone() is not None
 
     def _ping(self) -> None:
-        self._conn().execute("SELECT count(*) FROM banks WHERE 0").fetchone()
+        self._db.conn().execute("SELECT count(*) FROM banks WHERE 0").fetchone()
 
     def _close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+        self._db.close()
 
 
 def _release_bank(conn: sqlite3.Connection, bank_id: str) -> None:

@@ -1,7 +1,8 @@
 """The embedded job queue: one SQLite file, for a machine with no Redis.
 
-Same file style as the SQLite adapter store: WAL mode, one connection per thread, every
-write one `BEGIN IMMEDIATE` transaction (so two workers never claim the same job). The
+Connections and transactions come from `adapter_store.sqlite_db`, as for the SQLite
+adapter store: every write is one `BEGIN IMMEDIATE` transaction, so two workers never
+claim the same job. The
 lease is a `lease_until` timestamp the heartbeat pushes forward; a running job whose
 lease has passed is claimable again, which is how a dead worker's job is noticed.
 
@@ -16,9 +17,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from adapter_store.sqlite_db import SQLiteDatabase
 
 from ..errors import JobStateError, TooManyJobsError
 from .base import (
@@ -87,49 +88,17 @@ class SQLiteJobQueue(JobQueue):
     ) -> None:
         super().__init__(limits or QueueLimits())
         self.path = Path(path)
-        self._timeout = timeout
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
         self._submitted = threading.Condition()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._guard(), self._write() as conn:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        with self._guard():
+            self._db = SQLiteDatabase(self.path, SCHEMA, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteJobQueue({str(self.path)!r})"
 
-    # -- connections ------------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            with self._lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
     # -- tenant side -------------------------------------------------------------------------
 
     def _submit(self, record: JobRecord, training_file: bytes, validation_file: bytes | None) -> None:
-        with self._write() as conn:
+        with self._db.write() as conn:
             self._purge(conn, record.created)
             (active,) = conn.execute(
                 f"SELECT count(*) FROM jobs WHERE tenant = ? AND {_ACTIVE}", (record.tenant,)
@@ -157,12 +126,12 @@ class SQLiteJobQueue(JobQueue):
             self._submitted.notify_all()
 
     def _get(self, job_id: str) -> JobRecord | None:
-        row = self._conn().execute(f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._db.conn().execute(f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
     def _list(self, tenant: str, limit: int) -> list[JobRecord]:
         rows = (
-            self._conn()
+            self._db.conn()
             .execute(
                 f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE tenant = ? ORDER BY created DESC, id LIMIT ?",
                 (tenant, limit),
@@ -172,11 +141,11 @@ class SQLiteJobQueue(JobQueue):
         return [_record(row) for row in rows]
 
     def _events(self, job_id: str) -> list[JobEvent]:
-        rows = self._conn().execute("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        rows = self._db.conn().execute("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
         return [event_from_json(data) for (data,) in rows]
 
     def _cancel(self, job_id: str, now: float) -> None:
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute("SELECT state, lease_until FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise job_not_found(job_id)
@@ -204,7 +173,7 @@ class SQLiteJobQueue(JobQueue):
 
     def _try_claim(self, worker_id: str) -> ClaimedJob | None:
         now = time.time()
-        with self._write() as conn:
+        with self._db.write() as conn:
             while True:
                 row = conn.execute(
                     "SELECT id, attempts, cancel_requested, error FROM jobs "
@@ -237,7 +206,7 @@ class SQLiteJobQueue(JobQueue):
         return row is not None and row[0] == job.worker_id and row[1] == JobState.RUNNING.value
 
     def _heartbeat(self, job: ClaimedJob, now: float) -> Heartbeat:
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not self._owned(conn, job):
                 return Heartbeat(False, False)
             conn.execute("UPDATE jobs SET lease_until = ? WHERE id = ?", (now + self.limits.lease_s, job.id))
@@ -245,7 +214,7 @@ class SQLiteJobQueue(JobQueue):
         return Heartbeat(True, bool(cancel))
 
     def _report(self, job: ClaimedJob, event: JobEvent) -> bool:
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not self._owned(conn, job):
                 return False
             conn.execute(
@@ -263,7 +232,7 @@ class SQLiteJobQueue(JobQueue):
         return True
 
     def _mark_publishing(self, job: ClaimedJob, bank_id: str, now: float) -> bool:
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not self._owned(conn, job):
                 return False
             conn.execute("UPDATE jobs SET publish_bank_id = ?, updated = ? WHERE id = ?", (bank_id, now, job.id))
@@ -272,14 +241,14 @@ class SQLiteJobQueue(JobQueue):
     def _finish(
         self, job: ClaimedJob, state: JobState, error: str | None, adapter_version: int | None, now: float
     ) -> bool:
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not self._owned(conn, job):
                 return False
             _close(conn, job.id, state, error, adapter_version, now)
         return True
 
     def _retry(self, job: ClaimedJob, error: str, count_attempt: bool, now: float) -> bool:
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not self._owned(conn, job):
                 return False
             conn.execute(
@@ -301,13 +270,10 @@ class SQLiteJobQueue(JobQueue):
         conn.execute(f"DELETE FROM jobs WHERE NOT {_ACTIVE} AND updated < ?", (old,))
 
     def _ping(self) -> None:
-        self._conn().execute("SELECT count(*) FROM jobs WHERE 0").fetchone()
+        self._db.conn().execute("SELECT count(*) FROM jobs WHERE 0").fetchone()
 
     def _close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+        self._db.close()
 
 
 def _close(
