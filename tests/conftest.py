@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import copy
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,3 +79,26 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)
+
+
+REDIS_URL = os.environ.get("VBSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@contextmanager
+def redis_test_prefix() -> Iterator[tuple[redis.Redis, str]]:
+    """A real Redis client and a fresh key prefix whose keys are deleted afterwards.
+    Skips the test, saying why, when no server answers at REDIS_URL."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        client.close()
+        pytest.skip(f"no Redis server at {REDIS_URL} (set VBSERVE_TEST_REDIS_URL): {exc}")
+    prefix = f"vbstest-{uuid.uuid4().hex[:12]}"
+    try:
+        yield client, prefix
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

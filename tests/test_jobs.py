@@ -14,13 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
@@ -50,9 +48,8 @@ from server.training.jobs import (
     open_job_queue,
 )
 from server.training.worker import Worker, start_embedded_worker
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
 
-REDIS_URL = os.environ.get("VBSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REPO = Path(__file__).resolve().parent.parent
 ROWS = b'{"prompt": "key0:", "completion": "apple"}\n{"prompt": "key1:", "completion": "river"}\n'
 HP = TrainingHyperparameters(
@@ -83,17 +80,6 @@ class Backend:
     open_store: Callable[[], AdapterStore]
 
 
-def _redis_unreachable_reason() -> str | None:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        return f"no Redis server at {REDIS_URL} (set VBSERVE_TEST_REDIS_URL): {exc}"
-    finally:
-        client.close()
-    return None
-
-
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
@@ -107,12 +93,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             lambda: SQLiteAdapterStore(store_path),
         )
         return
-    reason = _redis_unreachable_reason()
-    if reason:
-        pytest.skip(reason)
-    prefix = f"vbstest-{uuid.uuid4().hex[:12]}"
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
+    with redis_test_prefix() as (_, prefix):
         yield Backend(
             "redis",
             REDIS_URL,
@@ -121,11 +102,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             lambda **kw: RedisJobQueue.from_url(REDIS_URL, prefix=prefix, limits=QueueLimits(**kw)),
             lambda: RedisAdapterStore.from_url(REDIS_URL, prefix=prefix),
         )
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture

@@ -5,15 +5,12 @@ is never mocked; when no server answers, the Redis cases are skipped, saying why
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-import redis
 import torch
 
 from adapter_store import (
@@ -34,8 +31,8 @@ from adapter_store import (
     encode_bank,
     open_store,
 )
+from tests.conftest import REDIS_URL, redis_test_prefix
 
-REDIS_URL = os.environ.get("VBSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CONFIG = AdapterConfig(
     modules=(ModuleSpec("layers.0.q_proj", 16, 16), ModuleSpec("layers.0.v_proj", 16, 32)),
     r=2,
@@ -78,17 +75,6 @@ def stored_size(adapter: VBLoRAAdapter) -> int:
 # -- backends ----------------------------------------------------------------------------
 
 
-def _redis_unreachable_reason() -> str | None:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        return f"no Redis server at {REDIS_URL} (set VBSERVE_TEST_REDIS_URL): {exc}"
-    finally:
-        client.close()
-    return None
-
-
 @dataclass
 class Backend:
     """Opens stores on one storage location and looks inside it where the contract needs to."""
@@ -109,22 +95,12 @@ def backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[Backend]:
 
         yield Backend("sqlite", lambda: SQLiteAdapterStore(path), sqlite_bank_count)
         return
-    reason = _redis_unreachable_reason()
-    if reason:
-        pytest.skip(reason)
-    prefix = f"vbstest-{uuid.uuid4().hex[:12]}"
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
+    with redis_test_prefix() as (client, prefix):
         yield Backend(
             "redis",
             lambda: RedisAdapterStore.from_url(REDIS_URL, prefix=prefix),
             lambda: sum(1 for _ in client.scan_iter(match=f"{prefix}:b:*")),
         )
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture
