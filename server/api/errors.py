@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store import AdapterError
 from server.engine import EngineError
+from server.training.errors import TrainingError
 
 # Seconds a client should wait before retrying: a full queue drains in about a second, a
 # store outage takes longer to heal.
@@ -26,12 +27,16 @@ RETRY_AFTER_UNAVAILABLE = 5
 STATUS = {
     "invalid_request": 400,
     "incompatible_adapter": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
     "too_large": 413,
     "unsupported_media_type": 415,
     "overloaded": 429,
+    "rate_limited": 429,
+    "quota_exceeded": 429,
     "internal_error": 500,
     "unavailable": 503,
 }
@@ -47,6 +52,7 @@ _KIND_TO_TYPE = {
     "conflict": "conflict",
     "too_large": "too_large",
     "overloaded": "overloaded",
+    "quota_exceeded": "quota_exceeded",
     "unavailable": "unavailable",
     "engine_error": "internal_error",
 }
@@ -62,8 +68,10 @@ class APIError(Exception):
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.type == "overloaded":
+        if self.type in ("overloaded", "rate_limited"):
             return {"Retry-After": str(RETRY_AFTER_OVERLOADED)}
+        if self.type == "unauthorized":
+            return {"WWW-Authenticate": "Bearer"}
         if self.type == "unavailable":
             return {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)}
         return {}
@@ -79,6 +87,10 @@ def from_adapter_error(exc: AdapterError) -> APIError:
     return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), str(exc.reason), exc.field)
 
 
+def from_training_error(exc: TrainingError) -> APIError:
+    return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), exc.reason, exc.field)
+
+
 def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = None) -> APIError:
     """`field_names` renames the engine's fields (`max_new_tokens`, `prompt`, `model`) to
     the names of the API the client called (`max_tokens`, `messages`, ...)."""
@@ -91,6 +103,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(AdapterError, _adapter_error)
     app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(TrainingError, _training_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -109,6 +122,11 @@ async def _adapter_error(request: Request, exc: Exception) -> JSONResponse:
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     return from_engine_error(exc).response()
+
+
+async def _training_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TrainingError)
+    return from_training_error(exc).response()
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
