@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     training_max_events: int = 1000  # progress events kept per job (newest)
     training_job_retention_s: int = 7 * 86400  # finished jobs are forgotten after this
 
+    # Tenancy. With no admin key the server is single-tenant ("default"), unauthenticated,
+    # and refuses to listen on anything but loopback. With one, every request needs a
+    # `Bearer` key; the admin key manages tenants and their keys under /v1/admin.
+    admin_key: SecretStr | None = None
+    key_pepper: SecretStr | None = None  # HMAC key for stored key hashes; same on every replica
+    # Per-tenant limits (defaults; a tenant record may override each).
+    tenant_max_adapters: int = Field(1000, ge=0)
+    tenant_max_adapter_bytes: int = Field(1 << 30, ge=0)
+    tenant_requests_per_s: float = Field(50.0, gt=0)  # sustained; bursts up to 2 s worth
+    tenant_max_concurrent_generations: int = Field(32, ge=1)
+
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # JSON bodies; uploads have their own limits
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

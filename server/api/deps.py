@@ -17,6 +17,7 @@ from adapter_store.store import AdapterStore
 from server.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
+from server.training.jobs import JobQueue
 
 from .errors import APIError
 
@@ -31,6 +32,7 @@ class Services:
     tokenizer: PreTrainedTokenizerBase
     model_name: str  # what clients pass as `model` for the base model without an adapter
     metrics: Metrics
+    jobs: JobQueue | None = None  # None: fine-tuning disabled
     started: float = field(default_factory=time.time)
 
 
