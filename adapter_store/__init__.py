@@ -14,10 +14,11 @@ from .errors import (
     AdapterValidationError,
     BankNotFoundError,
     IncompatibleBaseModelError,
+    QuotaExceededError,
     StoreUnavailableError,
     VersionConflictError,
 )
-from .store import AdapterRecord, AdapterStore, RedisAdapterStore, SQLiteAdapterStore, open_store
+from .store import AdapterRecord, AdapterStore, RedisAdapterStore, SQLiteAdapterStore, StoreQuota, open_store
 
 __all__ = [
     "AdapterConfig",
@@ -31,8 +32,10 @@ __all__ = [
     "BankNotFoundError",
     "IncompatibleBaseModelError",
     "ModuleSpec",
+    "QuotaExceededError",
     "RedisAdapterStore",
     "SQLiteAdapterStore",
+    "StoreQuota",
     "StoreUnavailableError",
     "SubvectorSlice",
     "VBLoRAAdapter",

@@ -54,6 +54,12 @@ class VersionConflictError(AdapterError):
     kind = "conflict"
 
 
+class QuotaExceededError(AdapterError):
+    """Publishing would take the tenant over its limit on adapters stored or bytes stored."""
+
+    kind = "quota_exceeded"
+
+
 class StoreUnavailableError(AdapterError):
     """The backing store cannot be reached; retry later."""
 

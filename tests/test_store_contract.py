@@ -20,8 +20,10 @@ from adapter_store import (
     AdapterValidationError,
     BankNotFoundError,
     ModuleSpec,
+    QuotaExceededError,
     RedisAdapterStore,
     SQLiteAdapterStore,
+    StoreQuota,
     StoreUnavailableError,
     VBLoRAAdapter,
     VersionConflictError,
@@ -427,6 +429,59 @@ def test_concurrent_writers_and_a_reader_never_see_a_torn_adapter(store: Adapter
     assert store.count("acme") == (1, stored_size(got))
     # Every replaced version released its bank; only the current one is left.
     assert [store.has_bank(b) for b in by_bank].count(True) == 1
+
+
+# -- quotas ----------------------------------------------------------------------------------
+
+
+def test_quota_on_adapter_count_refuses_new_names_only(store: AdapterStore) -> None:
+    quota = StoreQuota(max_adapters=2)
+    store.put("acme", "a", make_adapter(1), quota=quota)
+    store.put("acme", "b", make_adapter(2), quota=quota)
+    before = snapshot(store, "acme")
+    with pytest.raises(QuotaExceededError) as caught:
+        store.put("acme", "c", make_adapter(3), quota=quota)
+    assert caught.value.kind == "quota_exceeded" and "2 adapters" in caught.value.reason
+    assert snapshot(store, "acme") == before
+    assert store.put("acme", "b", make_adapter(4), quota=quota).version == 2  # replacing is not a new adapter
+    store.put("other", "c", make_adapter(3), quota=quota)  # quotas are per tenant
+
+
+def test_quota_on_bytes_counts_the_size_difference_of_a_replacement(store: AdapterStore) -> None:
+    a, b = make_adapter(1), make_adapter(2)
+    quota = StoreQuota(max_bytes=stored_size(a) + stored_size(b) - 1)
+    store.put("acme", "a", a, quota=quota)
+    before = snapshot(store, "acme")
+    with pytest.raises(QuotaExceededError):
+        store.put("acme", "b", b, quota=quota)
+    assert snapshot(store, "acme") == before
+    assert store.put("acme", "a", b, quota=quota).version == 2  # same size, in place
+    exact = StoreQuota(max_bytes=stored_size(a) + stored_size(b))
+    store.put("acme", "b", a, quota=exact)
+    assert store.count("acme") == (2, stored_size(a) + stored_size(b))
+
+
+def test_concurrent_puts_cannot_overshoot_a_quota(store: AdapterStore) -> None:
+    quota = StoreQuota(max_adapters=5)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def push(i: int) -> None:
+        try:
+            store.put("acme", f"n{i}", make_adapter(i), quota=quota)
+            result = "ok"
+        except QuotaExceededError:
+            result = "quota"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok"] * 5 + ["quota"] * 11
+    assert store.count("acme")[0] == 5
 
 
 def test_concurrent_conditional_writers_each_version_is_won_once(store: AdapterStore) -> None:

@@ -4,11 +4,19 @@ an embedded SQLite backend for a machine with no Redis."""
 from __future__ import annotations
 
 from ..errors import AdapterValidationError
-from .base import AdapterRecord, AdapterStore, validate_key
+from .base import AdapterRecord, AdapterStore, StoreQuota, validate_key
 from .redis_store import RedisAdapterStore
 from .sqlite_store import SQLiteAdapterStore
 
-__all__ = ["AdapterRecord", "AdapterStore", "RedisAdapterStore", "SQLiteAdapterStore", "open_store", "validate_key"]
+__all__ = [
+    "AdapterRecord",
+    "AdapterStore",
+    "RedisAdapterStore",
+    "SQLiteAdapterStore",
+    "StoreQuota",
+    "open_store",
+    "validate_key",
+]
 
 
 def open_store(url: str, *, redis_prefix: str = "vbs") -> AdapterStore:

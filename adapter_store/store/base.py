@@ -28,7 +28,13 @@ from typing import Any
 
 from ..adapter import VBLoRAAdapter
 from ..codec import decode_adapter, decode_bank, encode_adapter, encode_bank
-from ..errors import AdapterNotFoundError, AdapterValidationError, BankNotFoundError, StoreUnavailableError
+from ..errors import (
+    AdapterNotFoundError,
+    AdapterValidationError,
+    BankNotFoundError,
+    QuotaExceededError,
+    StoreUnavailableError,
+)
 
 MAX_KEY_LENGTH = 128
 MAX_LIST_LIMIT = 1000
@@ -36,6 +42,21 @@ MAX_LIST_LIMIT = 1000
 # no separators (`/`, `:`), no braces (Redis Cluster hash tags), no leading dot (hidden files).
 _KEY_ALPHABET = re.compile(r"[A-Za-z0-9._-]+")
 _BANK_ID = re.compile(r"sha256-[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class StoreQuota:
+    """A tenant's limits, checked by `put` in the same atomic step as the write, so
+    concurrent pushes cannot together overshoot them. None = no limit."""
+
+    max_adapters: int | None = None
+    max_bytes: int | None = None  # sum of `stored_bytes` over the tenant's adapters
+
+
+def quota_exceeded(what: str, quota: StoreQuota) -> QuotaExceededError:
+    if what == "adapters":
+        return QuotaExceededError("name", f"the tenant already stores its limit of {quota.max_adapters} adapters")
+    return QuotaExceededError("adapter", f"storing it would exceed the tenant's limit of {quota.max_bytes} bytes")
 
 
 @dataclass(frozen=True)
@@ -105,13 +126,22 @@ class AdapterStore(ABC):
     # -- public API --------------------------------------------------------------------
 
     def put(
-        self, tenant: str, name: str, adapter: VBLoRAAdapter, *, expected_version: int | None = None
+        self,
+        tenant: str,
+        name: str,
+        adapter: VBLoRAAdapter,
+        *,
+        expected_version: int | None = None,
+        quota: StoreQuota | None = None,
     ) -> AdapterRecord:
         """Publish `adapter` as the next version of (tenant, name), atomically.
 
         expected_version: None writes unconditionally; 0 writes only if the name is absent;
         n writes only if the stored version is n. Otherwise `VersionConflictError`, and
         nothing changes.
+        quota: the tenant's limits after this write (a new name counts one more adapter;
+        a replacement counts its size difference). Over them: `QuotaExceededError`, and
+        nothing changes. A replacement that shrinks is always allowed.
         """
         validate_key("tenant", tenant)
         validate_key("name", name)
@@ -127,7 +157,9 @@ class AdapterStore(ABC):
         bank = encode_bank(adapter.bank)
         config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
         with self._guard():
-            return self._put(tenant, name, expected_version, adapter.bank_id, config, body, bank, time.time())
+            return self._put(
+                tenant, name, expected_version, adapter.bank_id, config, body, bank, time.time(), quota or StoreQuota()
+            )
 
     def get(self, tenant: str, name: str) -> tuple[AdapterRecord, VBLoRAAdapter]:
         """The stored version's record and adapter, read as one consistent pair."""
@@ -232,9 +264,10 @@ class AdapterStore(ABC):
         body: bytes,
         bank: bytes,
         now: float,
+        quota: StoreQuota,
     ) -> AdapterRecord:
-        """Atomically: check the version, store body + record, take a reference on the bank
-        (storing it if new), release the replaced version's bank."""
+        """Atomically: check the version and the quota, store body + record, take a
+        reference on the bank (storing it if new), release the replaced version's bank."""
 
     @abstractmethod
     def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:

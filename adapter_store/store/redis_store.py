@@ -33,7 +33,7 @@ import json
 import redis
 
 from ..errors import BankNotFoundError, VersionConflictError
-from .base import AdapterRecord, AdapterStore, Records, not_found, validate_key
+from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded, validate_key
 
 _RECORD_FIELDS = (b"version", b"bank_id", b"config", b"body_bytes", b"bank_bytes", b"created", b"updated")
 
@@ -48,7 +48,8 @@ end
 # KEYS: adapter hash, versions hash, names zset, bytes counter, new bank hash.
 # ARGV: name, expected version ('' = unconditional), bank_id, config JSON, body,
 #       bank blob ('' = only if the bank is missing: the script then answers 'need_bank'),
-#       now, bank key prefix.
+#       now, bank key prefix, max adapters ('' = no limit), max bytes ('' = no limit).
+# Every check comes before the first write, so a refused put changes nothing.
 _PUT_LUA = (
     _RELEASE_BANK_LUA
     + """
@@ -58,20 +59,31 @@ local cur_version = tonumber(cur[1]) or 0
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= cur_version then
     return {'conflict', cur_version}
 end
-if redis.call('EXISTS', KEYS[5]) == 0 then
-    if ARGV[6] == '' then
-        return {'need_bank'}
-    end
+local bank_stored = redis.call('EXISTS', KEYS[5]) == 1
+if not bank_stored and ARGV[6] == '' then
+    return {'need_bank'}
+end
+local bank_bytes = string.len(ARGV[6])
+if bank_stored then
+    bank_bytes = redis.call('HSTRLEN', KEYS[5], 'data')
+end
+local delta = string.len(ARGV[5]) + bank_bytes
+if cur[1] then
+    delta = delta - tonumber(cur[3]) - tonumber(cur[4])
+elseif ARGV[9] ~= '' and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then
+    return {'quota', 'adapters'}
+end
+if ARGV[10] ~= '' and delta > 0 and (tonumber(redis.call('GET', KEYS[4])) or 0) + delta > tonumber(ARGV[10]) then
+    return {'quota', 'bytes'}
+end
+if not bank_stored then
     redis.call('HSET', KEYS[5], 'data', ARGV[6], 'refs', 0)
 end
 -- Take the new reference before releasing the old one: they may be the same bank.
 redis.call('HINCRBY', KEYS[5], 'refs', 1)
-local bank_bytes = redis.call('HSTRLEN', KEYS[5], 'data')
-local delta = string.len(ARGV[5]) + bank_bytes
 local created = ARGV[7]
 if cur[1] then
     release_bank(ARGV[8] .. cur[2])
-    delta = delta - tonumber(cur[3]) - tonumber(cur[4])
     created = cur[5]
 end
 local version = math.max(tonumber(redis.call('HGET', KEYS[2], name)) or 0, cur_version) + 1
@@ -173,6 +185,7 @@ class RedisAdapterStore(AdapterStore):
         body: bytes,
         bank: bytes,
         now: float,
+        quota: StoreQuota,
     ) -> AdapterRecord:
         keys = [
             self._adapter_key(tenant, name),
@@ -182,7 +195,8 @@ class RedisAdapterStore(AdapterStore):
             self._bank_key(bank_id),
         ]
         expected = "" if expected_version is None else str(expected_version)
-        args = [name, expected, bank_id, config_json, body, b"", repr(now), self._bank_key_prefix()]
+        limits = ["" if limit is None else str(limit) for limit in (quota.max_adapters, quota.max_bytes)]
+        args = [name, expected, bank_id, config_json, body, b"", repr(now), self._bank_key_prefix(), *limits]
         reply = self._put_script(keys=keys, args=args)
         if reply[0] == b"need_bank":
             # Send the bank only when it is not stored yet: most puts reuse a stored bank.
@@ -190,6 +204,8 @@ class RedisAdapterStore(AdapterStore):
             reply = self._put_script(keys=keys, args=args)
         if reply[0] == b"conflict":
             raise VersionConflictError("version", f"expected version {expected_version}, stored version is {reply[1]}")
+        if reply[0] == b"quota":
+            raise quota_exceeded(reply[1].decode(), quota)
         _, version, created, bank_bytes = reply
         return AdapterRecord(
             tenant, name, version, bank_id, json.loads(config_json), len(body), bank_bytes, float(created), now

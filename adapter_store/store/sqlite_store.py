@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import VersionConflictError
 from ..sqlite_db import SQLiteDatabase
-from .base import AdapterRecord, AdapterStore, Records, not_found
+from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -76,16 +76,20 @@ class SQLiteAdapterStore(AdapterStore):
         body: bytes,
         bank: bytes,
         now: float,
+        quota: StoreQuota,
     ) -> AdapterRecord:
         with self._db.write() as conn:
             current = conn.execute(
-                "SELECT version, bank_id, created FROM adapters WHERE tenant = ? AND name = ?", (tenant, name)
+                "SELECT a.version, a.bank_id, a.created, length(a.body) + length(b.data) "
+                "FROM adapters a JOIN banks b USING (bank_id) WHERE a.tenant = ? AND a.name = ?",
+                (tenant, name),
             ).fetchone()
             current_version = current[0] if current else 0
             if expected_version is not None and expected_version != current_version:
                 raise VersionConflictError(
                     "version", f"expected version {expected_version}, stored version is {current_version}"
                 )
+            _check_quota(conn, tenant, quota, replaced_bytes=current[3] if current else None, body=body, bank=bank)
             row = conn.execute(
                 "SELECT last_version FROM versions WHERE tenant = ? AND name = ?", (tenant, name)
             ).fetchone()
@@ -161,16 +165,7 @@ class SQLiteAdapterStore(AdapterStore):
         return [_record(tenant, row[0], row[1:]) for row in rows]
 
     def _count(self, tenant: str) -> tuple[int, int]:
-        number, total = (
-            self._db.conn()
-            .execute(
-                "SELECT count(*), coalesce(sum(length(a.body) + coalesce(length(b.data), 0)), 0) "
-                f"FROM {_RECORD_FROM} WHERE a.tenant = ?",
-                (tenant,),
-            )
-            .fetchone()
-        )
-        return number, total
+        return _tenant_usage(self._db.conn(), tenant)
 
     def _delete(self, tenant: str, name: str) -> None:
         with self._db.write() as conn:
@@ -192,6 +187,31 @@ class SQLiteAdapterStore(AdapterStore):
 
     def _close(self) -> None:
         self._db.close()
+
+
+def _tenant_usage(conn: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+    """(number of adapters, sum of their stored bytes)."""
+    return conn.execute(
+        "SELECT count(*), coalesce(sum(length(a.body) + coalesce(length(b.data), 0)), 0) "
+        f"FROM {_RECORD_FROM} WHERE a.tenant = ?",
+        (tenant,),
+    ).fetchone()
+
+
+def _check_quota(
+    conn: sqlite3.Connection, tenant: str, quota: StoreQuota, *, replaced_bytes: int | None, body: bytes, bank: bytes
+) -> None:
+    """Inside the write transaction: refuse a put that takes the tenant over `quota`.
+    `replaced_bytes` is the stored size of the version being replaced (None: a new name)."""
+    if quota.max_adapters is None and quota.max_bytes is None:
+        return
+    count, total = _tenant_usage(conn, tenant)
+    if replaced_bytes is None and quota.max_adapters is not None and count >= quota.max_adapters:
+        raise quota_exceeded("adapters", quota)
+    # The bank's stored size is the size of its blob, whether this put stores it or not.
+    delta = len(body) + len(bank) - (replaced_bytes or 0)
+    if quota.max_bytes is not None and delta > 0 and total + delta > quota.max_bytes:
+        raise quota_exceeded("bytes", quota)
 
 
 def _release_bank(conn: sqlite3.Connection, bank_id: str) -> None:
