@@ -23,6 +23,7 @@ from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
+from server.tenancy import TenantRegistry, open_tenant_registry
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ def create_app(
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     store: AdapterStore | None = None,
+    tenants: TenantRegistry | None = None,
 ) -> FastAPI:
     """Build the app. `model` and `tokenizer` come together or not at all; an injected
-    store stays the caller's to close."""
+    store or tenant registry stays the caller's to close. The registry is used only when
+    `settings.admin_key` is set (multi-tenant); by default it is opened beside the store."""
     settings = settings or get_settings()
     if (model is None) != (tokenizer is None):
         raise ValueError("pass model and tokenizer together, or neither")
@@ -46,6 +49,8 @@ def create_app(
         # Loading takes seconds (a minute on first start); a worker thread keeps the
         # event loop free meanwhile.
         services = await asyncio.to_thread(_start, settings, model, tokenizer, store, metrics)
+        if settings.admin_key is not None:
+            services.tenants = tenants or open_tenant_registry(settings)
         app.state.services = services
         log.info("ready: serving %s", services.model_name)
         try:
@@ -55,6 +60,8 @@ def create_app(
             services.engine.shutdown()
             if store is None:
                 services.store.close()
+            if tenants is None and services.tenants is not None:
+                services.tenants.close()
 
     app = FastAPI(
         title="vbserve",

@@ -57,12 +57,21 @@ class Settings(BaseSettings):
     # Per-tenant limits (defaults; a tenant record may override each).
     tenant_max_adapters: int = Field(1000, ge=0)
     tenant_max_adapter_bytes: int = Field(1 << 30, ge=0)
-    tenant_requests_per_s: float = Field(50.0, gt=0)  # sustained; bursts up to 2 s worth
-    tenant_max_concurrent_generations: int = Field(32, ge=1)
+    tenant_requests_per_s: float | None = Field(None, gt=0)  # None: unlimited; bursts of 2 s worth
+    tenant_max_concurrent_generations: int | None = Field(None, ge=1)  # None: unlimited
 
     max_request_bytes: int = Field(1 << 20, ge=1024)  # JSON bodies; uploads have their own limits
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+    def url_beside_store(self, sqlite_name: str) -> str:
+        """Where shared state other than adapters lives (jobs, tenants): the store's Redis
+        when the store is on Redis (every replica and worker reaches it already), else the
+        SQLite file `sqlite_name` beside the SQLite store."""
+        if self.store_url.startswith(("redis://", "rediss://")):
+            return self.store_url
+        store_path = Path(self.store_url.removeprefix("sqlite:///"))
+        return f"sqlite:///{store_path.with_name(sqlite_name)}"
 
 
 @lru_cache

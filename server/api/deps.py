@@ -1,22 +1,32 @@
-"""What routes receive through FastAPI dependencies: the running services and the tenant.
+"""What routes receive through FastAPI dependencies: the running services, the caller's
+tenant and its limits.
 
 Routes never reach for globals; the app's lifespan puts one `Services` on `app.state`,
 and tests build apps with their own model, tokenizer and store.
+
+Authentication: with `VBSERVE_ADMIN_KEY` unset the server is single-tenant and every
+request acts for "default". With it set, every tenant route needs `Authorization: Bearer
+<tenant key>` (401 when missing, malformed, unknown or revoked: one message for all, so
+a caller learns nothing about which keys exist), and `/v1/admin` needs the admin key.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store.store import AdapterStore
+from adapter_store.store import AdapterStore, StoreQuota
 from server.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
+from server.tenancy import ConcurrencyLimiter, Limits, RateLimiter, TenantLimits, TenantRegistry, effective_limits
+from server.tenancy.keys import secret_matches
 from server.training.jobs import JobQueue
 
 from .errors import APIError
@@ -33,7 +43,22 @@ class Services:
     model_name: str  # what clients pass as `model` for the base model without an adapter
     metrics: Metrics
     jobs: JobQueue | None = None  # None: fine-tuning disabled
+    tenants: TenantRegistry | None = None  # None: single-tenant (no admin key configured)
+    rates: RateLimiter = field(default_factory=RateLimiter)
+    generations: ConcurrencyLimiter = field(default_factory=ConcurrencyLimiter)
     started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for."""
+
+    tenant: str
+    limits: Limits
+
+    @property
+    def quota(self) -> StoreQuota:
+        return StoreQuota(self.limits.max_adapters, self.limits.max_adapter_bytes)
 
 
 def get_services(request: Request) -> Services:
@@ -43,11 +68,81 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def current_tenant() -> str:
-    """The tenant a request acts for. There is no authentication yet, so every request is
-    the one tenant "default"; authentication replaces this one dependency."""
-    return DEFAULT_TENANT
-
-
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+_BAD_KEY = "missing, malformed, unknown or revoked API key: send `Authorization: Bearer <key>`"
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError("unauthorized", _BAD_KEY, "Authorization")
+    return token.strip()
+
+
+def is_admin_key(token: str, settings: Settings) -> bool:
+    return settings.admin_key is not None and secret_matches(token, settings.admin_key.get_secret_value())
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Caller:
+    """The caller's tenant (from its key) and limits; then one request of its rate."""
+    settings = services.settings
+    if services.tenants is None:
+        caller = Caller(DEFAULT_TENANT, effective_limits(TenantLimits(), settings))
+    else:
+        token = bearer_token(request)
+        if is_admin_key(token, settings):
+            raise APIError("forbidden", "the admin key manages tenants; act as a tenant with its key", "Authorization")
+        tenant = await run_in_threadpool(services.tenants.authenticate, token)
+        if tenant is None:
+            raise APIError("unauthorized", _BAD_KEY, "Authorization")
+        caller = Caller(tenant.name, effective_limits(tenant.limits, settings))
+    request.state.tenant = caller.tenant  # for the request log
+    if caller.limits.requests_per_s is not None:
+        wait = services.rates.acquire(caller.tenant, caller.limits.requests_per_s)
+        if wait is not None:
+            raise APIError(
+                "rate_limited",
+                f"more than {caller.limits.requests_per_s:g} requests per second; retry in {wait:.2f} s",
+                "Authorization",
+            )
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+def current_tenant(caller: CallerDep) -> str:
+    """The tenant a request acts for; every store and queue access is scoped by it."""
+    return caller.tenant
+
+
 TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+async def generation_slot(caller: CallerDep, services: ServicesDep) -> AsyncIterator[None]:
+    """Hold one of the tenant's concurrent generations for the whole response, streamed
+    or not (FastAPI runs the code after `yield` once the response is sent or abandoned)."""
+    limit = caller.limits.max_concurrent_generations
+    if not services.generations.acquire(caller.tenant, limit):
+        raise APIError("rate_limited", f"the tenant already runs its limit of {limit} concurrent generations", "model")
+    try:
+        yield
+    finally:
+        services.generations.release(caller.tenant)
+
+
+async def require_admin(request: Request, services: ServicesDep) -> TenantRegistry:
+    """The registry, for a caller holding the admin key."""
+    if services.tenants is None:
+        raise APIError("forbidden", "the admin API is off: the server runs single-tenant (no VBSERVE_ADMIN_KEY)")
+    token = bearer_token(request)
+    if is_admin_key(token, services.settings):
+        request.state.tenant = "<admin>"
+        return services.tenants
+    if await run_in_threadpool(services.tenants.authenticate, token) is not None:
+        raise APIError("forbidden", "this route needs the admin key, not a tenant's", "Authorization")
+    raise APIError("unauthorized", _BAD_KEY, "Authorization")
+
+
+AdminDep = Annotated[TenantRegistry, Depends(require_admin)]

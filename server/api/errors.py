@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store import AdapterError
 from server.engine import EngineError
+from server.tenancy import TenancyError
 from server.training.errors import TrainingError
 
 # Seconds a client should wait before retrying: a full queue drains in about a second, a
@@ -83,12 +84,12 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def from_adapter_error(exc: AdapterError) -> APIError:
+# The typed errors of the store, the trainer and tenancy: each has `field`, `reason` and a `kind`.
+TypedError = AdapterError | TrainingError | TenancyError
+
+
+def from_typed_error(exc: TypedError) -> APIError:
     return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), str(exc.reason), exc.field)
-
-
-def from_training_error(exc: TrainingError) -> APIError:
-    return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), exc.reason, exc.field)
 
 
 def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = None) -> APIError:
@@ -101,9 +102,9 @@ def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(AdapterError, _adapter_error)
+    for typed in (AdapterError, TrainingError, TenancyError):
+        app.add_exception_handler(typed, _typed_error)
     app.add_exception_handler(EngineError, _engine_error)
-    app.add_exception_handler(TrainingError, _training_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -114,19 +115,14 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def _adapter_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AdapterError)
-    return from_adapter_error(exc).response()
+async def _typed_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TypedError)
+    return from_typed_error(exc).response()
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     return from_engine_error(exc).response()
-
-
-async def _training_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, TrainingError)
-    return from_training_error(exc).response()
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,8 +17,6 @@ contract test suite runs against both.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from adapter_store import AdapterValidationError
 from server.settings import Settings
 
@@ -56,12 +54,7 @@ def queue_limits(settings: Settings) -> QueueLimits:
 def jobs_url(settings: Settings) -> str:
     """`settings.jobs_url`, or where jobs live by default: the store's Redis when the store
     is on Redis (API and workers already share it), else `jobs.db` beside the SQLite store."""
-    if settings.jobs_url:
-        return settings.jobs_url
-    if settings.store_url.startswith(("redis://", "rediss://")):
-        return settings.store_url
-    store_path = Path(settings.store_url.removeprefix("sqlite:///"))
-    return f"sqlite:///{store_path.with_name('jobs.db')}"
+    return settings.jobs_url or settings.url_beside_store("jobs.db")
 
 
 def open_job_queue(url: str, *, redis_prefix: str = "vbs", limits: QueueLimits | None = None) -> JobQueue:
