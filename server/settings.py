@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # Fine-tuning jobs. jobs_url: redis://... or a SQLite path; empty = the store's Redis
     # when store_url is Redis, else a jobs.db beside the SQLite store.
     jobs_url: str = ""
+    training_enabled: bool = True  # False: no job queue; the fine-tuning routes answer 503
+    # The API process also runs jobs, in a thread over its own copy of the model; turn it
+    # off where `vbserve worker` processes do the training.
+    embedded_worker: bool = True
     redis_prefix: str = "vbs"  # key prefix of all vbserve keys in Redis (adapters and jobs)
     training_max_jobs_per_tenant: int = 4  # queued + running
     training_max_file_bytes: int = 32 << 20  # each of the training and validation files

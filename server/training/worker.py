@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from functools import partial
 from types import TracebackType
 
 from torch import nn
@@ -210,6 +211,8 @@ class _Reporter:
         if val_loss is None and step not in (1, total) and now - self._last < PROGRESS_INTERVAL_S:
             return
         self._last = now
+        val = "" if val_loss is None else f", val loss {val_loss:.4f}"
+        log.info("job %s: step %d/%d, loss %.4f%s, %.0f tokens/s", self.job.id, step, total, loss, val, tokens_per_s)
         try:
             if not self.queue.report(self.job, JobEvent(step, total, loss, tokens_per_s, val_loss, now)):
                 self.lease.lost = True
@@ -251,14 +254,14 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
 
 
 class EmbeddedWorker:
-    """`run_worker` in a daemon thread of this process; `stop()` ends it after the
-    current training step (the job goes back to the queue)."""
+    """`run_worker` in a daemon thread of this process, or `worker.run` for a `Worker` the
+    caller built (the API app builds one over a copy of its own model, store and queue);
+    `stop()` ends it after the current training step (the job goes back to the queue)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=run_worker, args=(settings,), kwargs={"stop": self._stop}, name="vbserve-worker", daemon=True
-        )
+        target = partial(worker.run, self._stop) if worker else partial(run_worker, settings, stop=self._stop)
+        self._thread = threading.Thread(target=target, name="vbserve-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -266,7 +269,7 @@ class EmbeddedWorker:
         self._thread.join(timeout)
 
 
-def start_embedded_worker(settings: Settings) -> EmbeddedWorker:
-    """Start a worker thread with its own model copy (loaded in the thread, so the API
-    starts without waiting for it)."""
-    return EmbeddedWorker(settings)
+def start_embedded_worker(settings: Settings, worker: Worker | None = None) -> EmbeddedWorker:
+    """Start a worker thread: `worker` if given, else one with its own model copy (loaded
+    in the thread, so the API starts without waiting for it)."""
+    return EmbeddedWorker(settings, worker)
