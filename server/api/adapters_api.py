@@ -24,7 +24,7 @@ from .adapter_io import (
     read_body,
     tenant_uses_bank,
 )
-from .deps import ServicesDep, TenantDep
+from .deps import CallerDep, ServicesDep, TenantDep
 from .errors import APIError
 from .schemas import AdapterInfo, AdapterList
 
@@ -45,7 +45,7 @@ async def put_adapter(
     request: Request,
     response: Response,
     services: ServicesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     expected_version: Annotated[
         int | None, Query(ge=0, description="Write only if the stored version is this (0: only if absent)")
     ] = None,
@@ -55,9 +55,11 @@ async def put_adapter(
     if name == services.model_name:
         raise APIError("conflict", f"{name!r} is the base model's name", "name")
     body = await read_body(request, services.settings.max_adapter_bytes)
-    adapter = await parse_upload(request, body, services, tenant)
+    adapter = await parse_upload(request, body, services, caller.tenant)
     check_servable(adapter, services)
-    record = await run_in_threadpool(services.store.put, tenant, name, adapter, expected_version=expected_version)
+    record = await run_in_threadpool(
+        services.store.put, caller.tenant, name, adapter, expected_version=expected_version, quota=caller.quota
+    )
     response.status_code = 201 if record.created == record.updated else 200
     return info(record)
 

@@ -132,6 +132,9 @@ async def generation_slot(caller: CallerDep, services: ServicesDep) -> AsyncIter
         services.generations.release(caller.tenant)
 
 
+GenerationSlot = Depends(generation_slot)
+
+
 async def require_admin(request: Request, services: ServicesDep) -> TenantRegistry:
     """The registry, for a caller holding the admin key."""
     if services.tenants is None:

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
-from .deps import Services, ServicesDep, TenantDep
+from .deps import GenerationSlot, Services, ServicesDep, TenantDep
 from .generation import (
     Event,
     adapter_ref,
@@ -46,7 +46,7 @@ FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {
 }
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, dependencies=[GenerationSlot])
 async def generate(
     body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> GenerateResponse:
@@ -67,7 +67,7 @@ async def generate(
     return GenerateResponse(generated_text=result.text, details=details)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", dependencies=[GenerationSlot])
 async def generate_stream(
     body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> StreamingResponse:

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
 from .adapter_io import iter_records
-from .deps import Services, ServicesDep, TenantDep
+from .deps import GenerationSlot, Services, ServicesDep, TenantDep
 from .errors import APIError
 from .generation import (
     Event,
@@ -59,7 +59,7 @@ COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 CHAT_FIELDS = {"max_new_tokens": "max_tokens", "prompt": "messages"}
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, dependencies=[GenerationSlot])
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> CompletionResponse | StreamingResponse:
@@ -83,7 +83,7 @@ async def completions(
     )
 
 
-@router.post("/chat/completions", response_model=ChatResponse)
+@router.post("/chat/completions", response_model=ChatResponse, dependencies=[GenerationSlot])
 async def chat_completions(
     body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> ChatResponse | StreamingResponse:
