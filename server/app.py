@@ -2,13 +2,16 @@
 
 `create_app(settings)` is what `vbserve serve` runs: its lifespan loads the base model
 (converting and caching the default GGUF on first start), opens the store named by
-`settings.store_url` and starts the engine. Tests inject a small model, its tokenizer
-and a store instead; the app then owns only the engine.
+`settings.store_url` and the fine-tuning job queue (`settings.jobs_url`, by default beside
+the store), starts the engine and, unless `embedded_worker` is off, a training worker
+thread over its own copy of the model. Tests inject a small model, its tokenizer, a store
+and a job queue instead; the app then owns only the engine and the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,8 +27,13 @@ from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device,
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
 from server.tenancy import TenantRegistry, open_tenant_registry
+from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
+from server.training.worker import EmbeddedWorker, Worker, start_embedded_worker
 
 log = logging.getLogger(__name__)
+
+# How long shutdown waits for the embedded worker to finish its training step.
+WORKER_STOP_TIMEOUT_S = 30.0
 
 
 def create_app(
@@ -35,10 +43,14 @@ def create_app(
     tokenizer: PreTrainedTokenizerBase | None = None,
     store: AdapterStore | None = None,
     tenants: TenantRegistry | None = None,
+    jobs: JobQueue | None = None,
 ) -> FastAPI:
     """Build the app. `model` and `tokenizer` come together or not at all; an injected
     store or tenant registry stays the caller's to close. The registry is used only when
-    `settings.admin_key` is set (multi-tenant); by default it is opened beside the store."""
+    `settings.admin_key` is set (multi-tenant); by default it is opened beside the store.
+    An injected job queue is the caller's to close too. With an injected store there is no
+    store URL to put the job queue beside: fine-tuning then needs `jobs` or an explicit
+    `settings.jobs_url`, and is disabled without either."""
     settings = settings or get_settings()
     if (model is None) != (tokenizer is None):
         raise ValueError("pass model and tokenizer together, or neither")
@@ -48,7 +60,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading takes seconds (a minute on first start); a worker thread keeps the
         # event loop free meanwhile.
-        services = await asyncio.to_thread(_start, settings, model, tokenizer, store, metrics)
+        services, worker = await asyncio.to_thread(_start, settings, model, tokenizer, store, jobs, metrics)
         if settings.admin_key is not None:
             services.tenants = tenants or open_tenant_registry(settings)
         app.state.services = services
@@ -57,7 +69,11 @@ def create_app(
             yield
         finally:
             app.state.services = None
+            if worker is not None:  # before the queue closes; its job goes back to the queue
+                await asyncio.to_thread(worker.stop, WORKER_STOP_TIMEOUT_S)
             services.engine.shutdown()
+            if jobs is None and services.jobs is not None:
+                services.jobs.close()
             if store is None:
                 services.store.close()
             if tenants is None and services.tenants is not None:
@@ -81,13 +97,17 @@ def _start(
     model: PreTrainedModel | None,
     tokenizer: PreTrainedTokenizerBase | None,
     store: AdapterStore | None,
+    jobs: JobQueue | None,
     metrics: Metrics,
-) -> Services:
-    own_store = store is None
+) -> tuple[Services, EmbeddedWorker | None]:
+    own_store, own_jobs = store is None, jobs is None
     if store is None:
-        store = open_store(settings.store_url)
+        # The prefix is the workers' too: adapters they publish must be the ones served.
+        store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
         log.info("adapter store: %r", store)
     try:
+        if jobs is None:
+            jobs = _open_jobs(settings, store_injected=not own_store)
         if model is None or tokenizer is None:
             device = resolve_device(settings.device)
             dtype = resolve_dtype(settings.dtype, device)
@@ -104,20 +124,47 @@ def _start(
             log.info("model loaded in %.1f s", time.perf_counter() - start)
         else:
             name = settings.model or model.name_or_path or "base"
+        worker = None
+        if jobs is not None and settings.embedded_worker:
+            # Copied before the engine wraps the model's layers: training hooks a plain
+            # model, and the serving model must never carry training hooks.
+            worker = Worker(
+                jobs,
+                store,
+                copy.deepcopy(model),
+                copy.deepcopy(tokenizer),
+                limits=TrainingLimits.from_settings(settings),
+                base_model=name,
+            )
         engine = build_engine(
             model, tokenizer, store, settings, on_adapter_event=metrics.on_adapter_event, on_step=metrics.on_step
         )
     except BaseException:
+        if own_jobs and jobs is not None:
+            jobs.close()
         if own_store:
             store.close()
         raise
     if engine.adapters is not None:
         metrics.watch_cached_bytes(lambda: engine.adapters.cached_bytes)
-    return Services(
+    services = Services(
         settings=settings,
         engine=engine,
         store=store,
         tokenizer=tokenizer,
         model_name=settings.served_model_name or name,
         metrics=metrics,
+        jobs=jobs,
     )
+    return services, None if worker is None else start_embedded_worker(settings, worker)
+
+
+def _open_jobs(settings: Settings, *, store_injected: bool) -> JobQueue | None:
+    if not settings.training_enabled:
+        log.info("fine-tuning disabled (VBSERVE_TRAINING_ENABLED=false)")
+        return None
+    if store_injected and not settings.jobs_url:
+        return None
+    jobs = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
+    log.info("job queue: %r", jobs)
+    return jobs
