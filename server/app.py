@@ -14,7 +14,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapter_store.store import AdapterStore, open_store
 from server.api import Services, install_error_handlers, router
+from server.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
 from server.metrics import Metrics, MetricsMiddleware
@@ -86,10 +87,33 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.services = None
+    # Outermost last: the request log sees every response, also a 413 or a crash.
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+# Room for multipart boundaries and part headers around an uploaded file.
+MULTIPART_SLACK = 64 << 10
+
+
+def body_limits(settings: Settings) -> Callable[[str, str], int]:
+    """Largest body per route: uploads get their file limits (their routes then check the
+    files themselves, naming the field), every other route the JSON limit."""
+    adapter_upload = settings.max_adapter_bytes + MULTIPART_SLACK
+    training_upload = 2 * settings.training_max_file_bytes + MULTIPART_SLACK  # training + validation file
+
+    def limit_for(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/v1/adapters/"):
+            return adapter_upload
+        if method == "POST" and path.rstrip("/") == "/v1/fine_tuning/jobs":
+            return training_upload
+        return settings.max_request_bytes
+
+    return limit_for
 
 
 def _start(
