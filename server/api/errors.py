@@ -13,7 +13,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from adapter_store import AdapterError
 from server.engine import EngineError
@@ -154,11 +153,8 @@ def _common_prefix(a: tuple, b: tuple) -> tuple:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 413:  # the body limit of `BodyLimitMiddleware`
-        limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
-        return APIError("too_large", f"the request body exceeds this route's limit of {limit} bytes", "body").response()
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-    error = APIError(kind, str(exc.detail), status=exc.status_code)
+    kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "invalid_request")
+    error = APIError(kind, str(exc.detail), "body" if exc.status_code == 413 else None, status=exc.status_code)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 

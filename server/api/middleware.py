@@ -10,9 +10,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from starlette.datastructures import MutableHeaders
-from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError
 
 access_log = logging.getLogger("vbserve.access")
 
@@ -24,7 +26,11 @@ class BodyLimitMiddleware:
     """Refuse a body over the limit that `limit_for(method, path)` gives, with 413: from
     Content-Length before anything is read, or as soon as a chunked body passes it. So no
     route ever holds more than its limit in memory; routes that take uploads get the
-    larger limits they check themselves, everything else the JSON limit."""
+    larger limits they check themselves, everything else the JSON limit.
+
+    (Starlette's `RequestBodyLimitMiddleware` does the counting too, but replaces any
+    response to an oversized request with its own plain-text one, so our JSON error body
+    would never reach the client.)"""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
         self.app = app
@@ -35,7 +41,28 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["method"], scope["path"])
-        await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await body_too_large(limit).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_at_most_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Raised inside the route's body read; an HTTPException is what FastAPI's
+                    # body parsing lets through to the API's error handler.
+                    raise HTTPException(413, body_too_large(limit).message)
+            return message
+
+        await self.app(scope, receive_at_most_limit, send)
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError("too_large", f"the request body exceeds this route's limit of {limit} bytes", "body")
 
 
 class RequestLogMiddleware:
