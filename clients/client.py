@@ -8,8 +8,13 @@
         for delta in vb.stream("Tell me a story", adapter="support-bot"):
             print(delta, end="", flush=True)
 
+        job = vb.jobs.create("train.jsonl", "support-bot-2", max_steps=200)
+        for update in vb.jobs.follow(job.id):  # progress events, then the ended job
+            print(update)
+
 `AsyncVBServeClient` has the same methods as coroutines and async iterators. Errors are
-raised as the `APIError` subclass that the server's error `type` names.
+raised as the `APIError` subclass that the server's error `type` names. The API key is
+`api_key=`, else $VBSERVE_API_KEY; a server without authentication needs none.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "VBSERVE_API_KEY"
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a long generation is not a hung server
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -72,10 +78,30 @@ class TooLargeError(APIError):
     pass
 
 
+class AuthenticationError(APIError):
+    """401: the API key is missing, malformed, unknown or revoked."""
+
+
+class PermissionDeniedError(APIError):
+    """403: the key is valid but may not do this (e.g. the admin key on a tenant route)."""
+
+
 class OverloadedError(APIError):
-    """The server's queue is full; retry after `retry_after` seconds."""
+    """The server's queue (or the tenant's job limit) is full; retry after `retry_after` seconds."""
 
     retry_after: float | None = None
+
+
+class RateLimitedError(APIError):
+    """The tenant sent more requests, or ran more generations at once, than its limit;
+    retry after `retry_after` seconds."""
+
+    retry_after: float | None = None
+
+
+class QuotaExceededError(APIError):
+    """429: the tenant's adapter quota (count or bytes) is full. Retrying will not help;
+    delete adapters or ask for a larger quota."""
 
 
 class UnavailableError(APIError):
@@ -93,15 +119,21 @@ _BY_TYPE: dict[str, type[APIError]] = {
     "unsupported_media_type": InvalidRequestError,
     "method_not_allowed": InvalidRequestError,
     "incompatible_adapter": IncompatibleAdapterError,
+    "unauthorized": AuthenticationError,
+    "forbidden": PermissionDeniedError,
     "not_found": NotFoundError,
     "conflict": ConflictError,
     "too_large": TooLargeError,
     "overloaded": OverloadedError,
+    "rate_limited": RateLimitedError,
+    "quota_exceeded": QuotaExceededError,
     "unavailable": UnavailableError,
     "internal_error": InternalServerError,
 }
 _BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
     413: TooLargeError,
@@ -122,7 +154,7 @@ def error_from_body(body: Any, status: int | None, headers: httpx.Headers | None
     )
     exc = cls(str(err.get("message", "")), type=kind, field=err.get("field"), status=status)
     retry_after = headers.get("retry-after") if headers is not None else None
-    if isinstance(exc, OverloadedError | UnavailableError) and retry_after:
+    if isinstance(exc, OverloadedError | RateLimitedError | UnavailableError) and retry_after:
         exc.retry_after = float(retry_after)
     return exc
 
@@ -181,6 +213,56 @@ class Model:
     id: str
     owned_by: str
     parent: str | None = None
+
+
+@dataclass
+class JobProgress:
+    step: int  # optimizer steps done (0 until a worker starts)
+    total_steps: int
+    loss: float | None
+    val_loss: float | None  # the last validation loss measured
+    tokens_per_s: float | None
+
+
+@dataclass
+class FineTuningJob:
+    id: str
+    status: str  # queued, running, succeeded, failed or cancelled
+    adapter: str  # the adapter the job publishes
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None  # the adapter name once the job succeeded
+    adapter_version: int | None  # the version it published
+    hyperparameters: dict[str, Any]
+    progress: JobProgress
+    error: str | None  # why it failed
+    attempts: int
+    cancel_requested: bool
+
+    @property
+    def ended(self) -> bool:
+        return self.status in JOB_END_STATES
+
+
+@dataclass
+class JobEvent:
+    """One progress report of a running job."""
+
+    created_at: float
+    step: int
+    total_steps: int
+    loss: float
+    val_loss: float | None  # set on the steps that ran validation
+    tokens_per_s: float
+
+
+@dataclass
+class JobPage:
+    data: list[FineTuningJob]  # newest first
+    has_more: bool
+
+
+JOB_END_STATES = ("succeeded", "failed", "cancelled")
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -294,15 +376,83 @@ def _models(body: dict[str, Any]) -> list[Model]:
     return [Model(id=m["id"], owned_by=m.get("owned_by", ""), parent=m.get("parent")) for m in body["data"]]
 
 
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+_JOBS = "/v1/fine_tuning/jobs"
+
+
+def _create_job_call(
+    training_file: bytes | str | os.PathLike[str],
+    adapter: str,
+    validation_file: bytes | str | os.PathLike[str] | None,
+    hyperparameters: dict[str, Any],
+) -> _Call:
+    files = {"training_file": _jsonl_part(training_file, "train.jsonl")}
+    if validation_file is not None:
+        files["validation_file"] = _jsonl_part(validation_file, "validation.jsonl")
+    data = {"adapter": adapter}
+    if hyperparameters:  # one JSON field keeps the types (a form field is always a string)
+        data["hyperparameters"] = json.dumps(hyperparameters)
+    return _Call("POST", _JOBS, {"data": data, "files": files})
+
+
+def _jsonl_part(source: bytes | str | os.PathLike[str], default_name: str) -> tuple[str, bytes, str]:
+    if isinstance(source, bytes | bytearray):
+        return default_name, bytes(source), "application/jsonl"
+    path = Path(source)
+    return path.name, path.read_bytes(), "application/jsonl"
+
+
+def _follow_call(job_id: str) -> _Call:
+    return _Call("GET", f"{_JOBS}/{job_id}/events", {"params": {"stream": "true"}})
+
+
+def _known_fields(cls: type, body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of dataclass `cls` from a response body (a newer server may send more)."""
+    return {f.name: body.get(f.name) for f in fields(cls)}
+
+
+def _job(body: dict[str, Any]) -> FineTuningJob:
+    error = body.get("error")
+    return FineTuningJob(
+        **{
+            **_known_fields(FineTuningJob, body),
+            "progress": JobProgress(**_known_fields(JobProgress, body["progress"])),
+            "error": error.get("message") if isinstance(error, dict) else None,
+        }
+    )
+
+
+def _job_event(body: dict[str, Any]) -> JobEvent:
+    return JobEvent(**_known_fields(JobEvent, body))
+
+
+def _job_update(chunk: dict[str, Any]) -> JobEvent | FineTuningJob:
+    """A followed job's SSE event: a progress event, or the job when its status changed."""
+    return _job(chunk) if chunk.get("object") == "fine_tuning.job" else _job_event(chunk)
+
+
+def _job_page(body: dict[str, Any]) -> JobPage:
+    return JobPage([_job(j) for j in body["data"]], body["has_more"])
+
+
 # -- the synchronous client --------------------------------------------------------------
 
 
 class VBServeClient:
-    """Blocking client. Use as a context manager, or call `close()`."""
+    """Blocking client. Use as a context manager, or call `close()`.
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
-        self._http = httpx.Client(base_url=url, timeout=timeout)
+    api_key: sent as `Authorization: Bearer ...`; None reads $VBSERVE_API_KEY."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT
+    ) -> None:
+        self._http = httpx.Client(base_url=url, timeout=timeout, headers=_auth_headers(api_key))
         self.adapters = Adapters(self)
+        self.jobs = Jobs(self)
 
     def close(self) -> None:
         self._http.close()
@@ -347,7 +497,8 @@ class VBServeClient:
     def _json(self, call: _Call) -> Any:
         return self._send(call).json()
 
-    def _deltas(self, call: _Call, chat: bool) -> Iterator[str]:
+    def _sse(self, call: _Call) -> Iterator[dict[str, Any]]:
+        """The JSON events of a server-sent event stream, until `data: [DONE]`."""
         try:
             with self._http.stream(call.method, call.path, **call.kwargs) as response:
                 if not response.is_success:
@@ -357,10 +508,15 @@ class VBServeClient:
                     chunk = _sse_chunk(line)
                     if chunk is _DONE:
                         return
-                    if text := _delta(chunk, chat) if isinstance(chunk, dict) else "":
-                        yield text
+                    if isinstance(chunk, dict):
+                        yield chunk
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _deltas(self, call: _Call, chat: bool) -> Iterator[str]:
+        for chunk in self._sse(call):
+            if text := _delta(chunk, chat):
+                yield text
 
 
 class Adapters:
@@ -403,15 +559,61 @@ class Adapters:
         self._client._send(_Call("DELETE", f"/v1/adapters/{name}"))
 
 
+class Jobs:
+    """`client.jobs`: the tenant's fine-tuning jobs."""
+
+    def __init__(self, client: VBServeClient) -> None:
+        self._client = client
+
+    def create(
+        self,
+        training_file: bytes | str | os.PathLike[str],
+        adapter: str,
+        validation_file: bytes | str | os.PathLike[str] | None = None,
+        **hyperparameters: Any,
+    ) -> FineTuningJob:
+        """Queue a job that trains on a JSONL file (bytes or a path) and publishes the
+        adapter as the next version of `adapter`. Hyperparameters are the server's names:
+        `target_modules`, `r`, `vector_length`, `num_vectors`, `topk`, `epochs`,
+        `max_steps`, `batch_size`, `lr_bank`, `lr_logits`, `max_seq_len`, `seed`, ...
+        A bad file or hyperparameter raises `InvalidRequestError` naming the field."""
+        return _job(self._client._json(_create_job_call(training_file, adapter, validation_file, hyperparameters)))
+
+    def list(self, *, limit: int = 20) -> JobPage:
+        """The newest `limit` jobs."""
+        return _job_page(self._client._json(_Call("GET", _JOBS, {"params": {"limit": limit}})))
+
+    def get(self, job_id: str) -> FineTuningJob:
+        return _job(self._client._json(_Call("GET", f"{_JOBS}/{job_id}")))
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's progress events so far, oldest first."""
+        return [_job_event(e) for e in self._client._json(_Call("GET", f"{_JOBS}/{job_id}/events"))["data"]]
+
+    def follow(self, job_id: str) -> Iterator[JobEvent | FineTuningJob]:
+        """Progress events as they come, and the job whenever its status changes (first
+        as it is now, last as it ended); the iterator ends when the job has ended."""
+        for chunk in self._client._sse(_follow_call(job_id)):
+            yield _job_update(chunk)
+
+    def cancel(self, job_id: str) -> FineTuningJob:
+        """A queued job ends at once; a running one within a step (`cancel_requested`
+        until then). Nothing is published. A job that already ended: `ConflictError`."""
+        return _job(self._client._json(_Call("POST", f"{_JOBS}/{job_id}/cancel")))
+
+
 # -- the asynchronous client -------------------------------------------------------------
 
 
 class AsyncVBServeClient:
     """Asyncio client with the methods of `VBServeClient`. Use `async with`, or `await aclose()`."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout)
+    def __init__(
+        self, url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=_auth_headers(api_key))
         self.adapters = AsyncAdapters(self)
+        self.jobs = AsyncJobs(self)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -456,7 +658,7 @@ class AsyncVBServeClient:
     async def _json(self, call: _Call) -> Any:
         return (await self._send(call)).json()
 
-    async def _deltas(self, call: _Call, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, call: _Call) -> AsyncIterator[dict[str, Any]]:
         try:
             async with self._http.stream(call.method, call.path, **call.kwargs) as response:
                 if not response.is_success:
@@ -466,10 +668,15 @@ class AsyncVBServeClient:
                     chunk = _sse_chunk(line)
                     if chunk is _DONE:
                         return
-                    if text := _delta(chunk, chat) if isinstance(chunk, dict) else "":
-                        yield text
+                    if isinstance(chunk, dict):
+                        yield chunk
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _deltas(self, call: _Call, chat: bool) -> AsyncIterator[str]:
+        async for chunk in self._sse(call):
+            if text := _delta(chunk, chat):
+                yield text
 
 
 class AsyncAdapters:
@@ -502,3 +709,35 @@ class AsyncAdapters:
 
     async def delete(self, name: str) -> None:
         await self._client._send(_Call("DELETE", f"/v1/adapters/{name}"))
+
+
+class AsyncJobs:
+    def __init__(self, client: AsyncVBServeClient) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        training_file: bytes | str | os.PathLike[str],
+        adapter: str,
+        validation_file: bytes | str | os.PathLike[str] | None = None,
+        **hyperparameters: Any,
+    ) -> FineTuningJob:
+        call = _create_job_call(training_file, adapter, validation_file, hyperparameters)
+        return _job(await self._client._json(call))
+
+    async def list(self, *, limit: int = 20) -> JobPage:
+        return _job_page(await self._client._json(_Call("GET", _JOBS, {"params": {"limit": limit}})))
+
+    async def get(self, job_id: str) -> FineTuningJob:
+        return _job(await self._client._json(_Call("GET", f"{_JOBS}/{job_id}")))
+
+    async def events(self, job_id: str) -> list[JobEvent]:
+        body = await self._client._json(_Call("GET", f"{_JOBS}/{job_id}/events"))
+        return [_job_event(e) for e in body["data"]]
+
+    async def follow(self, job_id: str) -> AsyncIterator[JobEvent | FineTuningJob]:
+        async for chunk in self._client._sse(_follow_call(job_id)):
+            yield _job_update(chunk)
+
+    async def cancel(self, job_id: str) -> FineTuningJob:
+        return _job(await self._client._json(_Call("POST", f"{_JOBS}/{job_id}/cancel")))
