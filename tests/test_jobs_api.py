@@ -166,3 +166,141 @@ async def test_a_job_with_chat_rows(api):
     job = await submit(api, {**TASK_FORM, "adapter": "chat", "max_steps": "3"}, training=jsonl(rows))
     done = await wait_for(api, job["id"], ended)
     assert done["status"] == "succeeded", done
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+GOOD = '{"prompt": "a", "completion": "b"}'
+GOOD_FILE = f"{GOOD}\n{GOOD}\n".encode()
+
+
+# (form fields over TASK_FORM, None: left out), file parts, status, error type, field, words of the message
+BAD_UPLOADS = [
+    ({}, files(f'{GOOD}\n{GOOD}\n{{"prompt": "a", "completion"'.encode()), 400, "invalid_request",
+        "training_file line 3", "malformed JSON"),
+    ({}, files(b""), 400, "invalid_request", "training_file", "contains no rows"),
+    ({}, files(f'{GOOD}\n{{"prompt": "a"}}'.encode()), 400, "invalid_request", "training_file line 2",
+        "missing field 'completion'"),
+    ({"max_seq_len": "8"}, files(jsonl([{"prompt": "p" * 20, "completion": "c"}])), 400, "invalid_request",
+        "training_file line 1", "exceed max_seq_len 8"),
+    ({}, files(GOOD_FILE, b"not json"), 400, "invalid_request", "validation_file line 1", "malformed JSON"),
+    ({"vector_length": "24"}, files(), 400, "invalid_request", "hyperparameters.vector_length",
+        "24 does not divide"),
+    ({"num_vectors": "512"}, files(), 400, "invalid_request", "hyperparameters.num_vectors",
+        "exceeds the limit 256"),
+    ({"r": "16"}, files(), 400, "invalid_request", "hyperparameters.r", "rank limit 8"),
+    ({"max_seq_len": "1024"}, files(), 400, "invalid_request", "hyperparameters.max_seq_len", "context of 256"),
+    ({"target_modules": "qkv_proj"}, files(), 400, "invalid_request", "hyperparameters.target_modules",
+        "no linear layer 'qkv_proj'"),
+    ({"learning_rate": "0.1"}, files(), 400, "invalid_request", "hyperparameters.learning_rate", "Extra inputs"),
+    ({"batch_size": "four"}, files(), 400, "invalid_request", "hyperparameters.batch_size", "integer"),
+    ({"hyperparameters": "{nope"}, files(), 400, "invalid_request", "hyperparameters", "malformed JSON"),
+    ({"hyperparameters": '{"r": 2}', "r": "2"}, files(), 400, "invalid_request", "hyperparameters.r", "both"),
+    ({"adapter": None}, files(), 400, "invalid_request", "adapter", "adapter name"),
+    ({"adapter": "a/b"}, files(), 400, "invalid_request", "adapter", ""),
+    ({"adapter": "base"}, files(), 409, "conflict", "adapter", "base model"),
+    ({}, {"validation_file": ("v.jsonl", GOOD_FILE)}, 400, "invalid_request", "training_file", "required"),
+    ({}, {**files(), "weights": ("w.bin", b"x")}, 400, "invalid_request", "weights", "unexpected file"),
+    ({}, files(b"x" * (MAX_FILE_BYTES + 1)), 413, "too_large", "training_file", f"limit of {MAX_FILE_BYTES}"),
+    ({}, files(GOOD_FILE, b"x" * (MAX_FILE_BYTES + 1)), 413, "too_large", "validation_file", "limit"),
+]  # fmt: skip
+
+
+async def test_bad_uploads_are_refused_and_queue_nothing(api):
+    # One app for every case: each app start and stop costs about a second.
+    for form, parts, status, kind, field, reason in BAD_UPLOADS:
+        data = {k: v for k, v in {**TASK_FORM, **form}.items() if v is not None}
+        r = await api.post("/v1/fine_tuning/jobs", data=data, files=parts)
+        assert r.status_code == status, (field, r.text)
+        error = error_of(r)
+        assert (error["type"], error["field"]) == (kind, field) and reason in error["message"], error
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+
+
+async def test_oversized_and_non_multipart_bodies(api):
+    r = await api.post("/v1/fine_tuning/jobs", json={"adapter": "x"})
+    assert r.status_code == 415 and error_of(r)["field"] == "content-type"
+    boundary = "vbserve-test-boundary"
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    # More than both files may hold, refused from its Content-Length before it is read.
+    r = await api.post("/v1/fine_tuning/jobs", content=b"x" * (3 * MAX_FILE_BYTES), headers=headers)
+    assert r.status_code == 413 and error_of(r)["type"] == "too_large"
+
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="training_file"; filename="t.jsonl"\r\n\r\n'
+    ).encode()
+    sent = 0
+
+    async def endless_file():  # chunked, no Content-Length: the file must be cut off at its limit
+        nonlocal sent
+        yield head
+        for _ in range(1000):
+            sent += 16 << 10
+            yield (GOOD + "\n").encode() * 400
+
+    r = await api.post("/v1/fine_tuning/jobs", content=endless_file(), headers=headers)
+    assert r.status_code == 413 and error_of(r)["field"] == "training_file", r.text
+    assert sent <= MAX_FILE_BYTES + (64 << 10)  # stopped right after the limit
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+
+
+# -- limits, cancel, tenants ------------------------------------------------------------------
+
+
+async def test_job_limit_cancel_and_truncation(api):
+    running = await submit(api, LONG)
+    long_row = jsonl([{"prompt": "p" * 60, "completion": "c"}])
+    truncated = await submit(api, {**LONG, "adapter": "t", "truncation": "truncate"}, training=long_row)
+    await wait_for(api, running["id"], lambda j: j["progress"]["step"] >= 1)
+    assert (await api.get(f"/v1/fine_tuning/jobs/{truncated['id']}")).json()["status"] == "queued"
+
+    r = await api.post("/v1/fine_tuning/jobs", data=TASK_FORM, files=files())
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert error_of(r)["type"] == "overloaded" and "limit is 2" in error_of(r)["message"]
+    listed = (await api.get("/v1/fine_tuning/jobs")).json()
+    assert [j["id"] for j in listed["data"]] == [truncated["id"], running["id"]] and not listed["has_more"]
+    page = (await api.get("/v1/fine_tuning/jobs", params={"limit": 1})).json()
+    assert [j["id"] for j in page["data"]] == [truncated["id"]] and page["has_more"]
+
+    r = await api.post(f"/v1/fine_tuning/jobs/{truncated['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"  # queued: at once
+    r = await api.post(f"/v1/fine_tuning/jobs/{running['id']}/cancel")
+    assert r.json()["cancel_requested"] and r.json()["status"] in ("running", "cancelled")
+    r = await api.get(f"/v1/fine_tuning/jobs/{running['id']}/events", headers={"accept": "text/event-stream"})
+    stream = sse_events(r.text)
+    assert stream[-1] == "[DONE]" and stream[-2]["status"] == "cancelled"
+    assert (await api.get("/v1/adapters/lookup")).status_code == 404  # nothing published
+    await submit(api)  # the cancelled jobs no longer count against the limit
+
+
+async def test_other_tenants_jobs_are_not_found(api):
+    job = await submit(api, LONG)
+    api.app.dependency_overrides[current_tenant] = lambda: "globex"
+    try:
+        for method, path in [
+            ("GET", f"/v1/fine_tuning/jobs/{job['id']}"),
+            ("GET", f"/v1/fine_tuning/jobs/{job['id']}/events"),
+            ("GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true"),
+            ("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel"),
+        ]:
+            r = await api.request(method, path)
+            assert r.status_code == 404 and error_of(r)["type"] == "not_found", (path, r.text)
+        assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+        await submit(api, LONG)  # globex has its own job limit
+    finally:
+        del api.app.dependency_overrides[current_tenant]
+    assert [j["id"] for j in (await api.get("/v1/fine_tuning/jobs")).json()["data"]] == [job["id"]]
+    r = await api.get("/v1/fine_tuning/jobs/ftjob-nope")
+    assert r.status_code == 404 and error_of(r)["field"] == "job_id"
+
+
+async def test_fine_tuning_disabled_is_503(tmp_path):
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=task_model(), tokenizer=chat_tokenizer(), store=store)  # no jobs_url
+    async with served(app) as client:
+        for method, path in [("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel")]:
+            r = await client.request(method, path)
+            assert r.status_code == 503 and "disabled" in error_of(r)["message"], r.text
+        r = await client.post("/v1/fine_tuning/jobs", data=TASK_FORM, files=files())
+        assert r.status_code == 503
+    store.close()
