@@ -223,7 +223,7 @@ async def test_oversized_and_non_multipart_bodies(api):
     boundary = "vbserve-test-boundary"
     headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
     # More than both files may hold, refused from its Content-Length before it is read.
-    r = await api.post("/v1/fine_tuning/jobs", content=b"x" * (3 * MAX_FILE_BYTES), headers=headers)
+    r = await api.post("/v1/fine_tuning/jobs", content=b"x" * (4 * MAX_FILE_BYTES), headers=headers)
     assert r.status_code == 413 and error_of(r)["type"] == "too_large"
 
     head = (
