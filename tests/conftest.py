@@ -102,3 +102,30 @@ def redis_test_prefix() -> Iterator[tuple[redis.Redis, str]]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app in a real uvicorn server on a free loopback port, in a background
+    thread; yields its base URL and stops it on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this socket
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
