@@ -7,29 +7,47 @@
     vbctl adapters ls | rm NAME
     vbctl adapters import-peft NAME DIR              # upload a PEFT VB-LoRA checkpoint
     vbctl adapters export-peft NAME DIR              # download one, unpacked into DIR
+    vbctl train DATA.jsonl --adapter NAME [--validation F] [--steps N] ... [--follow]
+    vbctl jobs ls | show ID | cancel ID | events ID [--follow]
 
-The server is `--url`, else $VBCTL_URL, else http://127.0.0.1:8000.
+The server is `--url`, else $VBCTL_URL, else http://127.0.0.1:8000; the API key is
+`--api-key`, else $VBSERVE_API_KEY (a server without authentication needs none).
+`train --follow` shows a progress bar with the live loss and exits 1 unless the job
+succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import zipfile
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .client import DEFAULT_URL, PEFT_FILES, AdapterInfo, APIError, VBServeClient
+from tqdm import tqdm
+
+from .client import (
+    API_KEY_ENV,
+    DEFAULT_URL,
+    PEFT_FILES,
+    AdapterInfo,
+    APIError,
+    FineTuningJob,
+    JobEvent,
+    VBServeClient,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with VBServeClient(args.url) as client:
-            args.run(client, args)
+        with VBServeClient(args.url, api_key=args.api_key) as client:
+            return args.run(client, args) or 0
     except APIError as exc:
         print(f"vbctl: {exc.type}: {exc}", file=sys.stderr)
         return 1
@@ -38,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbctl", description="Client for a vbserve server")
     parser.add_argument("--url", default=os.environ.get("VBCTL_URL", DEFAULT_URL), help="server URL (env VBCTL_URL)")
+    parser.add_argument("--api-key", help=f"API key (default: env {API_KEY_ENV})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="complete a prompt (streams the text)")
@@ -81,7 +99,49 @@ def _parser() -> argparse.ArgumentParser:
     rm = adapters.add_parser("rm", help="delete adapters")
     rm.add_argument("names", nargs="+")
     rm.set_defaults(run=_rm)
+
+    train = commands.add_parser("train", help="start a fine-tuning job on a JSONL file")
+    train.add_argument("data", type=Path, help='JSONL: {"prompt", "completion"} or {"messages": [...]} per line')
+    train.add_argument("--adapter", "-a", required=True, help="adapter name to publish the result as")
+    train.add_argument("--validation", type=Path, help="held-out JSONL file; its loss is reported per epoch")
+    for flag, name, kind, text in HYPERPARAMETER_FLAGS:
+        train.add_argument(flag, dest=name, type=kind, help=text)
+    train.add_argument("--truncate", action="store_true", help="truncate rows over --max-seq-len (default: refuse)")
+    train.add_argument("--follow", "-f", action="store_true", help="show progress until the job ends")
+    train.set_defaults(run=_train)
+
+    jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="action", required=True)
+    jobs.add_parser("ls", help="list jobs, newest first").set_defaults(run=_jobs_ls)
+    show = jobs.add_parser("show", help="a job as JSON")
+    show.add_argument("id")
+    show.set_defaults(run=_jobs_show)
+    cancel = jobs.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("id")
+    cancel.set_defaults(run=_jobs_cancel)
+    events = jobs.add_parser("events", help="a job's progress events")
+    events.add_argument("id")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    events.set_defaults(run=_jobs_events)
     return parser
+
+
+JOBS_LS_LIMIT = 99  # the server's largest page of jobs
+# (flag, hyperparameter, type, help) of `vbctl train`; omitted flags take the server's defaults.
+HYPERPARAMETER_FLAGS = [
+    ("--epochs", "epochs", int, "passes over the data (default 1)"),
+    ("--steps", "max_steps", int, "optimizer steps; replaces --epochs"),
+    ("--r", "r", int, "LoRA rank"),
+    ("--b", "vector_length", int, "bank vector length; must divide every targeted dimension"),
+    ("--h", "num_vectors", int, "vectors in the bank"),
+    ("--k", "topk", int, "bank vectors mixed per sub-vector"),
+    ("--lr-bank", "lr_bank", float, "learning rate of the vector bank (default 1e-3)"),
+    ("--lr-logits", "lr_logits", float, "learning rate of the logits (default 1e-2)"),
+    ("--batch-size", "batch_size", int, None),
+    ("--max-seq-len", "max_seq_len", int, "tokens per row"),
+    ("--seed", "seed", int, None),
+    ("--modules", "target_modules", lambda text: [m.strip() for m in text.split(",") if m.strip()],
+     "comma-separated target modules (default q_proj,v_proj)"),
+]  # fmt: skip
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +222,10 @@ def _ls(client: VBServeClient, args: argparse.Namespace) -> None:
     for a in client.adapters.iter():
         updated = datetime.fromtimestamp(a.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")
         rows.append((a.name, str(a.version), str(a.config.get("r", "")), str(a.stored_bytes), updated))
+    _print_table(rows)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -175,6 +239,83 @@ def _rm(client: VBServeClient, args: argparse.Namespace) -> None:
 
 def _print_pushed(info: AdapterInfo) -> None:
     print(f"pushed {info.name} version {info.version} ({info.stored_bytes} bytes)")
+
+
+def _train(client: VBServeClient, args: argparse.Namespace) -> int:
+    hyperparameters = {name: getattr(args, name) for _, name, _, _ in HYPERPARAMETER_FLAGS}
+    hyperparameters = {k: v for k, v in hyperparameters.items() if v is not None}
+    if args.truncate:
+        hyperparameters["truncation"] = "truncate"
+    job = client.jobs.create(args.data, args.adapter, args.validation, **hyperparameters)
+    print(f"created {job.id}: training adapter {job.adapter}")
+    if not args.follow:
+        return 0
+    return _exit_code(_follow_with_bar(client, job))
+
+
+def _follow_with_bar(client: VBServeClient, job: FineTuningJob) -> FineTuningJob:
+    """A progress bar over the job's steps with the live loss; the job as it ended."""
+    with tqdm(desc=job.adapter, unit="step", dynamic_ncols=True) as bar:
+        for update in client.jobs.follow(job.id):
+            if isinstance(update, FineTuningJob):
+                job = update
+                bar.set_description(f"{job.adapter} ({job.status})")
+                continue
+            if update.step < bar.n or bar.total != update.total_steps:  # the first event, or a re-run
+                bar.reset(total=update.total_steps)
+            bar.update(update.step - bar.n)
+            bar.set_postfix_str(_metrics(update), refresh=True)
+    return job
+
+
+def _exit_code(job: FineTuningJob) -> int:
+    """0 when the job published its adapter, else 1 with the reason."""
+    if job.status == "succeeded":
+        print(f"{job.id} succeeded: adapter {job.fine_tuned_model} version {job.adapter_version}")
+        return 0
+    print(f"vbctl: {job.id} {job.status}" + (f": {job.error}" if job.error else ""), file=sys.stderr)
+    return 1
+
+
+def _metrics(event: JobEvent) -> str:
+    text = f"loss {event.loss:.4f}"
+    if event.val_loss is not None:
+        text += f", val loss {event.val_loss:.4f}"
+    return f"{text}, {event.tokens_per_s:.0f} tok/s"
+
+
+def _jobs_ls(client: VBServeClient, args: argparse.Namespace) -> None:
+    rows = [("ID", "STATUS", "ADAPTER", "STEP", "LOSS", "CREATED")]
+    for job in client.jobs.list(limit=JOBS_LS_LIMIT).data:
+        step = f"{job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else "-"
+        loss = f"{job.progress.loss:.4f}" if job.progress.loss is not None else "-"
+        created = datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((job.id, job.status, job.adapter, step, loss, created))
+    _print_table(rows)
+
+
+def _jobs_show(client: VBServeClient, args: argparse.Namespace) -> None:
+    print(json.dumps(asdict(client.jobs.get(args.id)), indent=2))
+
+
+def _jobs_cancel(client: VBServeClient, args: argparse.Namespace) -> None:
+    job = client.jobs.cancel(args.id)
+    print(f"cancelled {job.id}" if job.ended else f"cancel requested for {job.id}: it stops within a training step")
+
+
+def _jobs_events(client: VBServeClient, args: argparse.Namespace) -> int:
+    if not args.follow:
+        for event in client.jobs.events(args.id):
+            print(f"step {event.step}/{event.total_steps}: {_metrics(event)}")
+        return 0
+    job = client.jobs.get(args.id)
+    for update in client.jobs.follow(args.id):
+        if isinstance(update, FineTuningJob):
+            job = update
+            print(f"{job.id}: {job.status}")
+        else:
+            print(f"step {update.step}/{update.total_steps}: {_metrics(update)}", flush=True)
+    return _exit_code(job)
 
 
 if __name__ == "__main__":
