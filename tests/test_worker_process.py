@@ -1,0 +1,121 @@
+"""Durability with real processes on a real Redis (`VBSERVE_TEST_REDIS_URL`, skipped with
+the reason when none answers): a `vbserve worker` process killed with SIGKILL mid-job is
+replaced by another that re-runs the job, and nothing is half-published; an API server
+restarted while jobs wait in the queue loses none of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from adapter_store import RedisAdapterStore
+from server.app import create_app
+from server.training.jobs import JobState, QueueLimits, RedisJobQueue
+from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
+from tests.test_api import api_settings
+from tests.test_jobs import HP, REPO, ROWS, final, wait_for
+from tests.test_jobs import one_torch_thread as one_torch_thread  # autouse
+from tests.test_jobs_api import served
+
+pytestmark = pytest.mark.redis
+LEASE_S = 1.0  # a killed worker's job is taken over this soon
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    with redis_test_prefix() as (_, prefix):
+        yield prefix
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama and its tokenizer saved as a model directory a worker process loads."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(seed=3).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@contextmanager
+def worker_process(model_dir: Path, prefix: str, log: Path) -> Iterator[subprocess.Popen]:
+    """`vbserve worker` on the tiny model over Redis; stopped with SIGTERM unless killed."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "VBSERVE_REDIS_PREFIX": prefix,
+        "VBSERVE_TRAINING_LEASE_S": str(LEASE_S),
+    }
+    command = [sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir)]
+    command += ["--store-url", REDIS_URL, "--jobs-url", REDIS_URL]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_killed_worker_process_is_replaced_and_nothing_is_half_published(
+    model_dir: Path, redis_prefix: str, tmp_path: Path
+) -> None:
+    queue = RedisJobQueue.from_url(REDIS_URL, prefix=redis_prefix, limits=QueueLimits(lease_s=LEASE_S))
+    store = RedisAdapterStore.from_url(REDIS_URL, prefix=redis_prefix)
+    submitted = queue.submit("acme", "bot", HP.model_copy(update={"max_steps": 400}), ROWS)
+
+    with worker_process(model_dir, redis_prefix, tmp_path / "first.log") as first:
+        running = wait_for(queue, submitted.id, lambda r: r.step >= 1 or final(r), timeout=120)
+        assert running.state is JobState.RUNNING, running
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    killed_at = queue.get("acme", submitted.id)
+    assert killed_at.state is JobState.RUNNING and killed_at.step < 400 and killed_at.attempts == 1
+    assert store.get_version("acme", "bot") is None  # nothing half-published
+    assert f"job {submitted.id}: step 1/400, loss" in (tmp_path / "first.log").read_text()  # progress in the log
+
+    with worker_process(model_dir, redis_prefix, tmp_path / "second.log") as second:
+        done = wait_for(queue, submitted.id, final, timeout=120)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0  # a clean shutdown
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert (done.attempts, done.adapter_version, done.step) == (2, 1, 400)
+    record, adapter = store.get("acme", "bot")  # one complete version, which loads and validates
+    assert record.version == 1 and adapter.bank_id == record.bank_id
+    assert f"job {submitted.id}: published acme/bot v1" in (tmp_path / "second.log").read_text()
+    queue.close()
+    store.close()
+
+
+async def test_restarting_the_api_loses_no_queued_job(redis_prefix: str) -> None:
+    form = {"adapter": "bot", "hyperparameters": HP.model_dump_json()}
+    settings = api_settings(store_url=REDIS_URL, jobs_url=REDIS_URL, redis_prefix=redis_prefix)
+    no_worker = settings.model_copy(update={"embedded_worker": False})  # the jobs stay queued
+    before = create_app(no_worker, model=tiny_llama(seed=3), tokenizer=byte_tokenizer())
+    async with served(before) as api:
+        ids = []
+        for name in ("bot", "bot2"):
+            r = await api.post("/v1/fine_tuning/jobs", data={**form, "adapter": name}, files={"training_file": ROWS})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+
+    after = create_app(settings, model=tiny_llama(seed=3), tokenizer=byte_tokenizer())  # with its worker this time
+    async with served(after) as api:
+        listed = (await api.get("/v1/fine_tuning/jobs")).json()["data"]
+        assert [j["id"] for j in listed] == ids[::-1] and {j["status"] for j in listed} <= {"queued", "running"}
+        for job_id in ids:
+            r = await api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"})
+            assert '"status":"succeeded"' in r.text, r.text
+        assert (await api.get("/v1/adapters/bot2")).json()["version"] == 1
