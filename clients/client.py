@@ -324,7 +324,7 @@ def _sse_chunk(line: str) -> dict[str, Any] | object | None:
     if data == "[DONE]":
         return _DONE
     chunk = json.loads(data)
-    if "error" in chunk:
+    if chunk.keys() == {"error"}:  # an error body, not an object with an `error` field (a job)
         raise error_from_body(chunk, None)
     return chunk
 

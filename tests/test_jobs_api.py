@@ -1,7 +1,9 @@
 """Fine-tuning over HTTP, in process (httpx over ASGI, lifespan running) on the tiny model
 with the embedded worker: a job learns a made-up task and its adapter serves it; every
-bad upload is refused with its status and field and queues nothing; cancel; tenants
-see only their own jobs. Then the Python client and `vbctl` against a live server."""
+bad upload is refused with its status and field and queues nothing; limits, cancel;
+tenants see only their own jobs. Then the Python client (sync and async, with API keys
+and the typed auth and limit errors) and `vbctl train|jobs` against a live server with
+authentication."""
 
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from adapter_store import encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from clients import (
     AsyncVBServeClient,
     AuthenticationError,
     ConflictError,
+    FineTuningJob,
     InvalidRequestError,
+    JobEvent,
     NotFoundError,
     OverloadedError,
     PermissionDeniedError,
@@ -36,25 +41,28 @@ from clients import (
 from clients.cli import main as vbctl
 from server.api import current_tenant
 from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry
-from tests.test_api import api_settings, chat_tokenizer, error_of, sse_events
-from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, jsonl, task_model
+from server.tenancy import SQLiteTenantRegistry, TenantLimits
+from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter, sse_events
+from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
 
 MAX_FILE_BYTES = 64 << 10
 ADMIN_KEY = "admin-key-for-the-jobs-tests-0123456789"
-# The task of tests/test_training.py as form fields: some in the JSON field, some apart.
-TASK_FORM = {
-    "adapter": "lookup",
-    "hyperparameters": json.dumps({"lr_bank": 2e-2, "lr_logits": 5e-2, "warmup_ratio": 0.0}),
-    "target_modules": ",".join(ALL_LINEAR),
-    "r": "4",
-    "vector_length": "16",
-    "num_vectors": "64",
-    "max_steps": "120",
-    "batch_size": "4",
-    "max_seq_len": "32",
-}
+
+
+def task_form() -> dict[str, str]:
+    """TASK_HP of tests/test_training.py as form fields: the rates in the JSON field, the
+    rest as fields of their own."""
+    fields = TASK_HP.model_dump(exclude_defaults=True)
+    rates = {name: fields.pop(name) for name in ("lr_bank", "lr_logits", "warmup_ratio")}
+    return {
+        "adapter": "lookup",
+        "hyperparameters": json.dumps(rates),
+        **{k: ",".join(v) if isinstance(v, list) else str(v) for k, v in fields.items()},
+    }
+
+
+TASK_FORM = task_form()
 LONG = {**TASK_FORM, "max_steps": "1000000"}  # runs until cancelled
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
@@ -304,3 +312,171 @@ async def test_fine_tuning_disabled_is_503(tmp_path):
         r = await client.post("/v1/fine_tuning/jobs", data=TASK_FORM, files=files())
         assert r.status_code == 503
     store.close()
+
+
+# -- the Python client and vbctl against a live server -------------------------------------------
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """`app` in a uvicorn server on a free loopback port, in a thread; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A live server with authentication: (URL, {tenant: API key})."""
+    path = tmp_path_factory.mktemp("deployment")
+    store, registry = SQLiteAdapterStore(path / "adapters.db"), SQLiteTenantRegistry(path / "tenants.db")
+    keys = {}
+    for name, limits in [
+        ("acme", {}),
+        ("globex", {}),
+        ("slow", {"requests_per_s": 0.01}),
+        ("full", {"max_adapters": 0}),
+    ]:
+        registry.create_tenant(name, TenantLimits(**limits))
+        keys[name] = registry.create_key(name)[1]
+    app = create_app(
+        settings(path, admin_key=ADMIN_KEY),
+        model=task_model(),
+        tokenizer=chat_tokenizer(),
+        store=store,
+        tenants=registry,
+    )
+    with live_server(app) as url:
+        yield url, keys
+    registry.close()
+    store.close()
+
+
+def cancelling(job: FineTuningJob) -> bool:
+    """A cancelled queued job ends at once; a running one keeps running for a step."""
+    return job.status == "cancelled" or (job.status == "running" and job.cancel_requested)
+
+
+CLIENT_HP = {"target_modules": ["q_proj", "v_proj"], "vector_length": 16, "num_vectors": 64, "max_seq_len": 32}
+
+
+def test_client_auth_errors(deployment, monkeypatch):
+    url, keys = deployment
+    monkeypatch.delenv("VBSERVE_API_KEY", raising=False)
+    with VBServeClient(url) as vb, pytest.raises(AuthenticationError) as err:
+        vb.jobs.list()
+    assert err.value.status == 401
+    with VBServeClient(url, api_key=ADMIN_KEY) as vb, pytest.raises(PermissionDeniedError):
+        vb.jobs.list()
+    with VBServeClient(url, api_key=keys["slow"]) as vb:
+        vb.jobs.list()
+        with pytest.raises(RateLimitedError) as limited:
+            vb.jobs.list()
+    assert limited.value.status == 429 and limited.value.retry_after == 1.0
+    with VBServeClient(url, api_key=keys["full"]) as vb, pytest.raises(QuotaExceededError):
+        vb.adapters.push("one-too-many", encode_adapter(random_adapter(task_model(), seed=1)))
+
+
+def test_sync_client_jobs(deployment, monkeypatch, tmp_path):
+    url, keys = deployment
+    monkeypatch.setenv("VBSERVE_API_KEY", keys["acme"])  # the default key
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(TASK_FILE)
+    with VBServeClient(url) as vb:
+        job = vb.jobs.create(data, "sync-job", validation_file=TASK_FILE, max_steps=10, batch_size=2, **CLIENT_HP)
+        assert job.status == "queued" and job.hyperparameters["max_steps"] == 10 and not job.ended
+        updates = list(vb.jobs.follow(job.id))
+        assert isinstance(updates[0], FineTuningJob) and updates[-1].status == "succeeded" and updates[-1].ended
+        events = [u for u in updates if isinstance(u, JobEvent)]
+        assert events[-1].step == 10 and events[-1].val_loss is not None
+        assert vb.jobs.events(job.id) == events
+        done = vb.jobs.get(job.id)
+        assert (done.fine_tuned_model, done.adapter_version, done.progress.step) == ("sync-job", 1, 10)
+        assert vb.jobs.list().data[0] == done
+        assert vb.generate("key1:", adapter="sync-job", **GREEDY).text
+        with pytest.raises(ConflictError):
+            vb.jobs.cancel(job.id)
+
+        with pytest.raises(InvalidRequestError) as err:
+            vb.jobs.create(b'{"prompt": "a"}', "bad", **CLIENT_HP)
+        assert err.value.field == "training_file line 1" and "completion" in err.value.message
+        with pytest.raises(TooLargeError):
+            vb.jobs.create(b"x" * (MAX_FILE_BYTES + 1), "big")
+
+        long = vb.jobs.create(TASK_FILE, "sync-long", max_steps=1_000_000, **CLIENT_HP)
+        with VBServeClient(url, api_key=keys["globex"]) as other, pytest.raises(NotFoundError):
+            other.jobs.get(long.id)
+        assert cancelling(vb.jobs.cancel(long.id))
+        assert list(vb.jobs.follow(long.id))[-1].status == "cancelled"
+
+
+async def test_async_client_jobs(deployment):
+    url, keys = deployment
+    async with AsyncVBServeClient(url, api_key=keys["acme"]) as vb:
+        job = await vb.jobs.create(TASK_FILE, "async-job", max_steps=4, **CLIENT_HP)
+        updates = [u async for u in vb.jobs.follow(job.id)]
+        assert updates[-1].status == "succeeded"
+        assert [e.step for e in await vb.jobs.events(job.id)][-1] == 4
+        assert (await vb.jobs.get(job.id)).adapter_version == 1
+        assert job.id in [j.id for j in (await vb.jobs.list(limit=5)).data]
+        longs = [await vb.jobs.create(TASK_FILE, f"async-{i}", max_steps=1_000_000, **CLIENT_HP) for i in (1, 2)]
+        with pytest.raises(OverloadedError) as err:  # the tenant's limit of 2 queued + running jobs
+            await vb.jobs.create(TASK_FILE, "async-3", **CLIENT_HP)
+        assert err.value.retry_after == 1.0
+        for long in longs:
+            assert cancelling(await vb.jobs.cancel(long.id))
+        for long in longs:
+            assert [u async for u in vb.jobs.follow(long.id)][-1].status == "cancelled"
+
+
+def test_vbctl_train_follow_and_jobs(deployment, tmp_path, capsys, monkeypatch):
+    url, keys = deployment
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(TASK_FILE)
+    hp = ["--r", "4", "--b", "16", "--h", "64", "--k", "2", "--modules", "q_proj,v_proj", "--max-seq-len", "32"]
+    hp += ["--batch-size", "2", "--lr-bank", "0.01", "--lr-logits", "0.05", "--seed", "1"]
+
+    def run(*args: str, code: int = 0) -> pytest.CaptureResult:
+        result = vbctl(["--url", url, "--api-key", keys["acme"], *args])
+        captured = capsys.readouterr()
+        assert result == code, captured
+        return captured
+
+    done = run("train", str(data), "--adapter", "cli-job", "--validation", str(data), "--steps", "6", *hp, "--follow")
+    assert "succeeded: adapter cli-job version 1" in done.out
+    assert "6/6" in done.err and "loss" in done.err  # the progress bar, on stderr
+    job_id = done.out.split()[1].rstrip(":")  # "created ftjob-...: training adapter cli-job"
+    assert job_id in run("jobs", "ls").out
+    shown = json.loads(run("jobs", "show", job_id).out)
+    assert shown["status"] == "succeeded" and shown["hyperparameters"]["seed"] == 1
+    assert "step 6/6: loss" in run("jobs", "events", job_id).out
+
+    # A followed job that is cancelled makes vbctl exit 1; the key comes from the environment.
+    monkeypatch.setenv("VBSERVE_API_KEY", keys["acme"])
+    exit_code = []
+    follow = ["--url", url, "train", str(data), "--adapter", "cli-long", "--steps", "1000000", *hp, "--follow"]
+    thread = threading.Thread(target=lambda: exit_code.append(vbctl(follow)))
+    thread.start()
+    with VBServeClient(url) as vb:
+        deadline = time.monotonic() + 30
+        while not (running := [j for j in vb.jobs.list().data if j.adapter == "cli-long" and j.progress.step]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert "cancel requested" in run("jobs", "cancel", running[0].id).out
+    thread.join(30)
+    assert exit_code == [1] and f"{running[0].id} cancelled" in capsys.readouterr().err
+    assert "cancelled" in run("jobs", "events", running[0].id, "--follow", code=1).out
+    assert vbctl(["--url", url, "--api-key", "wrong", "jobs", "ls"]) == 1
+    assert "unauthorized" in capsys.readouterr().err
