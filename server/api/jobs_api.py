@@ -55,6 +55,8 @@ KEEPALIVE_S = 15.0  # an SSE comment when nothing else was sent, so proxies keep
 
 
 def job_queue(services: ServicesDep) -> JobQueue:
+    """The queue, or 503 when fine-tuning is off. Routes take it after `TenantDep` (FastAPI
+    resolves dependencies in order), so a caller without a valid key gets a 401 first."""
     if services.jobs is None:
         raise APIError("unavailable", "fine-tuning is disabled on this server", "fine_tuning")
     return services.jobs
@@ -74,7 +76,7 @@ JobsDep = Annotated[JobQueue, Depends(job_queue)]
         }
     },
 )
-async def create_job(request: Request, services: ServicesDep, jobs: JobsDep, tenant: TenantDep) -> FineTuningJob:
+async def create_job(request: Request, services: ServicesDep, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
     """Queue a job that trains a VB-LoRA adapter on the uploaded JSONL file(s) and
     publishes it as the next version of `adapter`."""
     upload = await read_upload(request, services.settings.training_max_file_bytes)
@@ -89,8 +91,8 @@ async def create_job(request: Request, services: ServicesDep, jobs: JobsDep, ten
 
 @router.get("", response_model=JobList)
 def list_jobs(
-    jobs: JobsDep,
     tenant: TenantDep,
+    jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
 ) -> JobList:
     """The newest jobs first (finished ones are kept for `VBSERVE_TRAINING_JOB_RETENTION_S`)."""
@@ -99,7 +101,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
-def get_job(job_id: str, jobs: JobsDep, tenant: TenantDep) -> FineTuningJob:
+def get_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
     return FineTuningJob.of(jobs.get(tenant, job_id))
 
 
@@ -110,8 +112,8 @@ def get_job(job_id: str, jobs: JobsDep, tenant: TenantDep) -> FineTuningJob:
 )
 async def job_events(
     job_id: str,
-    jobs: JobsDep,
     tenant: TenantDep,
+    jobs: JobsDep,
     stream: Annotated[bool, Query(description="Follow the job as server-sent events until it ends")] = False,
     accept: Annotated[str | None, Header()] = None,
 ) -> JobEventList | StreamingResponse:
@@ -127,7 +129,7 @@ async def job_events(
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_job(job_id: str, jobs: JobsDep, tenant: TenantDep) -> FineTuningJob:
+def cancel_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
     """A queued job ends at once; a running one within a training step (its status stays
     `running` with `cancel_requested` until then). Nothing is published either way."""
     return FineTuningJob.of(jobs.cancel(tenant, job_id))
