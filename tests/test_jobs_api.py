@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from adapter_store import encode_adapter
@@ -42,6 +40,7 @@ from clients.cli import main as vbctl
 from server.api import current_tenant
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
+from tests.conftest import serve_in_thread
 from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
@@ -317,26 +316,6 @@ async def test_fine_tuning_disabled_is_503(tmp_path):
 # -- the Python client and vbctl against a live server -------------------------------------------
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """`app` in a uvicorn server on a free loopback port, in a thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """A live server with authentication: (URL, {tenant: API key})."""
@@ -358,7 +337,7 @@ def deployment(tmp_path_factory):
         store=store,
         tenants=registry,
     )
-    with live_server(app) as url:
+    with serve_in_thread(app) as url:
         yield url, keys
     registry.close()
     store.close()
