@@ -1,7 +1,9 @@
 """One contract for every adapter store backend: each test runs against SQLite (in a tmp
-folder) and against a real Redis server (`VBSERVE_TEST_REDIS_URL`, default
-redis://127.0.0.1:6379/15, under a random key prefix that is deleted afterwards). Redis
-is never mocked; when no server answers, the Redis cases are skipped, saying why."""
+folder), against a real Redis server (`VBSERVE_TEST_REDIS_URL`, default
+redis://127.0.0.1:6379/15) and against a real local Redis Cluster of three nodes
+(tests/redis_cluster.py), each under a random key prefix that is deleted afterwards.
+Redis is never mocked; when no server answers (or redis-server is not installed for the
+cluster), those cases are skipped, saying why."""
 
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from adapter_store import (
     open_store,
 )
 from tests.conftest import REDIS_URL, redis_test_prefix
+
+pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
 CONFIG = AdapterConfig(
     modules=(ModuleSpec("layers.0.q_proj", 16, 16), ModuleSpec("layers.0.v_proj", 16, 32)),
@@ -83,10 +87,18 @@ class Backend:
 
     kind: str
     open: Callable[[], AdapterStore]
-    bank_count: Callable[[], int]  # how many banks are physically stored
+    # How many banks are stored. On Redis: with a reference; one whose last reference is
+    # dropped lingers for a grace period (for readers in flight), then expires.
+    bank_count: Callable[[], int]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[Backend]:
     if request.param == "sqlite":
         path = tmp_path / "store" / "adapters.db"
@@ -97,11 +109,16 @@ def backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[Backend]:
 
         yield Backend("sqlite", lambda: SQLiteAdapterStore(path), sqlite_bank_count)
         return
-    with redis_test_prefix() as (client, prefix):
+    if request.param == "redis":
+        url, context = REDIS_URL, redis_test_prefix()
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        url, context = cluster.url, cluster.test_prefix()
+    with context as (client, prefix):
         yield Backend(
-            "redis",
-            lambda: RedisAdapterStore.from_url(REDIS_URL, prefix=prefix),
-            lambda: sum(1 for _ in client.scan_iter(match=f"{prefix}:b:*")),
+            request.param,
+            lambda: RedisAdapterStore.from_url(url, prefix=prefix),
+            lambda: sum(1 for key in client.scan_iter(match=f"{prefix}:b:*") if client.hlen(key) > 1),
         )
 
 

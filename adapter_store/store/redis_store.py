@@ -1,160 +1,236 @@
-"""The production store: Redis, tenant-namespaced keys, atomic publish of each version.
+"""The production store: Redis or Redis Cluster, tenant-namespaced keys, atomic publish of
+each version.
 
 Keys (`p` is the configurable prefix; `{tenant}` in braces is a Redis Cluster hash tag,
 so all keys of one tenant share a slot):
 
-    p:a:{tenant}:n:<name>   hash: version, bank_id, config, body, body_bytes, bank_bytes, created, updated
+    p:a:{tenant}:n:<name>   hash: version, bank_id, bank_ref, config, body, body_bytes, bank_bytes, created, updated
     p:a:{tenant}:versions   hash: name -> last version ever given (survives delete)
     p:a:{tenant}:names      sorted set, all scores 0: names in byte order, for paging
     p:a:{tenant}:bytes      integer: sum of stored_bytes of the tenant's adapters
-    p:b:<bank_id>           hash: data (encode_bank blob), refs (number of adapters using it)
+    p:b:<bank_id>           hash: data (encode_bank blob), and one field per reference,
+                            r:<tenant>/<name>/<token> -> server time (ms) it was taken
 
-Every write (put, delete) is one Lua script, which Redis runs atomically: the version
-check, the new body + record, the bank reference and the release of the replaced bank
-happen together or not at all, so a reader sees the old or the new version, never a mix.
-`get` is one (read-only) script too: record, body and bank come from one instant. Reading
-the record and then the bank in two round trips would race a writer that replaces the
-version and drops the old bank in between; retrying such misses starves a reader of a
-name that is rewritten continuously (measured: 8 writers on one name beat 8 retries).
+Banks are content addressed and global: one copy serves every tenant that uses it, and
+`get_bank(bank_id)` needs no tenant. So a bank key hashes to another cluster slot than
+the adapter keys, and Redis Cluster refuses a script that touches both. Every script
+here therefore touches one slot: the tenant's keys, or one bank key. Keeping a copy of
+each bank per tenant in the tenant's slot would have made every operation one script,
+but it breaks the interface (`get_bank`/`has_bank` take no tenant, and would need a
+global index: cross-slot again) and stores a 32 KiB float16 bank (SmolLM2 q,v, b=64,
+h=256) once per tenant instead of once. The two-phase design below keeps banks global
+and runs unchanged on a single node, so there is one code path for both.
 
-Cluster caveat: a script may only touch keys of one slot on Redis Cluster, and bank keys
-are global (content addressed, shared across tenants), so they live in other slots than
-the adapter keys, and the scripts build bank keys from the prefix inside Lua. This store
-therefore targets single-node Redis (or a primary with replicas). Bank keys are built
-only by `_bank_key`/`_bank_key_prefix` and touched only by the three scripts,
-`_get_bank` and `_has_bank`, so moving banks to their own slot-safe scheme later (e.g.
-two-phase refcounting outside the adapter script) stays local to this file.
+A put takes three steps, each one atomic script:
+
+1. bank slot: store the bank if new and add a reference field for this put (a random
+   token), whose value is when it was taken;
+2. tenant slot: check the version and the quota, then publish body + record, naming the
+   bank and the reference (`bank_ref`); refuse if the reference is older than
+   `ref_timeout_s` (see garbage collection);
+3. bank slots: drop the reference of the version just replaced, or on a refused put the
+   one taken in step 1.
+
+A delete is step 2 (remove the record) then step 3. A reference is always taken before
+the record that names it is published and dropped only after that record is gone, so a
+published adapter's bank is never freed under it. A crash or a lost connection between
+steps can leave a reference that no record names: storage, never a missing bank.
+`collect_garbage()` drops such references once they are older than twice
+`ref_timeout_s` (a margin for clock skew between cluster nodes): step 2 refuses a
+reference that old, so no record can come to name it afterwards.
+
+A bank whose last reference is dropped is not deleted at once: it expires after
+`bank_grace_s`. `get` reads the record (one HGETALL: one instant) and then the bank,
+two round trips that a writer can fall between, replacing the version and dropping its
+bank; the grace period keeps that bank readable for such a reader, who thus gets the
+old version whole (never a mix, never a missing bank). Retrying a reader on a miss
+instead starves it on a name rewritten continuously (measured: 8 writers on one name
+beat 8 retries). A bank without references counts as absent (`has_bank`, `get_bank`)
+and a put of the same bank revives it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 
 import redis
+from redis.cluster import RedisCluster
 
-from ..errors import BankNotFoundError, VersionConflictError
+from ..errors import BankNotFoundError, StoreUnavailableError, VersionConflictError
 from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded, validate_key
+
+log = logging.getLogger(__name__)
 
 _RECORD_FIELDS = (b"version", b"bank_id", b"config", b"body_bytes", b"bank_bytes", b"created", b"updated")
 
-_RELEASE_BANK_LUA = """
-local function release_bank(key)
-    if redis.call('HINCRBY', key, 'refs', -1) <= 0 then
-        redis.call('DEL', key)
-    end
+# URL schemes of a cluster, and the plain scheme redis-py's RedisCluster expects instead.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+_NOW_MS_LUA = """
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 """
 
-# KEYS: adapter hash, versions hash, names zset, bytes counter, new bank hash.
-# ARGV: name, expected version ('' = unconditional), bank_id, config JSON, body,
-#       bank blob ('' = only if the bank is missing: the script then answers 'need_bank'),
-#       now, bank key prefix, max adapters ('' = no limit), max bytes ('' = no limit).
-# Every check comes before the first write, so a refused put changes nothing.
+# Step 1. KEYS: bank hash. ARGV: reference field, bank blob ('' = only if the bank is
+# stored already: the script then answers 'need_bank' when it is not).
+# Returns {'ok', stored blob length, time the reference was taken (ms)}.
+_REF_BANK_LUA = (
+    _NOW_MS_LUA
+    + """
+if redis.call('HEXISTS', KEYS[1], 'data') == 0 then
+    if ARGV[2] == '' then
+        return {'need_bank'}
+    end
+    redis.call('HSET', KEYS[1], 'data', ARGV[2])
+end
+local taken = now_ms()
+redis.call('HSET', KEYS[1], ARGV[1], taken)
+redis.call('PERSIST', KEYS[1])  -- it may be an unreferenced bank waiting out its grace period
+return {'ok', redis.call('HSTRLEN', KEYS[1], 'data'), taken}
+"""
+)
+
+# Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter.
+# ARGV: name, expected version ('' = unconditional), bank_id, bank reference field,
+#       config JSON, body, bank blob length, now (unix s), reference time (ms),
+#       reference timeout (ms), max adapters ('' = no limit), max bytes ('' = no limit).
+# Every check comes before the first write, so a refused put changes nothing. Returns
+# {'ok', version, created, replaced bank_id or nil, replaced reference or nil}.
 _PUT_LUA = (
-    _RELEASE_BANK_LUA
+    _NOW_MS_LUA
     + """
 local name = ARGV[1]
-local cur = redis.call('HMGET', KEYS[1], 'version', 'bank_id', 'body_bytes', 'bank_bytes', 'created')
+local cur = redis.call('HMGET', KEYS[1], 'version', 'bank_id', 'bank_ref', 'body_bytes', 'bank_bytes', 'created')
 local cur_version = tonumber(cur[1]) or 0
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= cur_version then
     return {'conflict', cur_version}
 end
-local bank_stored = redis.call('EXISTS', KEYS[5]) == 1
-if not bank_stored and ARGV[6] == '' then
-    return {'need_bank'}
+if now_ms() - tonumber(ARGV[9]) > tonumber(ARGV[10]) then
+    return {'stale_ref'}
 end
-local bank_bytes = string.len(ARGV[6])
-if bank_stored then
-    bank_bytes = redis.call('HSTRLEN', KEYS[5], 'data')
-end
-local delta = string.len(ARGV[5]) + bank_bytes
+local delta = string.len(ARGV[6]) + tonumber(ARGV[7])
 if cur[1] then
-    delta = delta - tonumber(cur[3]) - tonumber(cur[4])
-elseif ARGV[9] ~= '' and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then
+    delta = delta - tonumber(cur[4]) - tonumber(cur[5])
+elseif ARGV[11] ~= '' and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[11]) then
     return {'quota', 'adapters'}
 end
-if ARGV[10] ~= '' and delta > 0 and (tonumber(redis.call('GET', KEYS[4])) or 0) + delta > tonumber(ARGV[10]) then
+if ARGV[12] ~= '' and delta > 0 and (tonumber(redis.call('GET', KEYS[4])) or 0) + delta > tonumber(ARGV[12]) then
     return {'quota', 'bytes'}
 end
-if not bank_stored then
-    redis.call('HSET', KEYS[5], 'data', ARGV[6], 'refs', 0)
-end
--- Take the new reference before releasing the old one: they may be the same bank.
-redis.call('HINCRBY', KEYS[5], 'refs', 1)
-local created = ARGV[7]
-if cur[1] then
-    release_bank(ARGV[8] .. cur[2])
-    created = cur[5]
-end
+local created = cur[6] or ARGV[8]
 local version = math.max(tonumber(redis.call('HGET', KEYS[2], name)) or 0, cur_version) + 1
 redis.call('HSET', KEYS[2], name, version)
-redis.call('HSET', KEYS[1], 'version', version, 'bank_id', ARGV[3], 'config', ARGV[4], 'body', ARGV[5],
-           'body_bytes', string.len(ARGV[5]), 'bank_bytes', bank_bytes, 'created', created, 'updated', ARGV[7])
+redis.call('HSET', KEYS[1], 'version', version, 'bank_id', ARGV[3], 'bank_ref', ARGV[4], 'config', ARGV[5],
+           'body', ARGV[6], 'body_bytes', string.len(ARGV[6]), 'bank_bytes', ARGV[7], 'created', created,
+           'updated', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, name)
 redis.call('INCRBY', KEYS[4], delta)
-return {'ok', version, created, bank_bytes}
+return {'ok', version, created, cur[2], cur[3]}
 """
 )
 
-# KEYS: adapter hash, names zset, bytes counter. ARGV: name, bank key prefix.
-_DELETE_LUA = (
-    _RELEASE_BANK_LUA
-    + """
-local cur = redis.call('HMGET', KEYS[1], 'bank_id', 'body_bytes', 'bank_bytes')
+# Step 2 of a delete. KEYS: adapter hash, names zset, bytes counter. ARGV: name.
+# Returns false if absent, else {bank_id, reference} to drop.
+_DELETE_LUA = """
+local cur = redis.call('HMGET', KEYS[1], 'bank_id', 'bank_ref', 'body_bytes', 'bank_bytes')
 if not cur[1] then
-    return 0
+    return false
 end
-release_bank(ARGV[2] .. cur[1])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('ZCARD', KEYS[2]) == 0 then
     redis.call('DEL', KEYS[3])
 else
-    redis.call('DECRBY', KEYS[3], tonumber(cur[2]) + tonumber(cur[3]))
+    redis.call('DECRBY', KEYS[3], tonumber(cur[3]) + tonumber(cur[4]))
+end
+return {cur[1], cur[2]}
+"""
+
+# Step 3. KEYS: bank hash. ARGV: reference field, grace period (ms). Returns 1 if the
+# reference was there (0: already dropped, e.g. by both a put and garbage collection).
+_RELEASE_LUA = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+if redis.call('HLEN', KEYS[1]) <= 1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 1
 """
-)
 
-# KEYS: adapter hash. ARGV: bank key prefix. Returns nil, or {flat record hash, bank blob or nil}.
-_READ_LUA = """
-local fields = redis.call('HGETALL', KEYS[1])
-if #fields == 0 then
-    return false
+# KEYS: bank hash. The blob if the bank has a reference (is not waiting to expire).
+_LIVE_BANK_LUA = """
+if redis.call('HLEN', KEYS[1]) > 1 then
+    return redis.call('HGET', KEYS[1], 'data')
 end
-for i = 1, #fields, 2 do
-    if fields[i] == 'bank_id' then
-        return {fields, redis.call('HGET', ARGV[1] .. fields[i + 1], 'data')}
-    end
-end
-return {fields, false}
+return false
+"""
+
+# KEYS: names zset, bytes counter: both counts from one instant.
+_COUNT_LUA = """
+return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2])) or 0}
 """
 
 
 class RedisAdapterStore(AdapterStore):
-    """Adapter store on a Redis server. Thread-safe: redis-py's client pools connections."""
+    """Adapter store on a Redis server or cluster. Thread-safe: redis-py pools connections."""
 
-    unavailable_errors = (redis.ConnectionError, redis.TimeoutError)
+    unavailable_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "vbs") -> None:
-        """client: must return bytes (`decode_responses=False`): bodies and banks are binary."""
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        *,
+        prefix: str = "vbs",
+        bank_grace_s: float = 60.0,
+        ref_timeout_s: float = 60.0,
+    ) -> None:
+        """client: must return bytes (`decode_responses=False`): bodies and banks are binary.
+        bank_grace_s: how long an unreferenced bank stays readable for in-flight `get`s.
+        ref_timeout_s: the longest a put may take between its first and second step."""
         super().__init__()
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisAdapterStore needs a client with decode_responses=False")
         self.prefix = validate_key("prefix", prefix)
         self._redis = client
+        self._grace_ms = max(1, round(bank_grace_s * 1000))
+        self._ref_timeout_ms = max(1, round(ref_timeout_s * 1000))
+        self._ref_bank_script = client.register_script(_REF_BANK_LUA)
         self._put_script = client.register_script(_PUT_LUA)
         self._delete_script = client.register_script(_DELETE_LUA)
-        self._read_script = client.register_script(_READ_LUA)
+        self._release_script = client.register_script(_RELEASE_LUA)
+        self._live_bank_script = client.register_script(_LIVE_BANK_LUA)
+        self._count_script = client.register_script(_COUNT_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "vbs", timeout: float = 5.0) -> RedisAdapterStore:
-        """Connect lazily to `redis://` or `rediss://` `url`; no I/O happens until first use.
-        timeout: seconds for connecting and for each command."""
-        client = redis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        return cls(client, prefix=prefix)
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "vbs",
+        timeout: float = 5.0,
+        bank_grace_s: float = 60.0,
+        ref_timeout_s: float = 60.0,
+    ) -> RedisAdapterStore:
+        """`redis://` or `rediss://`: one server (or a primary), connected lazily: no I/O
+        until first use. `redis+cluster://host:port` or `rediss+cluster://`: a Redis
+        Cluster, found from that one node; connected at once, to learn the slot map
+        (`StoreUnavailableError` if no node answers). timeout: seconds for connecting and
+        for each command."""
+        options = {"decode_responses": False, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        scheme, _, rest = url.partition("://")
+        if scheme in CLUSTER_SCHEMES:
+            try:
+                client = RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+            except (*cls.unavailable_errors, redis.exceptions.RedisClusterException) as exc:
+                raise StoreUnavailableError("store", f"no Redis Cluster node answers at {url}: {exc}") from exc
+        else:
+            client = redis.Redis.from_url(url, **options)
+        return cls(client, prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
 
     def __repr__(self) -> str:
         return f"RedisAdapterStore({self._redis!r}, prefix={self.prefix!r})"
@@ -167,11 +243,8 @@ class RedisAdapterStore(AdapterStore):
     def _adapter_key(self, tenant: str, name: str) -> str:
         return self._tenant_key(tenant, f"n:{name}")
 
-    def _bank_key_prefix(self) -> str:
-        return f"{self.prefix}:b:"
-
     def _bank_key(self, bank_id: str) -> str:
-        return self._bank_key_prefix() + bank_id
+        return f"{self.prefix}:b:{bank_id}"
 
     # -- backend operations -------------------------------------------------------------
 
@@ -187,40 +260,66 @@ class RedisAdapterStore(AdapterStore):
         now: float,
         quota: StoreQuota,
     ) -> AdapterRecord:
+        # Tenants and names cannot contain '/' (validate_key), so the field parses back.
+        ref = f"r:{tenant}/{name}/{secrets.token_hex(8)}"
+        bank_key = self._bank_key(bank_id)
+        reply = self._ref_bank_script(keys=[bank_key], args=[ref, b""])
+        if reply[0] == b"need_bank":
+            # Send the bank only when it is not stored yet: most puts reuse a stored bank.
+            reply = self._ref_bank_script(keys=[bank_key], args=[ref, bank])
+        _, bank_bytes, taken_ms = reply
         keys = [
             self._adapter_key(tenant, name),
             self._tenant_key(tenant, "versions"),
             self._tenant_key(tenant, "names"),
             self._tenant_key(tenant, "bytes"),
-            self._bank_key(bank_id),
         ]
         expected = "" if expected_version is None else str(expected_version)
         limits = ["" if limit is None else str(limit) for limit in (quota.max_adapters, quota.max_bytes)]
-        args = [name, expected, bank_id, config_json, body, b"", repr(now), self._bank_key_prefix(), *limits]
-        reply = self._put_script(keys=keys, args=args)
-        if reply[0] == b"need_bank":
-            # Send the bank only when it is not stored yet: most puts reuse a stored bank.
-            args[5] = bank
-            reply = self._put_script(keys=keys, args=args)
-        if reply[0] == b"conflict":
-            raise VersionConflictError("version", f"expected version {expected_version}, stored version is {reply[1]}")
-        if reply[0] == b"quota":
-            raise quota_exceeded(reply[1].decode(), quota)
-        _, version, created, bank_bytes = reply
+        args = [name, expected, bank_id, ref, config_json, body, bank_bytes, repr(now), taken_ms, self._ref_timeout_ms]
+        # If this raises, the adapter may or may not name `ref` now: keep the reference
+        # (collect_garbage drops it if unused) rather than risk freeing a published bank.
+        reply = self._put_script(keys=keys, args=[*args, *limits])
+        if reply[0] != b"ok":
+            self._release(bank_id, ref)
+            if reply[0] == b"conflict":
+                raise VersionConflictError(
+                    "version", f"expected version {expected_version}, stored version is {reply[1]}"
+                )
+            if reply[0] == b"quota":
+                raise quota_exceeded(reply[1].decode(), quota)
+            raise StoreUnavailableError("store", "the put stalled between its steps for too long; retry")
+        _, version, created, replaced_bank_id, replaced_ref = reply
+        if replaced_bank_id is not None:
+            self._release(replaced_bank_id.decode(), replaced_ref)
         return AdapterRecord(
             tenant, name, version, bank_id, json.loads(config_json), len(body), bank_bytes, float(created), now
         )
 
+    def _release(self, bank_id: str, ref: str | bytes) -> int:
+        """Drop one reference on a bank (step 3). The operation it cleans up after has
+        already succeeded or been refused, so a failure here is logged, not raised: it
+        leaves a reference that `collect_garbage` drops later."""
+        try:
+            return self._release_script(keys=[self._bank_key(bank_id)], args=[ref, self._grace_ms])
+        except self.unavailable_errors as exc:
+            log.warning("could not drop a reference on bank %s (collect_garbage will): %s", bank_id, exc)
+            return 0
+
     def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
-        reply = self._read_script(keys=[self._adapter_key(tenant, name)], args=[self._bank_key_prefix()])
-        if reply is None:
-            raise not_found(tenant, name)
-        flat, bank = reply
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        record = _record(tenant, name, [fields.get(f) for f in _RECORD_FIELDS])
-        if bank is None:  # refcounting should never allow this
-            raise BankNotFoundError("bank_id", f"bank {record.bank_id!r} of {tenant}/{name} is missing")
-        return record, fields[b"body"], bank
+        key = self._adapter_key(tenant, name)
+        # A reader that stalls between its two reads for longer than the grace period may
+        # find the bank of a version replaced meanwhile gone; it then reads the then
+        # current version once more. A second miss is a bank that really is missing.
+        for _ in range(2):
+            fields = self._redis.hgetall(key)
+            if not fields:
+                raise not_found(tenant, name)
+            record = _record(tenant, name, [fields.get(f) for f in _RECORD_FIELDS])
+            bank = self._redis.hget(self._bank_key(record.bank_id), b"data")
+            if bank is not None:
+                return record, fields[b"body"], bank
+        raise BankNotFoundError("bank_id", f"bank {record.bank_id!r} of {tenant}/{name} is missing")
 
     def _get_record(self, tenant: str, name: str) -> AdapterRecord:
         values = self._redis.hmget(self._adapter_key(tenant, name), _RECORD_FIELDS)
@@ -245,11 +344,8 @@ class RedisAdapterStore(AdapterStore):
         return records
 
     def _count(self, tenant: str) -> tuple[int, int]:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.zcard(self._tenant_key(tenant, "names"))
-        pipe.get(self._tenant_key(tenant, "bytes"))
-        number, total = pipe.execute()
-        return number, int(total or 0)
+        number, total = self._count_script(keys=[self._tenant_key(tenant, "names"), self._tenant_key(tenant, "bytes")])
+        return number, total
 
     def _delete(self, tenant: str, name: str) -> None:
         keys = [
@@ -257,20 +353,49 @@ class RedisAdapterStore(AdapterStore):
             self._tenant_key(tenant, "names"),
             self._tenant_key(tenant, "bytes"),
         ]
-        if not self._delete_script(keys=keys, args=[name, self._bank_key_prefix()]):
+        reply = self._delete_script(keys=keys, args=[name])
+        if reply is None:
             raise not_found(tenant, name)
+        bank_id, ref = reply
+        self._release(bank_id.decode(), ref)
 
     def _get_bank(self, bank_id: str) -> bytes | None:
-        return self._redis.hget(self._bank_key(bank_id), b"data")
+        return self._live_bank_script(keys=[self._bank_key(bank_id)])
 
     def _has_bank(self, bank_id: str) -> bool:
-        return bool(self._redis.exists(self._bank_key(bank_id)))
+        return self._redis.hlen(self._bank_key(bank_id)) > 1
 
     def _ping(self) -> None:
         self._redis.ping()
 
     def _close(self) -> None:
         self._redis.close()
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def collect_garbage(self) -> int:
+        """Drop bank references that no adapter names: left by a process that died, or
+        lost its connection, in the middle of a put or delete. Banks left without any
+        reference then expire. Safe at any time, from any process; it walks every bank
+        (SCAN, on every node of a cluster), so run it now and then, not per request.
+        Returns the number of references dropped."""
+        with self._guard():
+            oldest_ms = _server_time_ms(self._redis) - 2 * self._ref_timeout_ms
+            dropped = 0
+            for bank_key in self._redis.scan_iter(match=self._bank_key("*"), count=1000):
+                for field, taken_ms in self._redis.hscan_iter(bank_key, match="r:*", count=1000):
+                    if int(taken_ms) > oldest_ms:
+                        continue  # its put may still be between steps 1 and 2
+                    tenant, name, _ = field[2:].decode().split("/")
+                    if self._redis.hget(self._adapter_key(tenant, name), b"bank_ref") != field:
+                        bank_id = bank_key.decode().removeprefix(self._bank_key(""))
+                        dropped += self._release(bank_id, field)
+            return dropped
+
+
+def _server_time_ms(client: redis.Redis | RedisCluster) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
 
 
 def _record(tenant: str, name: str, values: list[bytes | None]) -> AdapterRecord:

@@ -1,0 +1,124 @@
+"""The Redis store on a real local Redis Cluster (tests/redis_cluster.py), and the parts
+of its two-phase design that the contract suite cannot see: unreferenced banks expire
+after their grace period, references left by a put that died between its steps are
+collected, a put stalled between its steps is refused. The contract suite itself runs on
+the cluster from tests/test_store_contract.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from adapter_store import RedisAdapterStore, StoreUnavailableError, open_store
+from tests.conftest import REDIS_URL, redis_test_prefix
+from tests.redis_cluster import LocalCluster
+from tests.test_store_contract import make_adapter, make_bank
+
+pytestmark = pytest.mark.redis
+pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
+
+GRACE_S = 0.3
+REF_TIMEOUT_S = 0.2
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def short_timers(request: pytest.FixtureRequest) -> Iterator[tuple[RedisAdapterStore, redis.Redis | RedisCluster]]:
+    """A store with a short bank grace period and reference timeout, and a raw client to
+    look inside it."""
+    if request.param == "redis":
+        context, url = redis_test_prefix(), REDIS_URL
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        url, context = cluster.url, cluster.test_prefix()
+    with context as (client, prefix):
+        store = RedisAdapterStore.from_url(url, prefix=prefix, bank_grace_s=GRACE_S, ref_timeout_s=REF_TIMEOUT_S)
+        yield store, client
+        store.close()
+
+
+def test_store_spreads_over_the_cluster_nodes(redis_cluster: LocalCluster) -> None:
+    """Tenants and banks land on every node, so the contract run on the cluster really
+    crosses slots and nodes in one put."""
+    with redis_cluster.test_prefix() as (client, prefix):
+        store = open_store(redis_cluster.url, redis_prefix=prefix)
+        assert isinstance(store, RedisAdapterStore)
+        for i in range(12):
+            store.put(f"tenant-{i}", "bot", make_adapter(i))
+        nodes = {client.get_node_from_key(key).name for key in client.scan_iter(match=f"{prefix}:*")}
+        assert len(nodes) == len(redis_cluster.ports)
+        store.close()
+
+
+def test_unreachable_cluster_is_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailableError):
+        RedisAdapterStore.from_url("redis+cluster://127.0.0.1:1", timeout=0.5)
+
+
+def test_unreferenced_bank_stays_readable_for_its_grace_period_then_expires(short_timers) -> None:
+    store, client = short_timers
+    first, second = make_adapter(1), make_adapter(2)
+    store.put("acme", "bot", first)
+    store.put("acme", "bot", second)
+    # Replaced: absent to callers at once, but a reader that read the old record just
+    # before the replacement can still fetch its bank.
+    assert not store.has_bank(first.bank_id)
+    old_bank_key = f"{store.prefix}:b:{first.bank_id}"
+    assert client.hget(old_bank_key, "data") is not None
+    time.sleep(GRACE_S + 0.2)
+    assert not client.exists(old_bank_key)
+    # A put of a bank waiting out its grace period revives it instead.
+    store.delete("acme", "bot")
+    store.put("acme", "again", second)
+    time.sleep(GRACE_S + 0.2)
+    assert store.has_bank(second.bank_id)
+    assert store.get("acme", "again")[0].bank_id == second.bank_id
+
+
+def test_collect_garbage_drops_references_that_no_adapter_names(short_timers, monkeypatch) -> None:
+    store, _ = short_timers
+    kept = make_adapter(1, shared_bank=make_bank(3))
+    store.put("acme", "kept", kept)
+
+    def lost_connection(*args, **kwargs):
+        raise redis.ConnectionError("connection lost between step 1 and step 2")
+
+    # The process loses Redis after taking a reference on the bank, before publishing.
+    leaked = make_adapter(2, shared_bank=make_bank(4))
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_put_script", lost_connection)
+        with pytest.raises(StoreUnavailableError):
+            store.put("acme", "leaky", leaked)
+        with pytest.raises(StoreUnavailableError):
+            store.put("acme", "kept", make_adapter(3, shared_bank=make_bank(3)))
+    assert store.has_bank(leaked.bank_id)  # held by a reference nobody will drop
+    assert store.collect_garbage() == 0  # too young: its put might still publish
+    time.sleep(2 * REF_TIMEOUT_S + 0.1)
+    assert store.collect_garbage() == 2
+    assert not store.has_bank(leaked.bank_id)
+    assert store.has_bank(kept.bank_id)  # the published adapter's reference stays
+    assert store.get("acme", "kept")[0].version == 1
+    assert store.collect_garbage() == 0
+
+
+def test_put_stalled_between_its_steps_is_refused(short_timers, monkeypatch) -> None:
+    """Past the reference timeout garbage collection may drop the reference, so a put
+    that stalled that long must not publish an adapter naming it."""
+    store, _ = short_timers
+    take_reference = store._ref_bank_script
+
+    def stall(*args, **kwargs):
+        reply = take_reference(*args, **kwargs)
+        time.sleep(REF_TIMEOUT_S + 0.1)
+        return reply
+
+    adapter = make_adapter(1)
+    monkeypatch.setattr(store, "_ref_bank_script", stall)
+    with pytest.raises(StoreUnavailableError):
+        store.put("acme", "slow", adapter)
+    assert store.get_version("acme", "slow") is None
+    assert store.count("acme") == (0, 0)
+    assert not store.has_bank(adapter.bank_id)
