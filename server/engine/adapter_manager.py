@@ -81,6 +81,18 @@ class AdapterManager:
             config = AdapterConfig.from_json(record.config)
             config.check_compatible(self.base_shapes)
         except AdapterError as exc:
+            if exc.kind == "unavailable":
+                # Stale-on-outage: the store cannot say which version is current, so serve
+                # the newest version composed here (it passed every check when it was
+                # resolved) rather than fail a request this process can answer. Uncached
+                # adapters still fail with "unavailable" (503 + Retry-After).
+                with self._lock:
+                    cached = [k for k in self._cache if k[0] == ref.tenant and k[1] == ref.name]
+                    if cached:
+                        key = max(cached, key=lambda k: k[2])
+                        self._cache.move_to_end(key)
+                        self.on_event("hit", 1)
+                        return key
             raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
         if config.r > self.max_rank:
             raise AdapterUnavailableError(
