@@ -7,6 +7,7 @@ Routes raise `APIError`, or let adapter-store and engine errors propagate: their
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,8 @@ from adapter_store import AdapterError
 from server.engine import EngineError
 from server.tenancy import TenancyError
 from server.training.errors import TrainingError
+
+log = logging.getLogger(__name__)
 
 # Seconds a client should wait before retrying: a full queue drains in about a second, a
 # store outage takes longer to heal.
@@ -88,8 +91,15 @@ class APIError(Exception):
 TypedError = AdapterError | TrainingError | TenancyError
 
 
+# What a client reads when a backing service is down. The driver's own message names the
+# service's host and port (`Error 111 connecting to 10.0.0.5:6379`), which is nobody's
+# business outside: it goes to the server log instead.
+UNAVAILABLE_MESSAGE = "a backing service (store, tenant registry or job queue) is unreachable; retry later"
+
+
 def from_typed_error(exc: TypedError) -> APIError:
-    return APIError(_KIND_TO_TYPE.get(exc.kind, "invalid_request"), str(exc.reason), exc.field)
+    type_ = _KIND_TO_TYPE.get(exc.kind, "invalid_request")
+    return APIError(type_, _public_message(type_, str(exc.reason), exc.field), exc.field)
 
 
 def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = None) -> APIError:
@@ -97,7 +107,14 @@ def from_engine_error(exc: EngineError, field_names: Mapping[str, str] | None = 
     the names of the API the client called (`max_tokens`, `messages`, ...)."""
     field = (field_names or {}).get(exc.field, exc.field)
     kind = _KIND_TO_TYPE.get(exc.kind, "internal_error")
-    return APIError(kind, exc.message, field)
+    return APIError(kind, _public_message(kind, exc.message, field), field)
+
+
+def _public_message(type_: str, message: str, field: str | None) -> str:
+    if type_ != "unavailable":
+        return message
+    log.warning("%s unavailable: %s", field, message)
+    return UNAVAILABLE_MESSAGE
 
 
 def install_error_handlers(app: FastAPI) -> None:

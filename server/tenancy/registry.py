@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -88,6 +90,18 @@ class ApiKey:
         return cls(**doc)
 
 
+# Stale-on-outage for authentication. While the registry cannot be reached, a key that
+# authenticated here within the last OUTAGE_GRACE_S still authenticates (for the tenant
+# and limits it had then), so requests the server can answer from memory (an adapter
+# already composed, the base model) keep being served through a short Redis outage.
+# Only hashes of keys are remembered, at most OUTAGE_CACHE_KEYS of them; the entry is
+# consulted only when the registry is down (a revocation needs the registry up, and the
+# first successful lookup after it forgets the key), and dropped as soon as a lookup
+# answers that the key is no longer valid.
+OUTAGE_GRACE_S = 300.0
+OUTAGE_CACHE_KEYS = 10_000
+
+
 class TenantRegistry(ABC):
     """Thread-safe. Every method may raise `RegistryUnavailableError`."""
 
@@ -95,6 +109,8 @@ class TenantRegistry(ABC):
 
     def __init__(self, pepper: bytes | None = None) -> None:
         self._pepper = pepper or DEFAULT_PEPPER
+        self._confirmed: OrderedDict[str, tuple[Tenant, float]] = OrderedDict()  # key hash -> (tenant, when)
+        self._confirmed_lock = threading.Lock()
 
     # -- tenants -----------------------------------------------------------------------
 
@@ -163,10 +179,32 @@ class TenantRegistry(ABC):
 
     def authenticate(self, key: str) -> Tenant | None:
         """The tenant a presented key belongs to, or None for a malformed, unknown, wrong or
-        revoked key, or one whose tenant is gone."""
+        revoked key, or one whose tenant is gone. While the registry is unreachable, a key
+        confirmed within `OUTAGE_GRACE_S` still answers its tenant (see above); any other
+        key raises `RegistryUnavailableError`."""
         key_id = key_id_of(key)
         if key_id is None:
             return None
+        digest = hash_key(key, self._pepper)
+        try:
+            tenant = self._lookup(key, key_id)
+        except RegistryUnavailableError:
+            with self._confirmed_lock:
+                tenant, when = self._confirmed.get(digest, (None, 0.0))
+            if tenant is None or time.monotonic() - when > OUTAGE_GRACE_S:
+                raise
+            return tenant
+        with self._confirmed_lock:
+            if tenant is None:
+                self._confirmed.pop(digest, None)
+            else:
+                self._confirmed[digest] = (tenant, time.monotonic())
+                self._confirmed.move_to_end(digest)
+                if len(self._confirmed) > OUTAGE_CACHE_KEYS:
+                    self._confirmed.popitem(last=False)
+        return tenant
+
+    def _lookup(self, key: str, key_id: str) -> Tenant | None:
         record = self._get_key(key_id)
         if record is None or record.revoked is not None or not key_matches(key, record.key_hash, self._pepper):
             return None
@@ -184,6 +222,8 @@ class TenantRegistry(ABC):
         revoked = replace(key, revoked=time.time())
         with self._guard():
             self._set("key", key.key_id, _dump(revoked))
+        with self._confirmed_lock:  # not even an outage may bring it back
+            self._confirmed.pop(key.key_hash, None)
         return revoked
 
     # -- lifecycle ----------------------------------------------------------------------
