@@ -1,0 +1,14 @@
+"""Load the configured base model once, then exit: on first run this converts the GGUF
+and writes the safetensors cache (VBSERVE_MODEL_CACHE_DIR). docker-compose.yml runs it
+before the API replicas and workers start, so they do not all convert into the shared
+cache volume at once; each of them then loads the cached copy in about a second."""
+
+import logging
+
+from server.engine.model_loader import load_model
+from server.settings import Settings
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+settings = Settings()
+loaded = load_model(settings.model, gguf_file=settings.gguf_file, cache_dir=settings.model_cache_dir)
+logging.getLogger("vbserve").info("base model %s is ready in %s", loaded.name, settings.model_cache_dir)
