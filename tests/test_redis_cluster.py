@@ -16,7 +16,7 @@ from redis.cluster import RedisCluster
 from adapter_store import RedisAdapterStore, StoreUnavailableError, open_store
 from tests.conftest import REDIS_URL, redis_test_prefix
 from tests.redis_cluster import LocalCluster
-from tests.test_store_contract import make_adapter, make_bank
+from tests.test_store_contract import assert_same_adapter, make_adapter, make_bank, stored_size
 
 pytestmark = pytest.mark.redis
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -108,17 +108,41 @@ def test_put_stalled_between_its_steps_is_refused(short_timers, monkeypatch) -> 
     """Past the reference timeout garbage collection may drop the reference, so a put
     that stalled that long must not publish an adapter naming it."""
     store, _ = short_timers
-    take_reference = store._ref_bank_script
+    publish = store._put_script
 
     def stall(*args, **kwargs):
-        reply = take_reference(*args, **kwargs)
         time.sleep(REF_TIMEOUT_S + 0.1)
-        return reply
+        return publish(*args, **kwargs)
 
     adapter = make_adapter(1)
-    monkeypatch.setattr(store, "_ref_bank_script", stall)
+    monkeypatch.setattr(store, "_put_script", stall)
     with pytest.raises(StoreUnavailableError):
         store.put("acme", "slow", adapter)
     assert store.get_version("acme", "slow") is None
     assert store.count("acme") == (0, 0)
     assert not store.has_bank(adapter.bank_id)
+
+
+def test_put_many_publishes_each_adapter_as_put_does(short_timers) -> None:
+    store, _ = short_timers
+    shared = make_bank(9)
+    replaced = make_adapter(1)
+    store.put("acme", "old", replaced)
+    batch = {
+        "old": make_adapter(2),
+        "a": make_adapter(3, shared_bank=shared),
+        "b": make_adapter(4, shared_bank=shared),
+        "c": make_adapter(5),
+    }
+    records = store.put_many("acme", batch)
+    assert [(r.name, r.version) for r in records] == [("old", 2), ("a", 1), ("b", 1), ("c", 1)]
+    for record in records:
+        got_record, got = store.get("acme", record.name)
+        assert got_record == record
+        assert_same_adapter(got, batch[record.name])
+    assert store.count("acme") == (4, sum(stored_size(a) for a in batch.values()))
+    assert not store.has_bank(replaced.bank_id)
+    store.delete("acme", "a")
+    assert store.has_bank(batch["b"].bank_id)  # still held by b
+    store.delete("acme", "b")
+    assert not store.has_bank(batch["b"].bank_id)

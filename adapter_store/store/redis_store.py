@@ -54,11 +54,17 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis
 from redis.cluster import RedisCluster
+from redis.commands.core import Script
 
-from ..errors import BankNotFoundError, StoreUnavailableError, VersionConflictError
+from ..adapter import VBLoRAAdapter
+from ..codec import encode_adapter, encode_bank
+from ..errors import AdapterValidationError, BankNotFoundError, StoreUnavailableError, VersionConflictError
 from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded, validate_key
 
 log = logging.getLogger(__name__)
@@ -260,50 +266,96 @@ class RedisAdapterStore(AdapterStore):
         now: float,
         quota: StoreQuota,
     ) -> AdapterRecord:
-        # Tenants and names cannot contain '/' (validate_key), so the field parses back.
-        ref = f"r:{tenant}/{name}/{secrets.token_hex(8)}"
-        bank_key = self._bank_key(bank_id)
-        reply = self._ref_bank_script(keys=[bank_key], args=[ref, b""])
-        if reply[0] == b"need_bank":
-            # Send the bank only when it is not stored yet: most puts reuse a stored bank.
-            reply = self._ref_bank_script(keys=[bank_key], args=[ref, bank])
-        _, bank_bytes, taken_ms = reply
-        keys = [
-            self._adapter_key(tenant, name),
-            self._tenant_key(tenant, "versions"),
-            self._tenant_key(tenant, "names"),
-            self._tenant_key(tenant, "bytes"),
-        ]
-        expected = "" if expected_version is None else str(expected_version)
-        limits = ["" if limit is None else str(limit) for limit in (quota.max_adapters, quota.max_bytes)]
-        args = [name, expected, bank_id, ref, config_json, body, bank_bytes, repr(now), taken_ms, self._ref_timeout_ms]
-        # If this raises, the adapter may or may not name `ref` now: keep the reference
-        # (collect_garbage drops it if unused) rather than risk freeing a published bank.
-        reply = self._put_script(keys=keys, args=[*args, *limits])
-        if reply[0] != b"ok":
-            self._release(bank_id, ref)
-            if reply[0] == b"conflict":
-                raise VersionConflictError(
-                    "version", f"expected version {expected_version}, stored version is {reply[1]}"
-                )
-            if reply[0] == b"quota":
-                raise quota_exceeded(reply[1].decode(), quota)
-            raise StoreUnavailableError("store", "the put stalled between its steps for too long; retry")
-        _, version, created, replaced_bank_id, replaced_ref = reply
-        if replaced_bank_id is not None:
-            self._release(replaced_bank_id.decode(), replaced_ref)
-        return AdapterRecord(
-            tenant, name, version, bank_id, json.loads(config_json), len(body), bank_bytes, float(created), now
-        )
+        put = _Put(name, expected_version, bank_id, config_json, body, bank)
+        [(reply, bank_bytes)] = self._publish(tenant, [put], now, quota)
+        if reply[0] == b"conflict":
+            raise VersionConflictError("version", f"expected version {expected_version}, stored version is {reply[1]}")
+        if reply[0] == b"quota":
+            raise quota_exceeded(reply[1].decode(), quota)
+        return _published(tenant, put, reply, bank_bytes, now)
 
-    def _release(self, bank_id: str, ref: str | bytes) -> int:
-        """Drop one reference on a bank (step 3). The operation it cleans up after has
-        already succeeded or been refused, so a failure here is logged, not raised: it
-        leaves a reference that `collect_garbage` drops later."""
+    def put_many(self, tenant: str, adapters: Mapping[str, VBLoRAAdapter]) -> list[AdapterRecord]:
+        """Publish each adapter as the next version of its name, unconditionally and with
+        no quota: a bulk import (moving adapters over from another store, loading a
+        benchmark). Each adapter is published atomically, as by `put`; the steps of all
+        of them are pipelined, so the batch costs a few round trips instead of three per
+        adapter (except on a cluster, whose client cannot pipeline scripts)."""
+        validate_key("tenant", tenant)
+        puts = []
+        for name, adapter in adapters.items():
+            validate_key("name", name)
+            if not isinstance(adapter, VBLoRAAdapter):
+                raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter, got {type(adapter).__name__}")
+            config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
+            body, bank = encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
+            puts.append(_Put(name, None, adapter.bank_id, config, body, bank))
+        now = time.time()
+        with self._guard():
+            replies = self._publish(tenant, puts, now, StoreQuota())
+        return [
+            _published(tenant, put, reply, bank_bytes, now)
+            for put, (reply, bank_bytes) in zip(puts, replies, strict=True)
+        ]
+
+    def _publish(self, tenant: str, puts: list[_Put], now: float, quota: StoreQuota) -> list[tuple[list, int]]:
+        """Steps 1 to 3 of each put, each step for all puts at once. Returns each put's
+        step 2 reply and the stored length of its bank. A put that stalled past the
+        reference timeout raises `StoreUnavailableError` (after the others are done)."""
+        # Tenants and names cannot contain '/' (validate_key), so the field parses back.
+        refs = [f"r:{tenant}/{put.name}/{secrets.token_hex(8)}" for put in puts]
+        bank_keys = [self._bank_key(put.bank_id) for put in puts]
+        taken = self._run(
+            self._ref_bank_script, [([key], [ref, b""]) for key, ref in zip(bank_keys, refs, strict=True)]
+        )
+        # Send a bank only when it is not stored yet: most puts reuse a stored bank.
+        missing = [i for i, reply in enumerate(taken) if reply[0] == b"need_bank"]
+        resent = self._run(self._ref_bank_script, [([bank_keys[i]], [refs[i], puts[i].bank]) for i in missing])
+        for i, reply in zip(missing, resent, strict=True):
+            taken[i] = reply
+        calls = []
+        for put, ref, (_, bank_bytes, taken_ms) in zip(puts, refs, taken, strict=True):
+            keys = [self._adapter_key(tenant, put.name)] + [
+                self._tenant_key(tenant, suffix) for suffix in ("versions", "names", "bytes")
+            ]
+            expected = "" if put.expected_version is None else str(put.expected_version)
+            args = [put.name, expected, put.bank_id, ref, put.config_json, put.body, bank_bytes, repr(now)]
+            args += [taken_ms, self._ref_timeout_ms]
+            args += ["" if limit is None else str(limit) for limit in (quota.max_adapters, quota.max_bytes)]
+            calls.append((keys, args))
+        # If this raises, an adapter may or may not name its reference now: keep them all
+        # (collect_garbage drops the unused ones) rather than risk freeing a published bank.
+        replies = self._run(self._put_script, calls)
+        releases = []
+        for put, ref, reply in zip(puts, refs, replies, strict=True):
+            if reply[0] != b"ok":
+                releases.append((put.bank_id, ref))  # refused: drop the reference step 1 took
+            elif reply[3] is not None:
+                releases.append((reply[3].decode(), reply[4]))  # the replaced version's
+        self._release(releases)
+        if any(reply[0] == b"stale_ref" for reply in replies):
+            raise StoreUnavailableError("store", "a put stalled between its steps for too long; retry")
+        return [(reply, t[1]) for reply, t in zip(replies, taken, strict=True)]
+
+    def _run(self, script: Script, calls: list[tuple[list[str], list]]) -> list:
+        """Run `script` once per (keys, args): in one round trip on a single server; one
+        by one on a cluster, whose client refuses scripts in a pipeline."""
+        if len(calls) <= 1 or isinstance(self._redis, RedisCluster):
+            return [script(keys=keys, args=args) for keys, args in calls]
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return pipe.execute()
+
+    def _release(self, references: list[tuple[str, str | bytes]]) -> int:
+        """Drop references on banks (step 3): (bank_id, reference field) pairs. Returns
+        how many were still there. The operation this cleans up after has already
+        succeeded or been refused, so a failure here is logged, not raised: it leaves
+        references that `collect_garbage` drops later."""
+        calls = [([self._bank_key(bank_id)], [ref, self._grace_ms]) for bank_id, ref in references]
         try:
-            return self._release_script(keys=[self._bank_key(bank_id)], args=[ref, self._grace_ms])
+            return sum(self._run(self._release_script, calls))
         except self.unavailable_errors as exc:
-            log.warning("could not drop a reference on bank %s (collect_garbage will): %s", bank_id, exc)
+            log.warning("could not drop %d bank references (collect_garbage will): %s", len(calls), exc)
             return 0
 
     def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
@@ -357,7 +409,7 @@ class RedisAdapterStore(AdapterStore):
         if reply is None:
             raise not_found(tenant, name)
         bank_id, ref = reply
-        self._release(bank_id.decode(), ref)
+        self._release([(bank_id.decode(), ref)])
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         return self._live_bank_script(keys=[self._bank_key(bank_id)])
@@ -389,8 +441,36 @@ class RedisAdapterStore(AdapterStore):
                     tenant, name, _ = field[2:].decode().split("/")
                     if self._redis.hget(self._adapter_key(tenant, name), b"bank_ref") != field:
                         bank_id = bank_key.decode().removeprefix(self._bank_key(""))
-                        dropped += self._release(bank_id, field)
+                        dropped += self._release([(bank_id, field)])
             return dropped
+
+
+@dataclass(frozen=True)
+class _Put:
+    """One adapter version to publish, encoded."""
+
+    name: str
+    expected_version: int | None
+    bank_id: str
+    config_json: str
+    body: bytes
+    bank: bytes
+
+
+def _published(tenant: str, put: _Put, reply: list, bank_bytes: int, now: float) -> AdapterRecord:
+    """The record of a put whose step 2 replied {'ok', version, created, ...}."""
+    _, version, created, *_ = reply
+    return AdapterRecord(
+        tenant,
+        put.name,
+        version,
+        put.bank_id,
+        json.loads(put.config_json),
+        len(put.body),
+        bank_bytes,
+        float(created),
+        now,
+    )
 
 
 def _server_time_ms(client: redis.Redis | RedisCluster) -> int:
