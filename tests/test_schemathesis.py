@@ -31,7 +31,13 @@ def live(tmp_path_factory):
     registry = SQLiteTenantRegistry(folder / "tenants.db")
     registry.create_tenant("fuzz")
     _, key = registry.create_key("fuzz")
-    settings = api_settings(admin_key=ADMIN_KEY, store_url=f"sqlite:///{folder / 'adapters.db'}")
+    # Jobs are queued but not run: the fuzzer exercises the upload checks, not training.
+    settings = api_settings(
+        admin_key=ADMIN_KEY,
+        store_url=f"sqlite:///{folder / 'adapters.db'}",
+        jobs_url=f"sqlite:///{folder / 'jobs.db'}",
+        embedded_worker=False,
+    )
     app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store, tenants=registry)
     with serve_in_thread(app) as url:
         yield url, key
