@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -137,11 +138,40 @@ def _chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, body: ChatRequest) -> l
         raise APIError("invalid_request", "the base model has no chat template; use /v1/completions", "messages")
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    specials = _special_token_strings(tokenizer)
+    if not any(s in m["content"] for m in conversation for s in specials):
+        return tokenizer.encode(_render(tokenizer, conversation), add_special_tokens=False)
+    # A message spells one of the model's control tokens ("<|im_end|>"). Encoding the
+    # rendered text as a whole would read it as that token, so a user could close their
+    # turn and open a system turn of their own. Render with placeholders instead, encode
+    # the template's text as usual and every message's content as plain text.
+    marks = [f"\ue000{i}\ue001" for i in range(len(conversation))]
+    text = _render(tokenizer, [{**m, "content": mark} for m, mark in zip(conversation, marks, strict=True)])
+    if any(text.count(mark) != 1 for mark in marks):  # a template that drops or repeats content
+        raise APIError("invalid_request", "messages may not contain the model's control tokens", "messages")
+    ids: list[int] = []
+    pos = 0
+    for match in _MARK.finditer(text):
+        ids += tokenizer.encode(text[pos : match.start()], add_special_tokens=False)
+        content = conversation[int(match.group(1))]["content"]
+        ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+        pos = match.end()
+    return ids + tokenizer.encode(text[pos:], add_special_tokens=False)
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> str:
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except TemplateError as exc:
         raise APIError("invalid_request", f"the chat template refused the messages: {exc}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return [t.content for t in added.values() if t.special] + list(tokenizer.all_special_tokens)
 
 
 def _sampling(
