@@ -171,6 +171,7 @@ def _start(
         raise
     if engine.adapters is not None:
         metrics.watch_cached_bytes(lambda: engine.adapters.cached_bytes)
+    store.on_latency = metrics.on_store_operation
     services = Services(
         settings=settings,
         engine=engine,

@@ -1,5 +1,5 @@
-"""Prometheus metrics of one app: HTTP traffic, generation, the engine's queue and the
-adapter cache.
+"""Prometheus metrics of one app: HTTP traffic, generation, the engine's queue, the
+adapter cache and the adapter store.
 
 Every app owns its own `CollectorRegistry` (not the process-global one), so tests can
 build many apps in one process and each scrape shows only its own app.
@@ -70,6 +70,13 @@ class Metrics:
             buckets=_COMPOSE_BUCKETS,
             registry=r,
         )
+        self.store_seconds = Histogram(
+            "vbserve_store_operation_seconds",
+            "Time the adapter store took per operation (put, get, get_version, ...)",
+            ["operation"],
+            buckets=_COMPOSE_BUCKETS,
+            registry=r,
+        )
         self._adapter_events: dict[str, Callable[[float], None]] = {
             "hit": self.adapter_cache_hits.inc,
             "miss": self.adapter_cache_misses.inc,
@@ -87,6 +94,9 @@ class Metrics:
         record = self._adapter_events.get(kind)
         if record is not None:
             record(value)
+
+    def on_store_operation(self, operation: str, seconds: float) -> None:
+        self.store_seconds.labels(operation).observe(seconds)
 
     def watch_cached_bytes(self, read: Callable[[], int]) -> None:
         """Read the adapter cache's size at scrape time (the cache changes it under its lock)."""

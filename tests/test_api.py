@@ -420,6 +420,9 @@ async def test_metrics_move(api, peft_dir):
     assert after[("vbserve_adapter_compose_seconds_count", ())] == 1
     assert after[("vbserve_adapter_cache_bytes", ())] > 0
     assert ("vbserve_queue_length", ()) in after and ("vbserve_running_requests", ()) in after
+    put = ("vbserve_store_operation_seconds_count", (("operation", "put"),))
+    assert after[put] == before.get(put, 0) + 1
+    assert after[("vbserve_store_operation_seconds_count", (("operation", "get"),))] >= 1  # the cold load
 
 
 async def test_health_and_readiness(api):

@@ -21,7 +21,7 @@ import json
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +122,7 @@ class AdapterStore(ABC):
 
     def __init__(self) -> None:
         self._closed = False
+        self.on_latency: Callable[[str, float], None] | None = None
 
     # -- public API --------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class AdapterStore(ABC):
         body = encode_adapter(adapter, include_bank=False)
         bank = encode_bank(adapter.bank)
         config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
-        with self._guard():
+        with self._guard("put"):
             return self._put(
                 tenant, name, expected_version, adapter.bank_id, config, body, bank, time.time(), quota or StoreQuota()
             )
@@ -165,7 +166,7 @@ class AdapterStore(ABC):
         """The stored version's record and adapter, read as one consistent pair."""
         validate_key("tenant", tenant)
         validate_key("name", name)
-        with self._guard():
+        with self._guard("get"):
             record, body, bank_blob = self._read(tenant, name)
         bank = decode_bank(bank_blob)
         adapter = decode_adapter(body, bank_resolver=lambda bank_id: bank if bank_id == record.bank_id else None)
@@ -175,14 +176,14 @@ class AdapterStore(ABC):
         """Metadata only: no tensor is read or decoded."""
         validate_key("tenant", tenant)
         validate_key("name", name)
-        with self._guard():
+        with self._guard("get_record"):
             return self._get_record(tenant, name)
 
     def get_version(self, tenant: str, name: str) -> int | None:
         """The stored version, or None if absent: one cheap lookup, for cache invalidation."""
         validate_key("tenant", tenant)
         validate_key("name", name)
-        with self._guard():
+        with self._guard("get_version"):
             return self._get_version(tenant, name)
 
     def list(self, tenant: str, *, after: str | None = None, limit: int = 100) -> Records:
@@ -193,27 +194,27 @@ class AdapterStore(ABC):
             validate_key("after", after)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise AdapterValidationError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
-        with self._guard():
+        with self._guard("list"):
             return self._list(tenant, after, limit)
 
     def count(self, tenant: str) -> tuple[int, int]:
         """(number of adapters, sum of their `stored_bytes`), for quotas."""
         validate_key("tenant", tenant)
-        with self._guard():
+        with self._guard("count"):
             return self._count(tenant)
 
     def delete(self, tenant: str, name: str) -> None:
         """Remove the adapter (`AdapterNotFoundError` if absent) and release its bank."""
         validate_key("tenant", tenant)
         validate_key("name", name)
-        with self._guard():
+        with self._guard("delete"):
             self._delete(tenant, name)
 
     def get_bank(self, bank_id: str) -> bytes:
         """The bank blob (`encode_bank` format). Banks are global and content addressed:
         whether a caller may read one is the HTTP layer's decision."""
         validate_bank_id(bank_id)
-        with self._guard():
+        with self._guard("get_bank"):
             blob = self._get_bank(bank_id)
         if blob is None:
             raise BankNotFoundError("bank_id", f"bank {bank_id!r} is not stored")
@@ -221,12 +222,12 @@ class AdapterStore(ABC):
 
     def has_bank(self, bank_id: str) -> bool:
         validate_bank_id(bank_id)
-        with self._guard():
+        with self._guard("has_bank"):
             return self._has_bank(bank_id)
 
     def ping(self) -> None:
         """Return if the storage answers, else raise `StoreUnavailableError`."""
-        with self._guard():
+        with self._guard("ping"):
             self._ping()
 
     def close(self) -> None:
@@ -242,14 +243,19 @@ class AdapterStore(ABC):
         self.close()
 
     @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Turn the driver's connection failures into `StoreUnavailableError`."""
+    def _guard(self, operation: str) -> Iterator[None]:
+        """Turn the driver's connection failures into `StoreUnavailableError`, and report
+        how long the storage took to `on_latency(operation, seconds)` (metrics)."""
         if self._closed:
             raise StoreUnavailableError("store", "the store is closed")
+        start = time.perf_counter()
         try:
             yield
         except self.unavailable_errors as exc:
             raise StoreUnavailableError("store", f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if self.on_latency is not None:
+                self.on_latency(operation, time.perf_counter() - start)
 
     # -- what a backend implements (arguments already validated) --------------------------
 

@@ -290,7 +290,7 @@ class RedisAdapterStore(AdapterStore):
             body, bank = encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
             puts.append(_Put(name, None, adapter.bank_id, config, body, bank))
         now = time.time()
-        with self._guard():
+        with self._guard("put_many"):
             replies = self._publish(tenant, puts, now, StoreQuota())
         return [
             _published(tenant, put, reply, bank_bytes, now)
@@ -431,7 +431,7 @@ class RedisAdapterStore(AdapterStore):
         reference then expire. Safe at any time, from any process; it walks every bank
         (SCAN, on every node of a cluster), so run it now and then, not per request.
         Returns the number of references dropped."""
-        with self._guard():
+        with self._guard("collect_garbage"):
             oldest_ms = _server_time_ms(self._redis) - 2 * self._ref_timeout_ms
             dropped = 0
             for bank_key in self._redis.scan_iter(match=self._bank_key("*"), count=1000):

@@ -58,7 +58,7 @@ class SQLiteAdapterStore(AdapterStore):
         """timeout: seconds a write waits for another writer's lock before giving up."""
         super().__init__()
         self.path = Path(path)
-        with self._guard():
+        with self._guard("open"):
             self._db = SQLiteDatabase(self.path, SCHEMA, timeout=timeout)
 
     def __repr__(self) -> str:
