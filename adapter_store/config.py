@@ -146,6 +146,11 @@ class AdapterConfig:
     def from_json(cls, data: object) -> AdapterConfig:
         if not isinstance(data, dict):
             raise AdapterValidationError("config", "must be a JSON object")
+        # Refused, not ignored (as in PEFT import): a field this version does not know may
+        # change what the adapter means.
+        unknown = set(data) - _CONFIG_FIELDS
+        if unknown:
+            raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
         try:
             modules = tuple(ModuleSpec(str(n), int(i), int(o)) for n, i, o in data["modules"])
             config = cls(
@@ -166,6 +171,9 @@ class AdapterConfig:
         if claimed is not None and claimed != config.base_fingerprint:
             raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
         return config
+
+
+_CONFIG_FIELDS = {"r", "vector_length", "num_vectors", "topk", "base_model", "base_fingerprint", "modules"}
 
 
 def module_fingerprint(modules: tuple[ModuleSpec, ...] | list[ModuleSpec]) -> str:

@@ -171,7 +171,12 @@ def _common_prefix(a: tuple, b: tuple) -> tuple:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "invalid_request")
-    error = APIError(kind, str(exc.detail), "body" if exc.status_code == 413 else None, status=exc.status_code)
+    # FastAPI's own 400 is "There was an error parsing the body": bytes that are not UTF-8
+    # (a gzip-encoded body, which is never inflated), JSON nested past the parser's depth.
+    message = str(exc.detail)
+    if message == "There was an error parsing the body":
+        message = "the body is not valid UTF-8 JSON (or nests too deep)"
+    error = APIError(kind, message, "body" if exc.status_code in (400, 413) else None, status=exc.status_code)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 

@@ -11,9 +11,22 @@ Types are checked here (a wrong type is a 422); value ranges are the engine's
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+
+def _unicode(value: str) -> str:
+    """JSON's `\\ud800` escapes can carry lone surrogates, which are not text: no tokenizer
+    encodes them (they reached the tokenizer and failed there with a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 # -- OpenAI: completions and chat ----------------------------------------------------------
 
@@ -30,7 +43,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, description="0 is greedy; omitted is 1.0, as in OpenAI")
     top_p: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = Field(1, description="Only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -40,18 +53,18 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     logprobs: int | None = Field(None, description="Return this many most likely tokens per position (0..20)")
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:
@@ -172,14 +185,14 @@ class GenerateParameters(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     repetition_penalty: float | None = None
     do_sample: bool = False
     details: bool = False
 
 
 class GenerateRequest(BaseModel):
-    inputs: str
+    inputs: Text
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 
