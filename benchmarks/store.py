@@ -1,17 +1,23 @@
 """Redis adapter store: read latency and memory per adapter as the store grows.
 
-Loads 100, then 10,000, then 100,000 adapters (cumulatively, in one run) into Redis and,
-at each size, times on uniformly random stored names:
+Stores 100, 10,000 and 100,000 adapters (in one run, each size in its own logical
+database of one Redis server) and times, on uniformly random stored names:
 
 - `store.get`: record, body and bank (two round trips), decoded and validated: what a
   replica pays to load an adapter its composed cache lacks;
 - `store.get_record`: one round trip, what every generation request pays to learn the
-  adapter's current version;
+  adapter's current version.
 
-and measures memory per adapter two ways: the sum of `MEMORY USAGE` over every key the
-store wrote (exact per key, blind to other clients of a shared server), and the growth of
-`INFO memory` used_memory since the start (adds allocator overhead; on a shared server it
-also counts what other clients wrote meanwhile).
+The sizes are timed in alternating rounds (every size once per round), so load from
+other processes on the machine falls on all of them alike; p50 is the median of the
+rounds' medians, p99 is over all calls. (Timing each size right after loading it, as the
+store grows, made the 100k/100 ratio swing between 1.07x and 1.49x from run to run on a
+shared 2-core machine.)
+
+Memory per adapter, two ways: the sum of `MEMORY USAGE` over every key the store wrote
+(exact per key, blind to other clients of a shared server), and the growth of
+`INFO memory` used_memory while one size loads (adds allocator overhead; on a shared
+server it also counts what other clients wrote meanwhile).
 
 Adapters: SmolLM2-135M q_proj + v_proj of 30 layers, r=4 b=64 h=256 k=2, float16 (the
 sizes of benchmarks/adapter_size.py: 15,120 B body + 32,944 B bank). Each adapter has its
@@ -19,7 +25,7 @@ own bank by default, as a trained adapter has (our trainer and PEFT both train t
 `--adapters-per-bank N` shares each bank among N adapters of one tenant. Tenants hold 100
 adapters each. The load goes through `RedisAdapterStore.put_many`, pipelined per tenant.
 
-    .venv/bin/python benchmarks/store.py [--redis-url redis://127.0.0.1:6379/14] [--sizes 100,10000,100000]
+    .venv/bin/python benchmarks/store.py [--redis-url redis://127.0.0.1:6379] [--dbs 12,13,14]
 
 Everything is written under a fresh key prefix and deleted at the end (also on Ctrl-C).
 Prints a table and, as its last line, a JSON object of the headline figures. Target
@@ -92,44 +98,31 @@ def location(i: int, tenant_size: int) -> tuple[str, str]:
     return f"tenant-{i // tenant_size:05d}", f"adapter-{i % tenant_size:04d}"
 
 
-def load(store: RedisAdapterStore, make: AdapterMaker, start: int, stop: int, tenant_size: int) -> None:
-    batch: dict[str, VBLoRAAdapter] = {}
-    tenant = None
-    for i in range(start, stop):
-        t, name = location(i, tenant_size)
-        if t != tenant and batch:
-            store.put_many(tenant, batch)
-            batch = {}
-        tenant = t
-        batch[name] = make(i)
-        if (i + 1) % 10_000 == 0:
-            log(f"  loaded {i + 1:,}")
-    if batch:
-        store.put_many(tenant, batch)
+def load(store: RedisAdapterStore, make: AdapterMaker, count: int, tenant_size: int) -> None:
+    for first in range(0, count, tenant_size):
+        tenant, _ = location(first, tenant_size)
+        store.put_many(
+            tenant, {location(i, tenant_size)[1]: make(i) for i in range(first, min(count, first + tenant_size))}
+        )
+        if (first + tenant_size) % 10_000 == 0:
+            log(f"  loaded {first + tenant_size:,}")
 
 
-def percentiles(
-    call: Callable[[str, str], object], count: int, tenant_size: int, gets: int, rounds: int
-) -> tuple[float, float]:
-    """p50 and p99 in ms of `call(tenant, name)` on uniformly random stored adapters.
-
-    The calls are timed in `rounds` rounds; p50 is the median of the rounds' medians, so
-    a burst of load from other processes on the machine spoils one round, not the figure.
-    p99 is taken over all calls, bursts included."""
-    rng = random.Random(count)
-    picks = [location(rng.randrange(count), tenant_size) for _ in range(gets + gets // 10)]
-    for tenant, name in picks[gets:]:  # warm-up: connections, scripts, allocator
-        call(tenant, name)
+def timed(call: Callable[[str, str], object], picks: list[tuple[str, str]]) -> list[float]:
+    """ms of `call(tenant, name)` for each pick."""
     times = []
-    for tenant, name in picks[:gets]:
+    for tenant, name in picks:
         start = time.perf_counter_ns()
         call(tenant, name)
         times.append((time.perf_counter_ns() - start) / 1e6)
-    per_round = len(times) // rounds
-    p50 = statistics.median(
-        statistics.median(times[i : i + per_round]) for i in range(0, per_round * rounds, per_round)
-    )
-    return p50, statistics.quantiles(times, n=100)[98]
+    return times
+
+
+def p50_p99(rounds: list[list[float]]) -> tuple[float, float]:
+    """The median of the rounds' medians (a burst of load spoils one round, not the
+    figure), and the 99th percentile of all calls, bursts included."""
+    every = [t for times in rounds for t in times]
+    return statistics.median(statistics.median(times) for times in rounds), statistics.quantiles(every, n=100)[98]
 
 
 def key_bytes(client: redis.Redis, prefix: str) -> int:
@@ -152,54 +145,59 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a database the run may write to")
-    parser.add_argument("--sizes", default="100,10000,100000", help="adapters stored at each measurement")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="the server (its database is ignored)")
+    parser.add_argument("--sizes", default="100,10000,100000", help="adapters stored, one size per database")
+    parser.add_argument("--dbs", default="12,13,14", help="the databases the sizes go to, in order")
     parser.add_argument("--gets", type=int, default=2000, help="timed calls per size and operation")
-    parser.add_argument("--rounds", type=int, default=5, help="p50 is the median of this many rounds' medians")
+    parser.add_argument("--rounds", type=int, default=10, help="the timed calls are made in this many rounds")
     parser.add_argument("--tenant-size", type=int, default=100, help="adapters per tenant")
     parser.add_argument("--adapters-per-bank", type=int, default=1, help="1: every adapter has its own bank")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    dbs = [int(db) for db in args.dbs.split(",")]
+    if len(dbs) != len(sizes):
+        parser.error("--dbs needs one database per size")
 
-    client = redis.Redis.from_url(args.redis_url)
     prefix = f"vbsbench-{uuid.uuid4().hex[:8]}"
-    store = RedisAdapterStore.from_url(args.redis_url, prefix=prefix)
-    server = client.info("server")
-    log(f"Redis {server['redis_version']} at {args.redis_url}, prefix {prefix}")
+    clients = {size: redis.Redis.from_url(args.redis_url, db=db) for size, db in zip(sizes, dbs, strict=True)}
+    stores = {size: RedisAdapterStore(client, prefix=prefix) for size, client in clients.items()}
+    server = clients[sizes[0]].info("server")
+    log(f"Redis {server['redis_version']} at {args.redis_url}, databases {dbs}, prefix {prefix}")
     make = AdapterMaker(args.adapters_per_bank)
-    rows = []
+    rows = {size: {"adapters": size} for size in sizes}
     try:
-        baseline = client.info("memory")["used_memory"]
-        loaded = 0
-        for size in sizes:
-            log(f"loading {size - loaded:,} adapters ({loaded:,} -> {size:,})")
+        for size, store in stores.items():
+            log(f"loading {size:,} adapters")
+            before = clients[size].info("memory")["used_memory"]
             start = time.perf_counter()
-            load(store, make, loaded, size, args.tenant_size)
-            load_s = time.perf_counter() - start
-            loaded = size
-            get_p50, get_p99 = percentiles(store.get, size, args.tenant_size, args.gets, args.rounds)
-            record_p50, record_p99 = percentiles(store.get_record, size, args.tenant_size, args.gets, args.rounds)
-            rows.append(
-                {
-                    "adapters": size,
-                    "load_s": load_s,
-                    "get_p50_ms": get_p50,
-                    "get_p99_ms": get_p99,
-                    "get_record_p50_ms": record_p50,
-                    "get_record_p99_ms": record_p99,
-                    "key_bytes_per_adapter": key_bytes(client, prefix) / size,
-                    "used_memory_per_adapter": (client.info("memory")["used_memory"] - baseline) / size,
-                }
-            )
+            load(store, make, size, args.tenant_size)
+            rows[size]["load_s"] = time.perf_counter() - start
+            rows[size]["used_memory_per_adapter"] = (clients[size].info("memory")["used_memory"] - before) / size
+            rows[size]["key_bytes_per_adapter"] = key_bytes(clients[size], prefix) / size
+        rng = random.Random(0)
+        for operation in ("get", "get_record"):
+            log(f"timing {operation}")
+            per_round = args.gets // args.rounds
+            times: dict[int, list[list[float]]] = {size: [] for size in sizes}
+            for round_ in range(args.rounds + 1):  # round 0 warms up connections, scripts and caches
+                for size, store in stores.items():
+                    picks = [location(rng.randrange(size), args.tenant_size) for _ in range(per_round)]
+                    elapsed = timed(getattr(store, operation), picks)
+                    if round_:
+                        times[size].append(elapsed)
+            for size in sizes:
+                rows[size][f"{operation}_p50_ms"], rows[size][f"{operation}_p99_ms"] = p50_p99(times[size])
     finally:
-        store.close()
-        delete_prefix(client, prefix)
-        client.close()
+        for size, client in clients.items():
+            stores[size].close()
+            delete_prefix(client, prefix)
+            client.close()
+    rows = [rows[size] for size in sizes]
 
     sharing = "own bank each" if args.adapters_per_bank == 1 else f"a bank per {args.adapters_per_bank} adapters"
     print(
         f"Redis {server['redis_version']}, SmolLM2-135M q,v r={R} b={B} h={H} k={K} float16, {sharing}, "
-        f"{args.tenant_size} adapters per tenant, {args.gets} timed calls per cell in {args.rounds} rounds, "
+        f"{args.tenant_size} adapters per tenant, {args.gets} timed calls per cell in {args.rounds} alternating rounds, "
         f"{os.cpu_count()} CPUs, "
         f"1-min load average {os.getloadavg()[0]:.2f}"
     )
