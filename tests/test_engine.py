@@ -220,3 +220,106 @@ async def test_bad_input_typed_error_before_compute(setup, request_kwargs, error
         assert info.value.kind == "incompatible"
     result = await running  # the batch is unaffected
     assert result.finish_reason == "length" and len(result.token_ids) == 60
+
+
+class RacingStore:
+    """A store proxy that runs `before_get` once, just before the adapter loader's read: the
+    window between a request's resolve and its cold load, where a publish may land."""
+
+    def __init__(self, store: SQLiteAdapterStore) -> None:
+        self._store = store
+        self.before_get = None
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def get(self, tenant, name):
+        if self.before_get is not None:
+            action, self.before_get = self.before_get, None
+            action()
+        return self._store.get(tenant, name)
+
+
+@pytest.mark.parametrize("race", ["republish", "delete"])
+async def test_adapter_replaced_while_loading(tmp_path, race):
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(tmp_path / "a.db")
+    first = store.put(TENANT, "ad", random_adapter(model, seed=1)).version
+    racing = RacingStore(store)
+    engine = build_engine(model, byte_tokenizer(), racing, Settings(max_batch_size=4, max_model_len=128))
+    try:
+        newer = random_adapter(tiny_llama(seed=7), seed=2)
+        racing.before_get = {
+            "republish": lambda: store.put(TENANT, "ad", newer),
+            "delete": lambda: store.delete(TENANT, "ad"),
+        }[race]
+        p = prompts(1, seed=12)[0]
+        raced = await run(engine, greedy(p, "ad"))
+        if race == "delete":
+            assert raced.finish_reason == "error" and raced.error.kind == "not_found"
+            return
+        # Served the version published during its load, not a conflict error.
+        assert raced.finish_reason == "length" and raced.adapter_version == first + 1
+        again = await run(engine, greedy(p, "ad"))  # resolves the new version directly
+        assert again.adapter_version == first + 1 and again.token_ids == raced.token_ids
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_chunked_prefill_interleaves_decode_and_is_batch_invariant(tmp_path):
+    """A prompt longer than the prefill budget is prefilled over several iterations, each
+    followed by a decode step of the running requests, and every request's greedy tokens
+    are those it gets with the whole prompt prefilled at once."""
+    store = SQLiteAdapterStore(tmp_path / "a.db")
+    for i in range(3):
+        store.put(TENANT, f"ad{i}", random_adapter(tiny_llama(seed=7), seed=200 + i))
+    chunk = 16
+    engines = {
+        budget: build_engine(
+            tiny_llama(seed=7),
+            byte_tokenizer(),
+            store,
+            Settings(max_batch_size=8, max_model_len=128, prefill_chunk_tokens=budget),
+        )
+        for budget in (chunk, 512)
+    }
+    try:
+        gen = torch.Generator().manual_seed(13)
+        long_prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (100, 37, 64)]
+        jobs = [(long_prompts[0], "ad0"), (prompts(1, seed=14)[0], "ad1"), (long_prompts[1], None)]
+        jobs += [(long_prompts[2], "ad2"), (prompts(1, seed=15)[0], None)]
+        whole = engines[512]
+        alone = [(await run(whole, greedy(p, a, n=20))).token_ids for p, a in jobs]
+
+        chunked = engines[chunk]
+        forwards = []  # (first row, tokens per row) of every forward
+        forward = chunked.runner.forward
+
+        def spy(first_row, input_ids, *args):
+            forwards.append((first_row, input_ids.shape[1]))
+            return forward(first_row, input_ids, *args)
+
+        chunked.runner.forward = spy
+        # A short request decodes while the long prompts arrive behind it.
+        handle = await chunked.submit(greedy(prompts(1, seed=16)[0], n=60))
+        async for _ in handle:
+            break
+
+        async def staggered(i, p, a):
+            await asyncio.sleep(0.01 * i)
+            return await run(chunked, greedy(p, a, n=20))
+
+        together = await asyncio.gather(*(staggered(i, p, a) for i, (p, a) in enumerate(jobs)))
+        await handle.result()
+        assert [r.token_ids for r in together] == alone
+        assert max(width for _, width in forwards) <= chunk
+        last_row = 8 - 1  # where chunks are prefilled
+        chunk_steps = [i for i, (row, _) in enumerate(forwards) if row == last_row]
+        assert len(chunk_steps) >= 100 // chunk + 37 // chunk + 64 // chunk
+        # Every chunk is followed by a decode step of the running requests.
+        assert all(forwards[i + 1][1] == 1 for i in chunk_steps)
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+        store.close()

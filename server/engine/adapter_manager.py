@@ -62,6 +62,9 @@ class AdapterManager:
         self._cached_bytes = 0
         self._failed: dict[AdapterKey, AdapterUnavailableError] = {}
         self._loading: set[AdapterKey] = set()
+        # A version that was replaced in the store before it could be loaded -> the version
+        # loaded instead. One entry per such race, so it stays small.
+        self._newer: dict[AdapterKey, AdapterKey] = {}
         self._pinned: set[tuple[str, str]] = set()
         self._queue: queue.Queue[AdapterKey] = queue.Queue()
         # Engine-thread state: slot -> (key, users)
@@ -94,10 +97,7 @@ class AdapterManager:
                         self.on_event("hit", 1)
                         return key
             raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
-        if config.r > self.max_rank:
-            raise AdapterUnavailableError(
-                "model", f"rank {config.r} exceeds this server's max {self.max_rank}", "invalid_request"
-            )
+        self._check_rank(config)
         key = (ref.tenant, ref.name, record.version)
         with self._lock:
             if key in self._cache:
@@ -107,6 +107,12 @@ class AdapterManager:
             self._failed.pop(key, None)
             self._request_load(key)
         return key
+
+    def _check_rank(self, config: AdapterConfig) -> None:
+        if config.r > self.max_rank:
+            raise AdapterUnavailableError(
+                "model", f"rank {config.r} exceeds this server's max {self.max_rank}", "invalid_request"
+            )
 
     def _request_load(self, key: AdapterKey) -> None:
         """Queue `key` for the loader unless it is already on its way. Caller holds the lock."""
@@ -131,6 +137,14 @@ class AdapterManager:
                 return "ready"
             return self._failed.get(key, "loading")
 
+    def current(self, key: AdapterKey) -> AdapterKey:
+        """The version served to a request that resolved `key`: `key` itself, or the newer
+        version that was published while `key` was loading (see `_load`)."""
+        with self._lock:
+            while key in self._newer:
+                key = self._newer[key]
+            return key
+
     @property
     def cached_bytes(self) -> int:
         return self._cached_bytes
@@ -148,21 +162,32 @@ class AdapterManager:
             self._load(keys)
 
     def _load(self, keys: list[AdapterKey]) -> None:
-        fetched: list[tuple[AdapterKey, VBLoRAAdapter]] = []
+        fetched: dict[AdapterKey, VBLoRAAdapter] = {}
         for key in keys:
             try:
                 record, adapter = self.store.get(key[0], key[1])
-                if record.version != key[2]:
-                    # A newer version was published since the request resolved; serve the
-                    # version the request saw only if it is still there -- it is not.
-                    raise AdapterUnavailableError("model", "adapter changed while loading; retry", "conflict")
-                fetched.append((key, adapter))
+                adapter.config.check_compatible(self.base_shapes)
+                self._check_rank(adapter.config)
             except AdapterError as exc:
                 self._fail(key, AdapterUnavailableError("model", str(exc), _kind(exc)))
+                continue
             except AdapterUnavailableError as exc:
                 self._fail(key, exc)
+                continue
+            latest = (key[0], key[1], record.version)
+            if latest != key:
+                # Republished since the request resolved `key`: the store keeps only the
+                # newest version, and that is the one the request is served (only a deleted
+                # adapter fails it, above).
+                with self._lock:
+                    self._loading.discard(key)
+                    self._newer[key] = latest
+                    if latest in self._cache:
+                        continue
+                    self._loading.add(latest)
+            fetched[latest] = adapter
         groups: dict[tuple, list[tuple[AdapterKey, VBLoRAAdapter]]] = {}
-        for key, adapter in fetched:
+        for key, adapter in fetched.items():
             groups.setdefault(adapter.config.composition_key, []).append((key, adapter))
         for group in groups.values():
             start = time.perf_counter()
@@ -176,6 +201,8 @@ class AdapterManager:
     def _insert(self, key: AdapterKey, item: _Composed) -> None:
         with self._lock:
             self._loading.discard(key)
+            if key in self._cache:  # loaded twice: queued again while a redirect loaded it
+                return
             self._cache[key] = item
             self._cached_bytes += item.nbytes
             # Evict least recently used, skipping pinned adapters and the one just loaded.

@@ -1,12 +1,15 @@
 """The engine: iteration-level (continuous) batching over many adapters.
 
 One thread runs the loop. Each iteration: take new requests, drop cancelled and timed-out
-ones, admit waiting requests whose adapter is loaded (one prefill forward for all of them,
-bounded by a token budget), then one decode step for every running request. Requests
-join and leave between steps; a batch mixes adapters and base-only rows freely.
+ones, run at most one prefill forward of at most `prefill_token_budget` prompt tokens
+(whole prompts of newly admitted requests, or the next chunk of one long prompt), then one
+decode step for every running request. Requests join and leave between steps; a batch
+mixes adapters and base-only rows freely.
 
 Rows of the KV cache are kept dense: running requests own rows 0..n-1, new ones are
-appended, and a leaving request's row is filled by the last row.
+appended, and a leaving request's row is filled by the last row. A prompt longer than the
+budget is prefilled chunk by chunk in the batch's last row, which running requests never
+reach while it is in use, and moves to row n when its prompt is complete.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class _Sequence:
     deadline: float | None
     row: int = -1
     slot: int = -1
-    length: int = 0  # tokens in the KV cache
+    length: int = 0  # tokens in the KV cache (less than the prompt while it is prefilled in chunks)
     output: list[int] = field(default_factory=list)
     first_token_at: float | None = None
 
@@ -118,7 +121,8 @@ class Engine:
         self.eos_ids = _eos_ids(tokenizer, runner.model)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # decoding, in row order
+        self._chunked: _Sequence | None = None  # a long prompt being prefilled chunk by chunk
         self._pending = 0  # submitted, not yet running (inbox + waiting), for the queue bound
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
@@ -133,7 +137,7 @@ class Engine:
 
     @property
     def running_count(self) -> int:
-        return len(self._running)
+        return len(self._holding_rows())
 
     def validate(self, request: GenerationRequest) -> None:
         """Everything checkable without I/O; raises InvalidRequestError before any compute."""
@@ -196,26 +200,29 @@ class Engine:
                 self._step()
             except Exception:  # a bug must not kill the engine for everyone: fail the batch
                 log.exception("engine step failed; failing the running requests")
-                for seq in list(self._running):
+                for seq in self._holding_rows():
                     self._finish(seq, "error", EngineError("engine", "internal error during generation"))
 
     def _step(self) -> None:
-        idle = not self._running and not self._waiting
+        idle = not self._holding_rows() and not self._waiting
         self._take_inbox(block=idle)
         now = time.monotonic()
-        for seq in [*self._waiting, *self._running]:
+        for seq in [*self._waiting, *self._holding_rows()]:
             if seq.handle.cancelled.is_set():
                 self._finish(seq, "cancelled")
             elif seq.deadline is not None and now > seq.deadline:
                 self._finish(seq, "timeout")
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
+        prefill = [self._chunked] if self._chunked else self._admit()
+        if prefill:
+            self._prefill(prefill)
         if self._running:
             self._decode()
-        elif self._waiting and not admitted:
+        elif self._waiting and not prefill:
             time.sleep(0.002)  # only requests whose adapters are still loading: don't spin
-        self.on_step({"running": len(self._running), "waiting": self._pending})
+        self.on_step({"running": self.running_count, "waiting": self._pending})
+
+    def _holding_rows(self) -> list[_Sequence]:
+        return [*self._running, *([self._chunked] if self._chunked else [])]
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -229,7 +236,8 @@ class Engine:
 
     def _admit(self) -> list[_Sequence]:
         """Waiting requests (FIFO, skipping ones whose adapter is still loading) that fit
-        in the batch, an adapter slot, and this iteration's prefill token budget."""
+        in the batch, an adapter slot, and this iteration's prefill token budget, with their
+        KV rows assigned. A prompt longer than the budget is only ever admitted alone."""
         admitted: list[_Sequence] = []
         tokens = 0
         for seq in list(self._waiting):
@@ -239,6 +247,7 @@ class Engine:
             if admitted and tokens + n > self.prefill_token_budget:
                 break
             if seq.adapter_key is not None:
+                seq.adapter_key = self.adapters.current(seq.adapter_key)
                 state = self.adapters.state(seq.adapter_key)
                 if isinstance(state, EngineError):
                     self._finish(seq, "error", state)
@@ -254,20 +263,35 @@ class Engine:
                 self._pending -= 1
             admitted.append(seq)
             tokens += n
+        if tokens > self.prefill_token_budget:
+            # Chunked in the batch's last row: running requests stay below it (the chunked
+            # one counts towards the batch size), so their rows stay dense.
+            self._chunked = admitted[0]
+            self._chunked.row = self.max_batch_size - 1
+        else:
+            for i, seq in enumerate(admitted):
+                seq.row = len(self._running) + i
         return admitted
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        first_row = len(self._running)
-        width = max(len(s.request.prompt_ids) for s in seqs)
+        """One forward that writes each sequence's next prompt chunk (at most the budget) into
+        its KV row; rows of `seqs` are contiguous. Sequences whose prompt is now complete
+        emit their first token and start decoding."""
+        chunks = [s.request.prompt_ids[s.length : s.length + self.prefill_token_budget] for s in seqs]
+        width = max(len(c) for c in chunks)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            prompt = seq.request.prompt_ids
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-            seq.row = first_row + i
-            seq.length = len(prompt)
-        positions = torch.arange(width).expand(len(seqs), width)
-        last = torch.tensor([s.length - 1 for s in seqs])
-        logits = self.runner.forward(first_row, ids, positions, last, self._slots(seqs))
+        for i, chunk in enumerate(chunks):
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+        positions = torch.tensor([[s.length] for s in seqs]) + torch.arange(width)
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        logits = self.runner.forward(seqs[0].row, ids, positions, last, self._slots(seqs))
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            seq.length += len(chunk)
+        if seqs[0] is self._chunked:  # admitted alone, see `_admit`
+            if self._chunked.length < len(self._chunked.request.prompt_ids):
+                return
+            self._chunked = None
+            self._move_row(seqs[0], len(self._running))
         self._running.extend(seqs)
         self._emit(seqs, logits)
 
@@ -317,6 +341,8 @@ class Engine:
                 self._pending -= 1
         elif seq in self._running:
             self._release_row(seq)
+        elif seq is self._chunked:  # its row is outside the dense range: nothing to compact
+            self._chunked = None
         if seq.slot >= 0:
             self.adapters.release_slot(seq.slot)
             seq.slot = -1
@@ -342,10 +368,14 @@ class Engine:
         idx = self._running.index(seq)
         last = self._running[-1]
         if last is not seq:
-            self.runner.cache.move_row(last.row, seq.row, last.length)
-            last.row = seq.row
+            self._move_row(last, seq.row)
             self._running[idx] = last
         self._running.pop()
+
+    def _move_row(self, seq: _Sequence, row: int) -> None:
+        if seq.row != row:
+            self.runner.cache.move_row(seq.row, row, seq.length)
+            seq.row = row
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
