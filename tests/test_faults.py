@@ -532,3 +532,59 @@ def test_tenant_limits_hold_under_concurrency_and_a_noisy_tenant_does_not_starve
         f"(x{contended / alone:.2f}); noisy tenant (16 loops, {m['noisy']['wall']:.1f} s): {dict(noisy)}, "
         f"peak concurrent generations {m['peak']}"
     )
+
+
+def test_a_hung_redis_costs_one_timeout_then_fails_fast(tmp_path) -> None:
+    """Redis paused (SIGSTOP: connections stay open, nothing answers) is worse than Redis
+    gone: every call waits for the client's 5 s timeout. After the first timeouts the
+    store and the tenant registry fail fast (adapter_store/breaker.py), so cached adapters
+    are served at once again and the rest get 503 at once; resumed, it recovers."""
+    with private_redis(tmp_path) as rds:
+        settings = api_settings(store_url=rds.url, admin_key=ADMIN_KEY, training_enabled=False)
+        app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer())
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            assert c.post("/v1/admin/tenants", json={"name": "acme"}, headers=admin).status_code == 201
+            key = c.post("/v1/admin/tenants/acme/keys", headers=admin).json()["key"]
+            c.headers["Authorization"] = f"Bearer {key}"
+            for i in range(2):
+                r = c.put(
+                    f"/v1/adapters/a{i}", content=encode_adapter(random_adapter(tiny_llama(seed=7), i)), headers=OCTET
+                )
+                assert r.status_code == 201, r.text
+            assert c.post("/v1/completions", json={"model": "a0", **SHORT}).status_code == 200
+            cached = {"method": "POST", "path": "/v1/completions", "json": {"model": "a0", **SHORT},
+                      "headers": {"Authorization": f"Bearer {key}"}}  # fmt: skip
+
+            rds.proc.send_signal(signal.SIGSTOP)
+            try:
+                first = load_from_another_process(url, "gather", [cached] * 20)  # meets the timeouts
+                then = load_from_another_process(url, "gather", [cached] * 20)  # breaker open
+                start = time.monotonic()
+                ready = c.get("/readyz")
+                ready_s = time.monotonic() - start
+                start = time.monotonic()
+                uncached = c.post("/v1/completions", json={"model": "a1", **SHORT})
+                uncached_s = time.monotonic() - start
+            finally:
+                rds.proc.send_signal(signal.SIGCONT)
+            resumed = time.monotonic()
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() - resumed < 10, "did not recover after Redis resumed"
+                time.sleep(0.05)
+            recovered_s = time.monotonic() - resumed
+            assert c.post("/v1/completions", json={"model": "a1", **SHORT}).status_code == 200
+
+    assert all(r["status"] == 200 for r in first["results"] + then["results"])
+    first_lat = [r["latency"] for r in first["results"]]
+    then_lat = [r["latency"] for r in then["results"]]
+    assert max(first_lat) < 2 * 5.0 + 3.0, max(first_lat)  # registry and store: one timeout each at most
+    assert max(then_lat) < 2.0, max(then_lat)
+    assert ready.status_code == 503 and ready_s < 1.0, ready_s
+    assert uncached.status_code == 503 and uncached.headers["retry-after"] == "5" and uncached_s < 1.0, uncached_s
+    print(
+        f"\nhung redis: 20 concurrent cached requests first took {min(first_lat):.2f}-{max(first_lat):.2f} s "
+        f"(the 5 s client timeout), the next 20 {min(then_lat):.2f}-{max(then_lat):.2f} s; /readyz 503 in "
+        f"{ready_s * 1000:.0f} ms, uncached adapter 503 in {uncached_s * 1000:.0f} ms; ready {recovered_s:.2f} s "
+        f"after Redis resumed"
+    )

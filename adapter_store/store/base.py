@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..adapter import VBLoRAAdapter
+from ..breaker import CircuitBreaker
 from ..codec import decode_adapter, decode_bank, encode_adapter, encode_bank
 from ..errors import (
     AdapterNotFoundError,
@@ -123,6 +124,8 @@ class AdapterStore(ABC):
     def __init__(self) -> None:
         self._closed = False
         self.on_latency: Callable[[str, float], None] | None = None
+        # Fail fast while the storage hangs (see breaker.py); probed with the backend's ping.
+        self._breaker = CircuitBreaker(self._ping, self.unavailable_errors, name="adapter store")
 
     # -- public API --------------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class AdapterStore(ABC):
         """Release connections. Later calls raise `StoreUnavailableError`."""
         if not self._closed:
             self._closed = True
+            self._breaker.stop()
             self._close()
 
     def __enter__(self) -> AdapterStore:
@@ -248,10 +252,13 @@ class AdapterStore(ABC):
         how long the storage took to `on_latency(operation, seconds)` (metrics)."""
         if self._closed:
             raise StoreUnavailableError("store", "the store is closed")
+        if self._breaker.is_open:
+            raise StoreUnavailableError("store", "the storage timed out moments ago; failing fast, retry later")
         start = time.perf_counter()
         try:
             yield
         except self.unavailable_errors as exc:
+            self._breaker.failed(time.perf_counter() - start)
             raise StoreUnavailableError("store", f"{type(exc).__name__}: {exc}") from exc
         finally:
             if self.on_latency is not None:

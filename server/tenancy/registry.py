@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from adapter_store.breaker import CircuitBreaker
 from adapter_store.sqlite_db import SQLiteDatabase
 from adapter_store.store import validate_key
 
@@ -111,6 +112,9 @@ class TenantRegistry(ABC):
         self._pepper = pepper or DEFAULT_PEPPER
         self._confirmed: OrderedDict[str, tuple[Tenant, float]] = OrderedDict()  # key hash -> (tenant, when)
         self._confirmed_lock = threading.Lock()
+        self._breaker = CircuitBreaker(
+            lambda: self._get("tenant", "-"), self.unavailable_errors, name="tenant registry"
+        )
 
     # -- tenants -----------------------------------------------------------------------
 
@@ -237,9 +241,15 @@ class TenantRegistry(ABC):
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
+        # Fail fast while the backend hangs (see adapter_store/breaker.py): authentication
+        # then falls back to the keys confirmed before the outage at once, not after 5 s.
+        if self._breaker.is_open:
+            raise RegistryUnavailableError("tenants", "the registry timed out moments ago; failing fast, retry later")
+        start = time.monotonic()
         try:
             yield
         except self.unavailable_errors as exc:
+            self._breaker.failed(time.monotonic() - start)
             raise RegistryUnavailableError("tenants", f"{type(exc).__name__}: {exc}") from exc
 
     # -- what a backend implements: documents (JSON text) by collection and id ----------
