@@ -140,7 +140,7 @@ def wrapped(request: pytest.FixtureRequest) -> tuple[dict[str, MultiAdapterLinea
     device = request.param
     torch.manual_seed(0)
     model = TwoLinears().to(device)
-    routing = AdapterRouting()
+    routing = AdapterRouting(device)
     layers = wrap_linear_layers(model, routing, num_slots=12, max_rank=4)
     assert set(layers) == {"up", "down"} and model.up is layers["up"]
     adapters = mixed_adapters()
@@ -195,7 +195,7 @@ def test_reused_slot_holds_only_the_new_adapter(device: str) -> None:
     whole slot in `down`."""
     torch.manual_seed(0)
     model = TwoLinears().to(device)
-    routing = AdapterRouting()
+    routing = AdapterRouting(device)
     layers = wrap_linear_layers(model, routing, num_slots=2, max_rank=4)
     big, small = random_adapter((UP, DOWN), r=4, seed=1), random_adapter((UP,), r=1, seed=2)
     for adapter in (big, small):

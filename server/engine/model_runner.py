@@ -19,13 +19,13 @@ class ModelRunner:
         self, model: PreTrainedModel, *, max_rows: int, max_len: int, num_adapter_slots: int, max_rank: int
     ) -> None:
         self.model = model
-        self.routing = AdapterRouting()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.routing = AdapterRouting(self.device)
         self.layers: dict[str, MultiAdapterLinear] = wrap_linear_layers(
             model, self.routing, num_adapter_slots, max_rank
         )
         cfg = model.config
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.max_len = min(max_len, getattr(cfg, "max_position_embeddings", max_len))
@@ -50,19 +50,19 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits at each row's last real token.
 
-        input_ids, positions: (N, L) long (right-padded rows: padding continues the positions)
+        input_ids, positions: (N, L) long on the CPU (right-padded rows: padding continues the positions)
         last_index: (N,) index in L of each row's last real token
-        slots:      (N,) adapter slot per row, -1 = base model only
+        slots:      (N,) long on the CPU, adapter slot per row, -1 = base model only
         returns:    (N, V) float32
         """
         n = input_ids.shape[0]
         dev = self.device
+        kv_len = int(positions.max()) + 1  # before the copy to the device: no sync
         input_ids, positions = input_ids.to(dev), positions.to(dev)
-        kv_len = int(positions.max()) + 1
         self.cache.begin(first_row, positions, kv_len)
         # Causal over each row's own history: a query at position p sees keys 0..p.
         mask = torch.arange(kv_len, device=dev).view(1, 1, 1, kv_len) <= positions.view(n, 1, -1, 1)
-        self.routing.slots = slots.to(dev)
+        self.routing.slots = slots
         try:
             hidden = self.model.get_decoder()(
                 input_ids=input_ids,

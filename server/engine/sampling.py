@@ -57,13 +57,17 @@ def sample_next_tokens(
     next_tokens = logits.argmax(-1).cpu()
     if greedy.all():
         return next_tokens
+    # Only the sampled rows are filtered and copied to the CPU, where each request's own
+    # generator draws.
+    rows = torch.nonzero(~greedy).flatten().tolist()
     dev = logits.device
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev).unsqueeze(-1)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1).cpu()
-    for i in torch.nonzero(~greedy).flatten().tolist():
-        next_tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
+    temperature = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(-1)
+    top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
+    sampled = logits[torch.tensor(rows, device=dev)] / temperature
+    probs = filter_top_k_top_p(sampled, top_k, top_p).softmax(-1).cpu()
+    for j, i in enumerate(rows):
+        next_tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
     return next_tokens
 
 

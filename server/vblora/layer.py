@@ -18,26 +18,33 @@ from .ops import add_routed_lora, route_rows
 
 
 class AdapterRouting:
-    """Per-forward row -> slot map shared by all wrapped layers of one model."""
+    """Per-forward row -> slot map shared by all wrapped layers of one model, whose slot
+    tables live on `device`."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.row_mask: torch.Tensor | None = None
 
     @property
     def slots(self) -> torch.Tensor | None:
-        """(N,) long slot per row of the next forward; None = no adapter in this batch."""
+        """(N,) long slot per row of the next forward (on the CPU); None = no adapter in this batch."""
         return self._slots
 
     @slots.setter
     def slots(self, slots: torch.Tensor | None) -> None:
-        # Computed once here rather than in each of the model's wrapped layers.
+        # Computed once here rather than in each of the model's wrapped layers, and on the
+        # CPU (where the engine builds slots): the "any adapter? every row?" decisions then
+        # cost no device synchronization.
+        slots = None if slots is None else slots.cpu()
         if slots is None or not bool((slots >= 0).any()):
             self._slots = self.index = self.row_mask = None
         else:
             self._slots = slots
-            self.index, self.row_mask = route_rows(slots)
+            index, row_mask = route_rows(slots)
+            self.index = index.to(self.device)
+            self.row_mask = None if row_mask is None else row_mask.to(self.device)
 
 
 class MultiAdapterLinear(nn.Module):
