@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         """Where shared state other than adapters lives (jobs, tenants): the store's Redis
         when the store is on Redis (every replica and worker reaches it already), else the
         SQLite file `sqlite_name` beside the SQLite store."""
-        if self.store_url.startswith(("redis://", "rediss://")):
+        if self.store_url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
             return self.store_url
         store_path = Path(self.store_url.removeprefix("sqlite:///"))
         return f"sqlite:///{store_path.with_name(sqlite_name)}"

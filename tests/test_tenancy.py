@@ -18,6 +18,7 @@ import torch
 from adapter_store import decode_adapter, encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
+from server.settings import Settings
 from server.tenancy import (
     RedisTenantRegistry,
     SQLiteTenantRegistry,
@@ -31,11 +32,18 @@ from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapte
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
 GREEDY = {"temperature": 0, "max_tokens": 8}
+pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
 # -- the registry, on both backends ----------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def registry(request, tmp_path) -> Iterator[tuple[TenantRegistry, callable]]:
     """A registry and a function that returns every byte it stored (to look for secrets)."""
     if request.param == "sqlite":
@@ -49,8 +57,13 @@ def registry(request, tmp_path) -> Iterator[tuple[TenantRegistry, callable]]:
         yield opened, raw
         opened.close()
         return
-    with redis_test_prefix() as (client, prefix):
-        opened = RedisTenantRegistry.from_url(REDIS_URL, prefix=prefix)
+    if request.param == "redis":
+        url, context = REDIS_URL, redis_test_prefix()
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        url, context = cluster.url, cluster.test_prefix()
+    with context as (client, prefix):
+        opened = RedisTenantRegistry.from_url(url, prefix=prefix)
 
         def raw() -> str:
             return "\n".join(v.decode() for key in client.scan_iter(match=f"{prefix}:*") for v in client.hvals(key))
@@ -371,3 +384,9 @@ async def test_concurrent_quota_through_the_api(deployment) -> None:
         *(api.put(f"/v1/adapters/n{i}", content=blob, headers=bearer(key)) for i in range(10))
     )
     assert sorted(r.status_code for r in results) == [201] * 3 + [429] * 7
+
+
+def test_tenants_and_jobs_live_beside_the_store() -> None:
+    for url in ("redis://r:6379/0", "rediss+cluster://r:7000"):
+        assert Settings(store_url=url).url_beside_store("tenants.db") == url
+    assert Settings(store_url="sqlite:///data/adapters.db").url_beside_store("tenants.db") == "sqlite:///data/tenants.db"

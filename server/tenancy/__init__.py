@@ -46,7 +46,7 @@ def open_tenant_registry(settings: Settings) -> TenantRegistry:
     SQLite store."""
     url = settings.url_beside_store("tenants.db")
     pepper = settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         return RedisTenantRegistry.from_url(url, prefix=settings.redis_prefix, pepper=pepper)
     return SQLiteTenantRegistry(url.removeprefix("sqlite:///"), pepper=pepper)
 

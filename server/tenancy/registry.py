@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from adapter_store.breaker import CircuitBreaker
 from adapter_store.sqlite_db import SQLiteDatabase
 from adapter_store.store import validate_key
+from adapter_store.store.redis_store import CLUSTER_SCHEMES
 
 from .keys import DEFAULT_PEPPER, hash_key, key_id_of, key_matches, new_key
 
@@ -289,8 +291,13 @@ class RedisTenantRegistry(TenantRegistry):
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "vbs", pepper: bytes | None = None) -> RedisTenantRegistry:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0)
-        return cls(client, prefix=prefix, pepper=pepper)
+        """`redis://`/`rediss://`, or `redis+cluster://`/`rediss+cluster://` for a Redis
+        Cluster (all registry keys share the hash tag `{tenancy}`: one slot)."""
+        options = {"decode_responses": True, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+        scheme, _, rest = url.partition("://")
+        if scheme in CLUSTER_SCHEMES:
+            return cls(RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options), prefix=prefix, pepper=pepper)
+        return cls(redis.Redis.from_url(url, **options), prefix=prefix, pepper=pepper)
 
     def _key(self, collection: str) -> str:
         return f"{self._prefix}:{{tenancy}}:{collection}"

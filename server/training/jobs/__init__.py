@@ -65,5 +65,8 @@ def open_job_queue(url: str, *, redis_prefix: str = "vbs", limits: QueueLimits |
         return RedisJobQueue.from_url(url, prefix=redis_prefix, limits=limits)
     path = url.removeprefix("sqlite:///")
     if "://" in path or not path or path == ":memory:":
-        raise AdapterValidationError("jobs_url", f"unsupported job queue URL {url!r}: use redis:// or sqlite:///")
+        raise AdapterValidationError(
+            "jobs_url",
+            f"unsupported job queue URL {url!r}: use redis:// (one server; not a cluster) or sqlite:///",
+        )
     return SQLiteJobQueue(path, limits=limits)
