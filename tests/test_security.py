@@ -118,6 +118,12 @@ def serve_with_logs(app) -> Iterator[tuple[str, Collect]]:
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    # An earlier uvicorn in this process may have configured its loggers not to propagate.
+    uvicorn_loggers = [logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in uvicorn_loggers]
+    for lg in uvicorn_loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.propagate, lg.disabled = True, False
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="debug", access_log=True))
@@ -135,6 +141,9 @@ def serve_with_logs(app) -> Iterator[tuple[str, Collect]]:
         sock.close()
         root.removeHandler(handler)
         root.setLevel(old_level)
+        for lg, level, propagate, disabled in saved:
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
 
 
 PROMPT = "my-private-prompt-7f3a9c"
