@@ -198,6 +198,10 @@ def _text(row: dict, key: str, where: str) -> str:
         raise DatasetError(f"{where}.{key}", f"must be a string, got {_json_type(value)}")
     if not value:
         raise DatasetError(f"{where}.{key}", "must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
+        raise DatasetError(f"{where}.{key}", "contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
     return value
 
 
