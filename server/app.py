@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapter_store import AdapterError
 from adapter_store.store import AdapterStore, open_store
 from server.api import Services, install_error_handlers, router
 from server.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
@@ -66,9 +67,11 @@ def create_app(
             services.tenants = tenants or open_tenant_registry(settings)
         app.state.services = services
         log.info("ready: serving %s", services.model_name)
+        collector = asyncio.create_task(_collect_store_garbage(services.store, settings.store_gc_interval_s))
         try:
             yield
         finally:
+            collector.cancel()
             app.state.services = None
             if worker is not None:  # before the queue closes; its job goes back to the queue
                 await asyncio.to_thread(worker.stop, WORKER_STOP_TIMEOUT_S)
@@ -94,6 +97,24 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+async def _collect_store_garbage(store: AdapterStore, interval_s: float) -> None:
+    """Every `interval_s`, drop what writers that died mid-put left in the store (the Redis
+    store's leaked bank references; see `RedisAdapterStore.collect_garbage`). Safe from
+    every replica at once; a store without leftovers has no `collect_garbage`."""
+    collect = getattr(store, "collect_garbage", None)
+    if collect is None:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            dropped = await asyncio.to_thread(collect)
+        except AdapterError as exc:  # the store is down: try again next time
+            log.warning("store garbage collection failed: %s", exc)
+        else:
+            if dropped:
+                log.info("store garbage collection dropped %d leaked bank references", dropped)
 
 
 # Room for multipart boundaries and part headers around an uploaded file.

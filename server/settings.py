@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     # Store: redis://... or a SQLite path (the embedded default).
     store_url: str = "sqlite:///var/vbserve/adapters.db"
     max_adapter_bytes: int = 64 << 20
+    store_gc_interval_s: float = Field(600.0, gt=0)  # how often each replica collects the Redis store's leftovers
 
     # Engine
     max_batch_size: int = 32

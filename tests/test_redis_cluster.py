@@ -6,6 +6,7 @@ the cluster from tests/test_store_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
@@ -14,8 +15,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from adapter_store import RedisAdapterStore, StoreUnavailableError, open_store
-from tests.conftest import REDIS_URL, redis_test_prefix
+from server.app import create_app
+from tests.conftest import REDIS_URL, redis_test_prefix, tiny_llama
 from tests.redis_cluster import LocalCluster
+from tests.test_api import api_settings, chat_tokenizer
 from tests.test_store_contract import assert_same_adapter, make_adapter, make_bank, stored_size
 
 pytestmark = pytest.mark.redis
@@ -83,13 +86,10 @@ def test_collect_garbage_drops_references_that_no_adapter_names(short_timers, mo
     kept = make_adapter(1, shared_bank=make_bank(3))
     store.put("acme", "kept", kept)
 
-    def lost_connection(*args, **kwargs):
-        raise redis.ConnectionError("connection lost between step 1 and step 2")
-
     # The process loses Redis after taking a reference on the bank, before publishing.
     leaked = make_adapter(2, shared_bank=make_bank(4))
     with monkeypatch.context() as patch:
-        patch.setattr(store, "_put_script", lost_connection)
+        patch.setattr(store, "_put_script", _lost_connection)
         with pytest.raises(StoreUnavailableError):
             store.put("acme", "leaky", leaked)
         with pytest.raises(StoreUnavailableError):
@@ -146,3 +146,24 @@ def test_put_many_publishes_each_adapter_as_put_does(short_timers) -> None:
     assert store.has_bank(batch["b"].bank_id)  # still held by b
     store.delete("acme", "b")
     assert not store.has_bank(batch["b"].bank_id)
+
+
+async def test_the_app_collects_leaked_references_periodically(short_timers, monkeypatch) -> None:
+    store, _ = short_timers
+    leaked = make_adapter(2, shared_bank=make_bank(4))
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_put_script", _lost_connection)
+        with pytest.raises(StoreUnavailableError):
+            store.put("acme", "leaky", leaked)
+    assert store.has_bank(leaked.bank_id)
+    settings = api_settings(store_gc_interval_s=0.1)
+    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + 10
+        while store.has_bank(leaked.bank_id):
+            assert time.monotonic() < deadline, "the leaked reference was never collected"
+            await asyncio.sleep(0.1)
+
+
+def _lost_connection(*args: object, **kwargs: object) -> None:
+    raise redis.ConnectionError("connection lost between step 1 and step 2")
