@@ -101,3 +101,23 @@ async def test_engine_matches_peft_greedy_64_tokens(engine_and_store, smollm2, t
     base = await generate(engine, ids, None, n=64)
     assert ours.token_ids == ref_tokens
     assert ours.token_ids != base.token_ids  # the adapter changes the output
+
+
+async def test_chunked_prefill_same_tokens_smollm2(engine_and_store, smollm2):
+    """Prompts prefilled in chunks of 16 tokens (several iterations each) give the greedy
+    tokens of a whole-prompt prefill, with and without an adapter."""
+    engine, store = engine_and_store
+    settings = Settings(
+        max_batch_size=4, max_adapter_slots=4, max_lora_rank=8, max_model_len=512, prefill_chunk_tokens=16
+    )
+    chunked = build_engine(copy.deepcopy(smollm2.model), smollm2.tokenizer, store, settings)
+    try:
+        jobs = [
+            (chat_ids(smollm2.tokenizer, q), a) for q, a in zip(QUESTIONS[:3], ["user1", None, "user2"], strict=True)
+        ]
+        assert all(len(ids) > 2 * 16 for ids, _ in jobs)
+        whole = [(await generate(engine, ids, a)).token_ids for ids, a in jobs]
+        together = await asyncio.gather(*(generate(chunked, ids, a) for ids, a in jobs))
+        assert [r.token_ids for r in together] == whole
+    finally:
+        chunked.shutdown()
