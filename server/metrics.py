@@ -23,7 +23,8 @@ _COMPOSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, max_lora: int = 0) -> None:
+        """max_lora: the engine's adapter slots, reported like vLLM's `max_lora`."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -52,6 +53,17 @@ class Metrics:
         self.generated_tokens = Counter("vbserve_generated_tokens", "Tokens generated", registry=r)
         self.queue_length = Gauge("vbserve_queue_length", "Requests submitted and not yet running", registry=r)
         self.running = Gauge("vbserve_running_requests", "Requests in the running batch", registry=r)
+        # Shaped like vLLM's `vllm:lora_requests_info`: one series whose labels list the
+        # adapters (tenant/name) of running and waiting requests; its value is when they
+        # last changed. Only the current label set is kept, so cardinality stays at one.
+        self.lora_requests_info = Gauge(
+            "vbserve_lora_requests_info",
+            "Adapters in use: running_lora_adapters and waiting_lora_adapters (comma-separated tenant/name)",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
+        self._lora_labels: tuple[str, str] | None = None
+        self.max_lora = max_lora
         self.adapter_cache_hits = Counter(
             "vbserve_adapter_cache_hits", "Requests whose adapter was already composed", registry=r
         )
@@ -89,6 +101,11 @@ class Metrics:
     def on_step(self, stats: dict) -> None:
         self.queue_length.set(stats["waiting"])
         self.running.set(stats["running"])
+        labels = (",".join(stats["running_adapters"]), ",".join(stats["waiting_adapters"]))
+        if labels != self._lora_labels:
+            self._lora_labels = labels
+            self.lora_requests_info.clear()
+            self.lora_requests_info.labels(*labels, str(self.max_lora)).set(time.time())
 
     def on_adapter_event(self, kind: str, value: float) -> None:
         record = self._adapter_events.get(kind)

@@ -420,6 +420,8 @@ async def test_metrics_move(api, peft_dir):
     assert after[("vbserve_adapter_compose_seconds_count", ())] == 1
     assert after[("vbserve_adapter_cache_bytes", ())] > 0
     assert ("vbserve_queue_length", ()) in after and ("vbserve_running_requests", ()) in after
+    info = [k for k in after if k[0] == "vbserve_lora_requests_info"]
+    assert len(info) == 1 and dict(info[0][1])["max_lora"] == "8"  # one series, the current adapters
     put = ("vbserve_store_operation_seconds_count", (("operation", "put"),))
     assert after[put] == before.get(put, 0) + 1
     assert after[("vbserve_store_operation_seconds_count", (("operation", "get"),))] >= 1  # the cold load
@@ -506,3 +508,15 @@ async def test_peft_checkpoint_through_the_api_matches_peft(api, peft_dir, tmp_p
     pulled = await api.get("/v1/adapters/peftchat/content", params={"format": "peft"})
     zipfile.ZipFile(io.BytesIO(pulled.content)).extractall(tmp_path / "pulled")
     assert peft_greedy(tmp_path / "pulled") == served
+
+
+def test_lora_requests_info_keeps_one_series_of_the_current_adapters():
+    from server.metrics import Metrics
+
+    metrics = Metrics(max_lora=4)
+    step = {"running": 2, "waiting": 1, "running_adapters": ["acme/a", "acme/b"], "waiting_adapters": ["globex/c"]}
+    metrics.on_step(step)
+    metrics.on_step({**step, "running_adapters": ["acme/b"], "waiting_adapters": []})
+    series = [s for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples]
+    info = [s.labels for s in series if s.name == "vbserve_lora_requests_info"]
+    assert info == [{"running_lora_adapters": "acme/b", "waiting_lora_adapters": "", "max_lora": "4"}]

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -219,7 +219,14 @@ class Engine:
             self._decode()
         elif self._waiting and not prefill:
             time.sleep(0.002)  # only requests whose adapters are still loading: don't spin
-        self.on_step({"running": self.running_count, "waiting": self._pending})
+        self.on_step(
+            {
+                "running": self.running_count,
+                "waiting": self._pending,
+                "running_adapters": _adapter_names(self._holding_rows()),
+                "waiting_adapters": _adapter_names(self._waiting),
+            }
+        )
 
     def _holding_rows(self) -> list[_Sequence]:
         return [*self._running, *([self._chunked] if self._chunked else [])]
@@ -383,3 +390,8 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     return ids
+
+
+def _adapter_names(sequences: Iterable[_Sequence]) -> list[str]:
+    """Distinct `tenant/name` of the adapters the sequences use, sorted (for metrics)."""
+    return sorted({f"{a.tenant}/{a.name}" for a in (seq.request.adapter for seq in sequences) if a is not None})
