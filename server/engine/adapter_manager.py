@@ -81,8 +81,6 @@ class AdapterManager:
         Raises AdapterUnavailableError (not_found / incompatible / unavailable)."""
         try:
             record = self.store.get_record(ref.tenant, ref.name)
-            config = AdapterConfig.from_json(record.config)
-            config.check_compatible(self.base_shapes)
         except AdapterError as exc:
             if exc.kind == "unavailable":
                 # Stale-on-outage: the store cannot say which version is current, so serve
@@ -97,16 +95,29 @@ class AdapterManager:
                         self.on_event("hit", 1)
                         return key
             raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
-        self._check_rank(config)
         key = (ref.tenant, ref.name, record.version)
+        # A cached version passed every check when it was loaded, and versions are
+        # immutable: skip parsing its config again (most of a resolve's CPU time).
+        if self._hit(key):
+            return key
+        try:
+            config = AdapterConfig.from_json(record.config)
+            config.check_compatible(self.base_shapes)
+        except AdapterError as exc:
+            raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
+        self._check_rank(config)
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                self.on_event("hit", 1)
-                return key
             self._failed.pop(key, None)
             self._request_load(key)
         return key
+
+    def _hit(self, key: AdapterKey) -> bool:
+        with self._lock:
+            if key not in self._cache:
+                return False
+            self._cache.move_to_end(key)
+            self.on_event("hit", 1)
+            return True
 
     def _check_rank(self, config: AdapterConfig) -> None:
         if config.r > self.max_rank:
