@@ -118,12 +118,16 @@ def serve_with_logs(app) -> Iterator[tuple[str, Collect]]:
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    # An earlier uvicorn in this process may have configured its loggers not to propagate.
-    uvicorn_loggers = [logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access")]
-    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in uvicorn_loggers]
-    for lg in uvicorn_loggers:
+    # Earlier tests in this process (uvicorn servers, CLIs) may have reconfigured these
+    # loggers; each gets the collector itself, so what reaches the root does not matter.
+    own_loggers = [logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "uvicorn.access", "vbserve.access")]
+    saved = [(lg, lg.level, lg.propagate, lg.disabled) for lg in own_loggers]
+    for lg in own_loggers:
         lg.setLevel(logging.DEBUG)
-        lg.propagate, lg.disabled = True, False
+        lg.propagate, lg.disabled = False, False
+        lg.addHandler(handler)
+    disabled_below = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="debug", access_log=True))
@@ -142,8 +146,10 @@ def serve_with_logs(app) -> Iterator[tuple[str, Collect]]:
         root.removeHandler(handler)
         root.setLevel(old_level)
         for lg, level, propagate, disabled in saved:
+            lg.removeHandler(handler)
             lg.setLevel(level)
             lg.propagate, lg.disabled = propagate, disabled
+        logging.disable(disabled_below)
 
 
 PROMPT = "my-private-prompt-7f3a9c"
