@@ -19,7 +19,7 @@ from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
 from adapter_store.peft_io import load_peft_dir
 from server.vblora.compose import compose_adapters, rank_major_order, split_lora_matrices
 from server.vblora.layer import AdapterRouting, MultiAdapterLinear, wrap_linear_layers, write_adapter_slot
-from server.vblora.ops import add_multi_adapter_lora, compose_subvectors
+from server.vblora.ops import add_multi_adapter_lora_, compose_subvectors
 from tests.conftest import random_peft_vblora, rel_err, tiny_llama
 
 DEVICES = [
@@ -172,8 +172,8 @@ def test_mixed_batch_equals_each_row_alone(wrapped, seq_len: int | None, base_ro
             x3 = x.reshape(len(slots), -1, x.shape[-1])
             ref, ref_delta = reference_rows(layer, name, x3, slots, adapters)
 
-            kernel_out = add_multi_adapter_lora(
-                base_out.reshape(len(slots), -1, base_out.shape[-1]), x3, layer.lora_a, layer.lora_b, slots
+            kernel_out = add_multi_adapter_lora_(
+                base_out.reshape(len(slots), -1, base_out.shape[-1]).clone(), x3, layer.lora_a, layer.lora_b, slots
             )
             check_rows(kernel_out, base_out.reshape(ref.shape), ref, ref_delta, targeted)
 

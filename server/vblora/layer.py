@@ -1,7 +1,7 @@
 """The layer that applies many adapters in one batch: a base `nn.Linear` plus slot tables.
 
 Each wrapped linear owns `lora_a (slots, r_max, in)` and `lora_b (slots, r_max, out)` (B
-transposed, see `add_multi_adapter_lora`); the adapter manager writes an adapter's
+transposed, see `add_multi_adapter_lora_`); the adapter manager writes an adapter's
 composed matrices into a slot (zero-padded to r_max, zeros for modules it does not
 target), and the engine sets, before each forward, which slot every batch row uses
 (`AdapterRouting.slots`, -1 = base only). The forward only touches the first
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import add_routed_lora, route_rows
+from .ops import add_routed_lora_, route_rows
 
 
 class AdapterRouting:
@@ -68,7 +68,7 @@ class MultiAdapterLinear(nn.Module):
             return y
         lead = x.shape[:-1]
         n = slots.shape[0]
-        out = add_routed_lora(
+        out = add_routed_lora_(
             y.reshape(n, -1, y.shape[-1]),
             x.reshape(n, -1, x.shape[-1]),
             self.lora_a[:, :r],

@@ -4,6 +4,6 @@ A fused Triton variant would slot in here, picked by device; see the engine READ
 why the torch path is the only one today.
 """
 
-from .torch_ops import add_multi_adapter_lora, add_routed_lora, compose_subvectors, route_rows
+from .torch_ops import add_multi_adapter_lora_, add_routed_lora_, compose_subvectors, route_rows
 
-__all__ = ["add_multi_adapter_lora", "add_routed_lora", "compose_subvectors", "route_rows"]
+__all__ = ["add_multi_adapter_lora_", "add_routed_lora_", "compose_subvectors", "route_rows"]

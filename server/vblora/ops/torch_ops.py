@@ -34,22 +34,22 @@ def route_rows(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return slots.clamp(min=0), None if bool(use.all()) else use.view(-1, 1, 1)
 
 
-def add_multi_adapter_lora(
+def add_multi_adapter_lora_(
     base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
-    """`base_out + B_a (A_a x)` row by row, each row with its own adapter, in fixed ops.
+    """`base_out += B_a (A_a x)` row by row, each row with its own adapter, in fixed ops.
 
-    base_out: (N, L, out)   the base layer's output
+    base_out: (N, L, out)   the base layer's output, updated in place and returned
     x:        (N, L, in)    its input (a per-token batch is N = T, L = 1)
     lora_a:   (n, r, in)    A of every adapter slot
     lora_b_t: (n, r, out)   B transposed, of every adapter slot
     slots:    (N,)          long, the slot of each row; -1 = base only (adds nothing)
-    returns:  (N, L, out)
+    returns:  base_out
     """
-    return add_routed_lora(base_out, x, lora_a, lora_b_t, *route_rows(slots))
+    return add_routed_lora_(base_out, x, lora_a, lora_b_t, *route_rows(slots))
 
 
-def add_routed_lora(
+def add_routed_lora_(
     base_out: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -57,13 +57,14 @@ def add_routed_lora(
     index: torch.Tensor,
     row_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`add_multi_adapter_lora` with the routing from `route_rows` computed once per forward.
+    """`add_multi_adapter_lora_` with the routing from `route_rows` computed once per forward.
 
     B is kept transposed so the gathered (N, r, out) block is contiguous for `baddbmm`, and
     rows are gathered with `index_select`: on CPU both are several times faster than
-    advanced indexing into (n, out, r).
+    advanced indexing into (n, out, r). In place because the base output is a fresh tensor
+    nobody else holds: an out-of-place `baddbmm` would copy it.
     """
     xa = torch.bmm(x, lora_a.index_select(0, index).transpose(1, 2))  # (N, L, r)
     if row_mask is not None:
         xa = xa * row_mask.to(xa.dtype)
-    return torch.baddbmm(base_out, xa, lora_b_t.index_select(0, index))
+    return base_out.baddbmm_(xa, lora_b_t.index_select(0, index))
