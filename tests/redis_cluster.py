@@ -14,12 +14,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import pytest
 import redis
 from redis.cluster import RedisCluster
+
+from tests.conftest import REDIS_URL, redis_test_prefix
 
 CLUSTER_NODES = 3
 CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000
@@ -114,3 +116,12 @@ def _reply(port: int, *command: str) -> object:
 
 def _cluster_ok(port: int) -> bool:
     return "cluster_state:ok" in str(_reply(port, "CLUSTER", "INFO"))
+
+
+def redis_under_test(request: pytest.FixtureRequest, kind: str) -> tuple[str, AbstractContextManager]:
+    """(URL, `redis_test_prefix`-like context) of the Redis that a backend parameter names:
+    "redis" is the shared server at REDIS_URL, "redis-cluster" the session's local cluster."""
+    if kind == "redis":
+        return REDIS_URL, redis_test_prefix()
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    return cluster.url, cluster.test_prefix()

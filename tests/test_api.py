@@ -7,10 +7,14 @@ import asyncio
 import io
 import json
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter, decode_adapter, decode_bank, encode_adapter
@@ -20,7 +24,8 @@ from server import cli
 from server.app import create_app
 from server.engine import AdapterRef, GenerationRequest, SamplingParams
 from server.settings import Settings
-from tests.conftest import byte_tokenizer, random_peft_vblora, tiny_llama
+from server.tenancy import SQLiteTenantRegistry
+from tests.conftest import byte_tokenizer, random_peft_vblora, serve_in_thread, tiny_llama
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -43,6 +48,31 @@ def api_settings(**overrides) -> Settings:
             **overrides,
         }
     )
+
+
+@contextmanager
+def live_multi_tenant(folder: Path, admin_key: str, tenant: str, **overrides) -> Iterator[tuple[FastAPI, str, str]]:
+    """A real uvicorn server with an admin key over SQLite store, tenant registry and job
+    queue in `folder` (jobs are queued, no worker runs them), and one tenant with one key.
+    Yields (app, base URL, the tenant's key)."""
+    store = SQLiteAdapterStore(folder / "adapters.db")
+    registry = SQLiteTenantRegistry(folder / "tenants.db")
+    registry.create_tenant(tenant)
+    _, key = registry.create_key(tenant)
+    settings = api_settings(
+        admin_key=admin_key,
+        store_url=f"sqlite:///{folder / 'adapters.db'}",
+        jobs_url=f"sqlite:///{folder / 'jobs.db'}",
+        embedded_worker=False,
+        **overrides,
+    )
+    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store, tenants=registry)
+    try:
+        with serve_in_thread(app) as url:
+            yield app, url, key
+    finally:
+        registry.close()
+        store.close()
 
 
 def random_adapter(model, seed: int, r: int = 4) -> VBLoRAAdapter:

@@ -16,8 +16,8 @@ from redis.cluster import RedisCluster
 
 from adapter_store import RedisAdapterStore, StoreUnavailableError, open_store
 from server.app import create_app
-from tests.conftest import REDIS_URL, redis_test_prefix, tiny_llama
-from tests.redis_cluster import LocalCluster
+from tests.conftest import tiny_llama
+from tests.redis_cluster import LocalCluster, redis_under_test
 from tests.test_api import api_settings, chat_tokenizer
 from tests.test_store_contract import assert_same_adapter, make_adapter, make_bank, stored_size
 
@@ -32,11 +32,7 @@ REF_TIMEOUT_S = 0.2
 def short_timers(request: pytest.FixtureRequest) -> Iterator[tuple[RedisAdapterStore, redis.Redis | RedisCluster]]:
     """A store with a short bank grace period and reference timeout, and a raw client to
     look inside it."""
-    if request.param == "redis":
-        context, url = redis_test_prefix(), REDIS_URL
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        url, context = cluster.url, cluster.test_prefix()
+    url, context = redis_under_test(request, request.param)
     with context as (client, prefix):
         store = RedisAdapterStore.from_url(url, prefix=prefix, bank_grace_s=GRACE_S, ref_timeout_s=REF_TIMEOUT_S)
         yield store, client

@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry
-from tests.conftest import serve_in_thread, tiny_llama
-from tests.test_api import api_settings, chat_tokenizer
+from tests.test_api import live_multi_tenant
 
 ADMIN_KEY = "schemathesis-admin-key-0123456789"
 EXAMPLES = 15  # per operation and phase: enough to hit every field's bounds, quick on 2 CPUs
@@ -26,23 +22,9 @@ ST = shutil.which("st", path=str(Path(sys.executable).parent))
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz")
-    store = SQLiteAdapterStore(folder / "adapters.db")
-    registry = SQLiteTenantRegistry(folder / "tenants.db")
-    registry.create_tenant("fuzz")
-    _, key = registry.create_key("fuzz")
     # Jobs are queued but not run: the fuzzer exercises the upload checks, not training.
-    settings = api_settings(
-        admin_key=ADMIN_KEY,
-        store_url=f"sqlite:///{folder / 'adapters.db'}",
-        jobs_url=f"sqlite:///{folder / 'jobs.db'}",
-        embedded_worker=False,
-    )
-    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store, tenants=registry)
-    with serve_in_thread(app) as url:
+    with live_multi_tenant(tmp_path_factory.mktemp("fuzz"), ADMIN_KEY, "fuzz") as (_, url, key):
         yield url, key
-    registry.close()
-    store.close()
 
 
 @pytest.mark.skipif(ST is None, reason="schemathesis is not installed (pip install -e .[dev])")

@@ -33,7 +33,7 @@ from server.api import deps
 from server.app import body_limits, create_app
 from server.tenancy import SQLiteTenantRegistry, keys, registry
 from tests.conftest import tiny_llama
-from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
+from tests.test_api import api_settings, chat_tokenizer, error_of, live_multi_tenant, random_adapter
 
 ADMIN_KEY = "security-admin-key-do-not-log-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,25 +222,12 @@ def test_no_secret_or_prompt_in_any_log(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def app_and_client(tmp_path_factory):
     folder = tmp_path_factory.mktemp("security")
-    store = SQLiteAdapterStore(folder / "adapters.db")
-    reg = SQLiteTenantRegistry(folder / "tenants.db")
-    reg.create_tenant("acme")
-    _, key = reg.create_key("acme")
-    settings = api_settings(
-        admin_key=ADMIN_KEY,
-        store_url=f"sqlite:///{folder / 'adapters.db'}",
-        jobs_url=f"sqlite:///{folder / 'jobs.db'}",
-        embedded_worker=False,
-        max_request_bytes=4096,
-        training_max_file_bytes=32 << 10,
-    )
-    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store, tenants=reg)
-    from tests.conftest import serve_in_thread
-
-    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        yield app, settings, client, key
-    reg.close()
-    store.close()
+    limits = {"max_request_bytes": 4096, "training_max_file_bytes": 32 << 10}
+    with (
+        live_multi_tenant(folder, ADMIN_KEY, "acme", **limits) as (app, url, key),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield app, app.state.services.settings, client, key
 
 
 def test_cors_is_off_by_default(app_and_client) -> None:

@@ -35,7 +35,7 @@ from adapter_store import (
     encode_bank,
     open_store,
 )
-from tests.conftest import REDIS_URL, redis_test_prefix
+from tests.redis_cluster import redis_under_test
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
@@ -109,11 +109,7 @@ def backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[Backend]:
 
         yield Backend("sqlite", lambda: SQLiteAdapterStore(path), sqlite_bank_count)
         return
-    if request.param == "redis":
-        url, context = REDIS_URL, redis_test_prefix()
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        url, context = cluster.url, cluster.test_prefix()
+    url, context = redis_under_test(request, request.param)
     with context as (client, prefix):
         yield Backend(
             request.param,

@@ -27,7 +27,8 @@ from server.tenancy import (
     TenantNotFoundError,
     TenantRegistry,
 )
-from tests.conftest import REDIS_URL, redis_test_prefix, tiny_llama
+from tests.conftest import tiny_llama
+from tests.redis_cluster import redis_under_test
 from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
@@ -57,11 +58,7 @@ def registry(request, tmp_path) -> Iterator[tuple[TenantRegistry, callable]]:
         yield opened, raw
         opened.close()
         return
-    if request.param == "redis":
-        url, context = REDIS_URL, redis_test_prefix()
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        url, context = cluster.url, cluster.test_prefix()
+    url, context = redis_under_test(request, request.param)
     with context as (client, prefix):
         opened = RedisTenantRegistry.from_url(url, prefix=prefix)
 
@@ -389,4 +386,6 @@ async def test_concurrent_quota_through_the_api(deployment) -> None:
 def test_tenants_and_jobs_live_beside_the_store() -> None:
     for url in ("redis://r:6379/0", "rediss+cluster://r:7000"):
         assert Settings(store_url=url).url_beside_store("tenants.db") == url
-    assert Settings(store_url="sqlite:///data/adapters.db").url_beside_store("tenants.db") == "sqlite:///data/tenants.db"
+    assert (
+        Settings(store_url="sqlite:///data/adapters.db").url_beside_store("tenants.db") == "sqlite:///data/tenants.db"
+    )
