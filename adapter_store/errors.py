@@ -4,15 +4,23 @@ layer can turn it into a 4xx body without parsing messages."""
 from __future__ import annotations
 
 
-class AdapterError(Exception):
-    """Base of every error this package raises on bad input or missing data."""
+class FieldError(Exception):
+    """An error about one field of some input: which field, why, and a stable `kind` that
+    the HTTP layer maps to a status. The store's, the trainer's and tenancy's errors all
+    derive from it, so one handler serves them all."""
 
-    kind = "invalid_adapter"
+    kind = "invalid_request"
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class AdapterError(FieldError):
+    """Base of every error this package raises on bad input or missing data."""
+
+    kind = "invalid_adapter"
 
 
 class AdapterValidationError(AdapterError, ValueError):

@@ -15,10 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store import AdapterError
+from adapter_store.errors import FieldError
 from server.engine import EngineError
-from server.tenancy import TenancyError
-from server.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ STATUS = {
     "unavailable": 503,
 }
 
-# adapter_store `AdapterError.kind` and engine `EngineError.kind` -> public type.
+# `FieldError.kind` (store, trainer, tenancy) and engine `EngineError.kind` -> public type.
 _KIND_TO_TYPE = {
     "invalid_adapter": "invalid_request",
     "invalid_format": "invalid_request",
@@ -87,17 +85,14 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-# The typed errors of the store, the trainer and tenancy: each has `field`, `reason` and a `kind`.
-TypedError = AdapterError | TrainingError | TenancyError
-
-
 # What a client reads when a backing service is down. The driver's own message names the
 # service's host and port (`Error 111 connecting to 10.0.0.5:6379`), which is nobody's
 # business outside: it goes to the server log instead.
 UNAVAILABLE_MESSAGE = "a backing service (store, tenant registry or job queue) is unreachable; retry later"
 
 
-def from_typed_error(exc: TypedError) -> APIError:
+def from_typed_error(exc: FieldError) -> APIError:
+    """The store's, the trainer's and tenancy's errors: each has `field`, `reason` and a `kind`."""
     type_ = _KIND_TO_TYPE.get(exc.kind, "invalid_request")
     return APIError(type_, _public_message(type_, str(exc.reason), exc.field), exc.field)
 
@@ -119,8 +114,7 @@ def _public_message(type_: str, message: str, field: str | None) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
-    for typed in (AdapterError, TrainingError, TenancyError):
-        app.add_exception_handler(typed, _typed_error)
+    app.add_exception_handler(FieldError, _typed_error)
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -133,7 +127,7 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _typed_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, TypedError)
+    assert isinstance(exc, FieldError)
     return from_typed_error(exc).response()
 
 

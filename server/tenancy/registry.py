@@ -25,6 +25,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from adapter_store.breaker import CircuitBreaker
+from adapter_store.errors import FieldError
 from adapter_store.sqlite_db import SQLiteDatabase
 from adapter_store.store import validate_key
 from adapter_store.store.redis_store import CLUSTER_SCHEMES
@@ -32,16 +33,9 @@ from adapter_store.store.redis_store import CLUSTER_SCHEMES
 from .keys import DEFAULT_PEPPER, hash_key, key_id_of, key_matches, new_key
 
 
-class TenancyError(Exception):
+class TenancyError(FieldError):
     """Like the store's and the trainer's errors: the field at fault, why, and a stable
     `kind` that the HTTP layer maps to a status."""
-
-    kind = "invalid_request"
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class TenantNotFoundError(TenancyError):

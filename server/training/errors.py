@@ -4,16 +4,11 @@ parses messages."""
 
 from __future__ import annotations
 
+from adapter_store.errors import FieldError
 
-class TrainingError(Exception):
+
+class TrainingError(FieldError):
     """Base of every error this package raises on bad input or a refused request."""
-
-    kind = "invalid_request"
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class DatasetError(TrainingError):
