@@ -362,8 +362,10 @@ CASES = [
     Case("content-length 2**64", request("POST", "/v1/completions", b"{}", length=False,
                                           headers={**JSON, "content-length": str(2**64)}), 413, "too_large", "body"),
     # uvicorn (h11) takes a request head as long as it arrives in its first reads and
-    # refuses a longer one with a plain-text 400 (a client still sending sees a reset: 0)
-    Case("header of 100 KiB", request("GET", "/v1/models", headers={"x-junk": "a" * (100 << 10)}), 200),
+    # refuses a longer one with a plain-text 400 (a client still sending sees a reset: 0).
+    # Whether 100 KiB arrives in those reads depends on scheduling: either answer is fine,
+    # what matters is that the server answers and keeps serving.
+    Case("header of 100 KiB", request("GET", "/v1/models", headers={"x-junk": "a" * (100 << 10)}), (200, 400, 0)),
     Case("header of 4 MiB", request("GET", "/v1/models", headers={"x-junk": "a" * (4 << 20)}), (400, 0)),
     Case("10000 headers", request("GET", "/v1/models", headers=[(f"x-h{i}", "v") for i in range(10_000)]), 200),
     Case("200000 headers", request("GET", "/v1/models", headers=[(f"x-h{i}", "v") for i in range(200_000)]), (400, 0)),
