@@ -367,7 +367,7 @@ CASES = [
     # what matters is that the server answers and keeps serving.
     Case("header of 100 KiB", request("GET", "/v1/models", headers={"x-junk": "a" * (100 << 10)}), (200, 400, 0)),
     Case("header of 4 MiB", request("GET", "/v1/models", headers={"x-junk": "a" * (4 << 20)}), (400, 0)),
-    Case("10000 headers", request("GET", "/v1/models", headers=[(f"x-h{i}", "v") for i in range(10_000)]), 200),
+    Case("10000 headers", request("GET", "/v1/models", headers=[(f"x-h{i}", "v") for i in range(10_000)]), (200, 400, 0)),
     Case("200000 headers", request("GET", "/v1/models", headers=[(f"x-h{i}", "v") for i in range(200_000)]), (400, 0)),
     Case("bad request line", lambda ctx: send_raw(ctx.url, b"GET /v1/models HTTP/1.1 extra\r\nHost: x\r\n\r\n"), 400),
     Case("bad header name", request("GET", "/v1/models", headers={"x bad": "v"}), 400),
