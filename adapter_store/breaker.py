@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,20 @@ class CircuitBreaker:
     @property
     def is_open(self) -> bool:
         return self._open
+
+    @contextmanager
+    def call(self, unavailable_error: Callable[[str], Exception]) -> Iterator[None]:
+        """Guard one call to the backend: while open, fail at once; a call that fails as
+        unavailable may open it. Either way the caller's own error is raised, built by
+        `unavailable_error(reason)`."""
+        if self._open:
+            raise unavailable_error(f"the {self.name} timed out moments ago; failing fast, retry later")
+        start = time.monotonic()
+        try:
+            yield
+        except self.unavailable as exc:
+            self.failed(time.monotonic() - start)
+            raise unavailable_error(f"{type(exc).__name__}: {exc}") from exc
 
     def failed(self, waited_s: float) -> None:
         """A call failed as unavailable after `waited_s`: a slow failure opens the breaker."""

@@ -252,14 +252,10 @@ class AdapterStore(ABC):
         how long the storage took to `on_latency(operation, seconds)` (metrics)."""
         if self._closed:
             raise StoreUnavailableError("store", "the store is closed")
-        if self._breaker.is_open:
-            raise StoreUnavailableError("store", "the storage timed out moments ago; failing fast, retry later")
         start = time.perf_counter()
         try:
-            yield
-        except self.unavailable_errors as exc:
-            self._breaker.failed(time.perf_counter() - start)
-            raise StoreUnavailableError("store", f"{type(exc).__name__}: {exc}") from exc
+            with self._breaker.call(lambda reason: StoreUnavailableError("store", reason)):
+                yield
         finally:
             if self.on_latency is not None:
                 self.on_latency(operation, time.perf_counter() - start)

@@ -239,14 +239,8 @@ class TenantRegistry(ABC):
     def _guard(self) -> Iterator[None]:
         # Fail fast while the backend hangs (see adapter_store/breaker.py): authentication
         # then falls back to the keys confirmed before the outage at once, not after 5 s.
-        if self._breaker.is_open:
-            raise RegistryUnavailableError("tenants", "the registry timed out moments ago; failing fast, retry later")
-        start = time.monotonic()
-        try:
+        with self._breaker.call(lambda reason: RegistryUnavailableError("tenants", reason)):
             yield
-        except self.unavailable_errors as exc:
-            self._breaker.failed(time.monotonic() - start)
-            raise RegistryUnavailableError("tenants", f"{type(exc).__name__}: {exc}") from exc
 
     # -- what a backend implements: documents (JSON text) by collection and id ----------
 
@@ -290,7 +284,9 @@ class RedisTenantRegistry(TenantRegistry):
         options = {"decode_responses": True, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         scheme, _, rest = url.partition("://")
         if scheme in CLUSTER_SCHEMES:
-            return cls(RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options), prefix=prefix, pepper=pepper)
+            return cls(
+                RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options), prefix=prefix, pepper=pepper
+            )
         return cls(redis.Redis.from_url(url, **options), prefix=prefix, pepper=pepper)
 
     def _key(self, collection: str) -> str:

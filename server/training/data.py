@@ -201,7 +201,9 @@ def _text(row: dict, key: str, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, which are not text
-        raise DatasetError(f"{where}.{key}", "contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+        raise DatasetError(
+            f"{where}.{key}", "contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text"
+        ) from None
     return value
 
 
