@@ -2,6 +2,11 @@
 
 GGUF files are de-quantized by transformers (about 20 s for SmolLM2-135M); the result is
 cached as safetensors under `model_cache_dir` so later starts take about a second.
+
+The cache is safe to share between processes (API replicas and workers starting together
+on one volume): `build_once` holds a file lock beside each cache entry, so exactly one
+process converts while the others wait and then load its result, and the finished entry
+appears by an atomic rename, so no process ever sees a half-written one.
 """
 
 from __future__ import annotations
@@ -9,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -76,28 +84,70 @@ def load_model(
     return LoadedModel(model, tokenizer, name)
 
 
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create the directory `target` exactly once, even with many processes racing for it.
+
+    Processes that share a cache directory (replicas and workers starting together) would
+    otherwise all build into the same temporary folder and collide on the final rename.
+    Here the first process to take the file lock beside `target` builds; the others wait on
+    the lock and then find `target` finished. `build(tmp)` fills an empty folder `tmp`,
+    which is renamed to `target` only when it returns: the rename is the atomic publish
+    step, so a crash mid-build leaves no half-written `target`. A `tmp` left by a build that
+    crashed earlier is removed first. Returns `target`.
+    """
+    if target.exists():  # fast path: already built, needs no lock (nor a writable cache)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(target.with_name(target.name + ".lock"))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("waiting for another process to finish building %s", target)
+        lock.acquire()
+    try:
+        if target.exists():  # double-checked: built by the process that held the lock
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        _remove(tmp)  # left by an earlier build that crashed
+        tmp.mkdir()
+        try:
+            build(tmp)
+        except BaseException:
+            _remove(tmp)
+            raise
+        tmp.rename(target)  # atomic publish
+    finally:
+        lock.release()
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _converted_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> Path:
     path = directory / gguf_file
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir / f"{path.stem}-{key}"
-    if (target / "model.safetensors").exists():
-        return target
-    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
-    # transformers shows a progress bar while it de-quantizes.
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-    config = model.config
-    # A de-quantized GGUF model refuses save_pretrained; its weights are plain float tensors
-    # now, so write them ourselves and drop the quantization marker from the config.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tmp.rename(target)  # atomic: a crash mid-conversion leaves no half-written cache
-    return target
+
+    def convert(tmp: Path) -> None:
+        log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+        # transformers shows a progress bar while it de-quantizes.
+        model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+        config = model.config
+        # A de-quantized GGUF model refuses save_pretrained; its weights are plain float
+        # tensors now, so write them ourselves and drop the quantization marker from the config.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return build_once(target, convert)
