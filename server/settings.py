@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapter_store.store import is_redis_url
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VBSERVE_", env_file=".env", extra="ignore")
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = 512  # prompt tokens admitted per iteration (one long prompt may exceed it)
     default_max_tokens: int = 256  # when a request names no max_tokens / max_new_tokens (capped by the context left)
 
-    # Fine-tuning jobs. jobs_url: redis://... or a SQLite path; empty = the store's Redis
+    # Fine-tuning jobs. jobs_url: redis://, redis+cluster:// or a SQLite path; empty = the store's Redis
     # when store_url is Redis, else a jobs.db beside the SQLite store.
     jobs_url: str = ""
     training_enabled: bool = True  # False: no job queue; the fine-tuning routes answer 503
@@ -73,7 +75,7 @@ class Settings(BaseSettings):
         """Where shared state other than adapters lives (jobs, tenants): the store's Redis
         when the store is on Redis (every replica and worker reaches it already), else the
         SQLite file `sqlite_name` beside the SQLite store."""
-        if self.store_url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+        if is_redis_url(self.store_url):
             return self.store_url
         store_path = Path(self.store_url.removeprefix("sqlite:///"))
         return f"sqlite:///{store_path.with_name(sqlite_name)}"

@@ -1,7 +1,7 @@
-"""One contract for both job queue backends, run against SQLite (in a tmp folder) and a
-real Redis server (`VBSERVE_TEST_REDIS_URL`, default redis://127.0.0.1:6379/15, under a
-random key prefix deleted afterwards; never mocked, skipped with the reason when no
-server answers). Then workers: in-process on a tiny model, and in a subprocess that is
+"""One contract for both job queue backends, run against SQLite (in a tmp folder), a
+real Redis server (`VBSERVE_TEST_REDIS_URL`, default redis://127.0.0.1:6379/15) and a local
+Redis Cluster (tests/redis_cluster.py), each under a random key prefix deleted afterwards;
+never mocked, skipped with the reason when no server answers. Then workers: in-process on a tiny model, and in a subprocess that is
 killed with SIGKILL mid-job, to show a job survives its worker and is never half-published.
 """
 
@@ -48,7 +48,10 @@ from server.training.jobs import (
     open_job_queue,
 )
 from server.training.worker import Worker, start_embedded_worker
-from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama
+from tests.redis_cluster import redis_under_test
+
+pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = b'{"prompt": "key0:", "completion": "apple"}\n{"prompt": "key1:", "completion": "river"}\n'
@@ -80,7 +83,13 @@ class Backend:
     open_store: Callable[[], AdapterStore]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         path, store_path = tmp_path / "jobs.db", tmp_path / "adapters.db"
@@ -93,14 +102,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             lambda: SQLiteAdapterStore(store_path),
         )
         return
-    with redis_test_prefix() as (_, prefix):
+    url, context = redis_under_test(request, request.param)
+    with context as (_, prefix):
         yield Backend(
-            "redis",
-            REDIS_URL,
-            REDIS_URL,
+            request.param,
+            url,
+            url,
             prefix,
-            lambda **kw: RedisJobQueue.from_url(REDIS_URL, prefix=prefix, limits=QueueLimits(**kw)),
-            lambda: RedisAdapterStore.from_url(REDIS_URL, prefix=prefix),
+            lambda **kw: RedisJobQueue.from_url(url, prefix=prefix, limits=QueueLimits(**kw)),
+            lambda: RedisAdapterStore.from_url(url, prefix=prefix),
         )
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 from ..errors import AdapterValidationError
 from .base import AdapterRecord, AdapterStore, StoreQuota, validate_key
-from .redis_store import CLUSTER_SCHEMES, RedisAdapterStore
+from .redis_store import RedisAdapterStore
+from .redis_url import REDIS_UNAVAILABLE_ERRORS, is_redis_url, redis_client
 from .sqlite_store import SQLiteAdapterStore
 
 __all__ = [
+    "REDIS_UNAVAILABLE_ERRORS",
     "AdapterRecord",
     "AdapterStore",
     "RedisAdapterStore",
     "SQLiteAdapterStore",
     "StoreQuota",
+    "is_redis_url",
     "open_store",
+    "redis_client",
     "validate_key",
 ]
 
@@ -30,7 +34,7 @@ def open_store(url: str, *, redis_prefix: str = "vbs") -> AdapterStore:
     """
     if not isinstance(url, str) or not url:
         raise AdapterValidationError("url", "must be a non-empty string")
-    if url.partition("://")[0] in ("redis", "rediss", *CLUSTER_SCHEMES):
+    if is_redis_url(url):
         return RedisAdapterStore.from_url(url, prefix=redis_prefix)
     path = url.removeprefix("sqlite:///")
     if "://" in path or not path:

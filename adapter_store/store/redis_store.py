@@ -66,13 +66,11 @@ from ..adapter import VBLoRAAdapter
 from ..codec import encode_adapter, encode_bank
 from ..errors import AdapterValidationError, BankNotFoundError, StoreUnavailableError, VersionConflictError
 from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded, validate_key
+from .redis_url import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 log = logging.getLogger(__name__)
 
 _RECORD_FIELDS = (b"version", b"bank_id", b"config", b"body_bytes", b"bank_bytes", b"created", b"updated")
-
-# URL schemes of a cluster, and the plain scheme redis-py's RedisCluster expects instead.
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 _NOW_MS_LUA = """
 local function now_ms()
@@ -185,7 +183,7 @@ return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2])) or 0}
 class RedisAdapterStore(AdapterStore):
     """Adapter store on a Redis server or cluster. Thread-safe: redis-py pools connections."""
 
-    unavailable_errors = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+    unavailable_errors = REDIS_UNAVAILABLE_ERRORS
 
     def __init__(
         self,
@@ -228,14 +226,10 @@ class RedisAdapterStore(AdapterStore):
         (`StoreUnavailableError` if no node answers). timeout: seconds for connecting and
         for each command."""
         options = {"decode_responses": False, "socket_timeout": timeout, "socket_connect_timeout": timeout}
-        scheme, _, rest = url.partition("://")
-        if scheme in CLUSTER_SCHEMES:
-            try:
-                client = RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-            except (*cls.unavailable_errors, redis.exceptions.RedisClusterException) as exc:
-                raise StoreUnavailableError("store", f"no Redis Cluster node answers at {url}: {exc}") from exc
-        else:
-            client = redis.Redis.from_url(url, **options)
+        try:
+            client = redis_client(url, **options)
+        except (*cls.unavailable_errors, redis.exceptions.RedisClusterException) as exc:
+            raise StoreUnavailableError("store", f"no Redis Cluster node answers at {url}: {exc}") from exc
         return cls(client, prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
 
     def __repr__(self) -> str:

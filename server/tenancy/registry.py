@@ -27,8 +27,7 @@ from redis.cluster import RedisCluster
 from adapter_store.breaker import CircuitBreaker
 from adapter_store.errors import FieldError
 from adapter_store.sqlite_db import SQLiteDatabase
-from adapter_store.store import validate_key
-from adapter_store.store.redis_store import CLUSTER_SCHEMES
+from adapter_store.store import REDIS_UNAVAILABLE_ERRORS, redis_client, validate_key
 
 from .keys import DEFAULT_PEPPER, hash_key, key_id_of, key_matches, new_key
 
@@ -270,9 +269,9 @@ class RedisTenantRegistry(TenantRegistry):
     """One Redis hash per collection. Both share the hash tag `{tenancy}`, so they sit in
     one slot of a Redis Cluster."""
 
-    unavailable_errors = (redis.ConnectionError, redis.TimeoutError)
+    unavailable_errors = REDIS_UNAVAILABLE_ERRORS
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "vbs", pepper: bytes | None = None) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, *, prefix: str = "vbs", pepper: bytes | None = None) -> None:
         super().__init__(pepper)
         self._redis = client
         self._prefix = validate_key("prefix", prefix)
@@ -282,12 +281,7 @@ class RedisTenantRegistry(TenantRegistry):
         """`redis://`/`rediss://`, or `redis+cluster://`/`rediss+cluster://` for a Redis
         Cluster (all registry keys share the hash tag `{tenancy}`: one slot)."""
         options = {"decode_responses": True, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
-        scheme, _, rest = url.partition("://")
-        if scheme in CLUSTER_SCHEMES:
-            return cls(
-                RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options), prefix=prefix, pepper=pepper
-            )
-        return cls(redis.Redis.from_url(url, **options), prefix=prefix, pepper=pepper)
+        return cls(redis_client(url, **options), prefix=prefix, pepper=pepper)
 
     def _key(self, collection: str) -> str:
         return f"{self._prefix}:{{tenancy}}:{collection}"

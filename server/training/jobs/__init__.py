@@ -18,6 +18,7 @@ contract test suite runs against both.
 from __future__ import annotations
 
 from adapter_store import AdapterValidationError
+from adapter_store.store import is_redis_url
 from server.settings import Settings
 
 from .base import ClaimedJob, Heartbeat, JobEvent, JobQueue, JobRecord, JobState, QueueLimits
@@ -58,15 +59,16 @@ def jobs_url(settings: Settings) -> str:
 
 
 def open_job_queue(url: str, *, redis_prefix: str = "vbs", limits: QueueLimits | None = None) -> JobQueue:
-    """Open the queue a URL names: `redis://`/`rediss://`, or `sqlite:///path` / a plain path."""
+    """Open the queue a URL names: `redis://`/`rediss://`, `redis+cluster://`/
+    `rediss+cluster://` (Redis Cluster), or `sqlite:///path` / a plain path."""
     if not isinstance(url, str) or not url:
         raise AdapterValidationError("jobs_url", "must be a non-empty string")
-    if url.startswith(("redis://", "rediss://")):
+    if is_redis_url(url):
         return RedisJobQueue.from_url(url, prefix=redis_prefix, limits=limits)
     path = url.removeprefix("sqlite:///")
     if "://" in path or not path or path == ":memory:":
         raise AdapterValidationError(
             "jobs_url",
-            f"unsupported job queue URL {url!r}: use redis:// (one server; not a cluster) or sqlite:///",
+            f"unsupported job queue URL {url!r}: use redis://, rediss://, redis+cluster:// or sqlite:///",
         )
     return SQLiteJobQueue(path, limits=limits)

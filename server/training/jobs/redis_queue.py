@@ -3,13 +3,19 @@
 Keys (`p` is the prefix; every multi-key change is one Lua script, which Redis runs
 atomically):
 
-    p:j:stream             stream of {job: id}; consumer group "workers"
-    p:j:<id>               hash: the job record (+ worker, entry, cancel, publish_bank_id)
-    p:j:<id>:files         hash: training, validation (dropped when the job ends)
-    p:j:<id>:events        list of JSON progress events, trimmed to the newest max_events
-    p:j:<id>:hb            string: the worker holding the job, expires after the lease
-    p:j:t:<tenant>:jobs    sorted set: the tenant's job ids by creation time
-    p:j:t:<tenant>:active  set: the tenant's queued + running job ids (the limit)
+    p:{jobs}:stream             stream of {job: id}; consumer group "workers"
+    p:{jobs}:<id>               hash: the job record (+ worker, entry, cancel, publish_bank_id)
+    p:{jobs}:<id>:files         hash: training, validation (dropped when the job ends)
+    p:{jobs}:<id>:events        list of JSON progress events, trimmed to the newest max_events
+    p:{jobs}:<id>:hb            string: the worker holding the job, expires after the lease
+    p:{jobs}:t:<tenant>:jobs    sorted set: the tenant's job ids by creation time
+    p:{jobs}:t:<tenant>:active  set: the tenant's queued + running job ids (the limit)
+
+Every key carries the hash tag `{jobs}`, so on a Redis Cluster the whole queue sits in one
+slot and the scripts, which touch the stream, a job and its tenant's sets at once, stay
+legal. One slot means one shard holds every job and its dataset until the job ends; jobs
+are few and short-lived next to adapters (which spread over the cluster by tenant), so
+that is the trade for atomic state changes.
 
 A worker gets work with XREADGROUP (new entries) and XAUTOCLAIM (entries whose worker
 has been silent for a lease: it died). While it runs a job it renews the lease every
@@ -26,6 +32,9 @@ import time
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
+
+from adapter_store.store import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 from ..errors import JobStateError, TooManyJobsError
 from .base import (
@@ -225,9 +234,11 @@ return {'ok'}
 class RedisJobQueue(JobQueue):
     """Job queue on a Redis server (5.0+ for streams, 6.2+ for XAUTOCLAIM)."""
 
-    unavailable_errors = (redis.ConnectionError, redis.TimeoutError)
+    unavailable_errors = REDIS_UNAVAILABLE_ERRORS
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "vbs", limits: QueueLimits | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis | RedisCluster, *, prefix: str = "vbs", limits: QueueLimits | None = None
+    ) -> None:
         """client: must return bytes (`decode_responses=False`), with a socket timeout
         above one second (a claim blocks up to a second)."""
         super().__init__(limits or QueueLimits())
@@ -235,7 +246,8 @@ class RedisJobQueue(JobQueue):
             raise ValueError("RedisJobQueue needs a client with decode_responses=False")
         self.prefix = prefix
         self._redis = client
-        self._stream = f"{prefix}:j:stream"
+        self._base = f"{prefix}:{{jobs}}"
+        self._stream = f"{self._base}:stream"
         self._scripts = {
             name: client.register_script(src)
             for name, src in (
@@ -255,7 +267,9 @@ class RedisJobQueue(JobQueue):
     def from_url(
         cls, url: str, *, prefix: str = "vbs", limits: QueueLimits | None = None, timeout: float = 5.0
     ) -> RedisJobQueue:
-        client = redis.Redis.from_url(
+        """`redis://`/`rediss://` (one server, connected lazily) or `redis+cluster://`/
+        `rediss+cluster://` (a Redis Cluster, connected at once to learn its slot map)."""
+        client = redis_client(
             url, decode_responses=False, socket_timeout=timeout + MAX_BLOCK_MS / 1000, socket_connect_timeout=timeout
         )
         return cls(client, prefix=prefix, limits=limits)
@@ -266,10 +280,10 @@ class RedisJobQueue(JobQueue):
     # -- keys -------------------------------------------------------------------------------
 
     def _job_key(self, job_id: str, suffix: str = "") -> str:
-        return f"{self.prefix}:j:{job_id}{suffix}"
+        return f"{self._base}:{job_id}{suffix}"
 
     def _tenant_key(self, tenant: str, suffix: str) -> str:
-        return f"{self.prefix}:j:t:{tenant}:{suffix}"
+        return f"{self._base}:t:{tenant}:{suffix}"
 
     def _close_keys(self, job_id: str, tenant: str) -> list[str]:
         return [
