@@ -159,6 +159,31 @@ async def test_overload_refuses_immediately_and_serves_the_rest(setup):
     assert engine.queue_length == 0 and engine.running_count == 0
 
 
+async def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(setup, monkeypatch):
+    """A model error (a bug, a library change) in prefill or in decode ends the requests
+    in that step with an error, instead of leaving them waiting forever."""
+    engine, _, _ = setup
+    p = prompts(1, seed=8)[0]
+    expected = (await run(engine, greedy(p, "ad2"))).token_ids
+    forward = engine.runner.forward
+    for failing_call in (1, 4):  # the prefill, a decode step
+        calls = 0
+
+        def flaky(*args, failing_call=failing_call):
+            nonlocal calls
+            calls += 1
+            if calls == failing_call:
+                raise RuntimeError("boom")
+            return forward(*args)
+
+        monkeypatch.setattr(engine.runner, "forward", flaky)
+        result = await asyncio.wait_for(run(engine, greedy(p, "ad2")), timeout=30)
+        assert result.finish_reason == "error" and result.error.field == "engine", failing_call
+        assert len(result.token_ids) == failing_call - 1  # the tokens emitted before the failure
+        monkeypatch.setattr(engine.runner, "forward", forward)
+        assert (await run(engine, greedy(p, "ad2"))).token_ids == expected  # slot and row were freed
+
+
 async def test_cancel_frees_slot_and_timeout(setup):
     engine, _, _ = setup
     handle = await engine.submit(greedy(prompts(1)[0], "ad2", n=100))

@@ -123,6 +123,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # decoding, in row order
         self._chunked: _Sequence | None = None  # a long prompt being prefilled chunk by chunk
+        self._prefilling: list[_Sequence] = []  # admitted this iteration, not yet running
         self._pending = 0  # submitted, not yet running (inbox + waiting), for the queue bound
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
@@ -200,7 +201,11 @@ class Engine:
                 self._step()
             except Exception:  # a bug must not kill the engine for everyone: fail the batch
                 log.exception("engine step failed; failing the running requests")
-                for seq in self._holding_rows():
+                holding = self._holding_rows()
+                # A failed prefill's requests left the queue but hold no row yet: fail them too.
+                failed = holding + [s for s in self._prefilling if not any(s is h for h in holding)]
+                self._prefilling = []
+                for seq in failed:
                     self._finish(seq, "error", EngineError("engine", "internal error during generation"))
 
     def _step(self) -> None:
@@ -214,7 +219,9 @@ class Engine:
                 self._finish(seq, "timeout")
         prefill = [self._chunked] if self._chunked else self._admit()
         if prefill:
+            self._prefilling = prefill
             self._prefill(prefill)
+            self._prefilling = []
         if self._running:
             self._decode()
         elif self._waiting and not prefill:

@@ -40,9 +40,11 @@ class SlotKVCache:
         self._kv_len = kv_len
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """key/value_states: (N, kv_heads, L, head_dim) -> the rows' (N, kv_heads, kv_len, head_dim)."""
+        """key/value_states: (N, kv_heads, L, head_dim) -> the rows' (N, kv_heads, kv_len, head_dim).
+        The attention layers pass more (`cache_kwargs`, and from transformers 5.24 `kwargs=`),
+        which a cache whose positions are set per step has no use for."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
         # Advanced indices on dims 0 and 2 put (N, L) first: (N, L, kv_heads, head_dim).
         k[self._row_idx, :, self._write_pos] = key_states.transpose(1, 2)
