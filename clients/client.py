@@ -384,6 +384,13 @@ def _auth_headers(api_key: str | None) -> dict[str, str]:
 _JOBS = "/v1/fine_tuning/jobs"
 
 
+def _list_jobs_call(limit: int, after: str | None) -> _Call:
+    params: dict[str, int | str] = {"limit": limit}
+    if after is not None:
+        params["after"] = after
+    return _Call("GET", _JOBS, {"params": params})
+
+
 def _create_job_call(
     training_file: bytes | str | os.PathLike[str],
     adapter: str,
@@ -579,9 +586,9 @@ class Jobs:
         A bad file or hyperparameter raises `InvalidRequestError` naming the field."""
         return _job(self._client._json(_create_job_call(training_file, adapter, validation_file, hyperparameters)))
 
-    def list(self, *, limit: int = 20) -> JobPage:
-        """The newest `limit` jobs."""
-        return _job_page(self._client._json(_Call("GET", _JOBS, {"params": {"limit": limit}})))
+    def list(self, *, limit: int = 20, after: str | None = None) -> JobPage:
+        """The newest `limit` jobs; with `after` (the last id of a page), the next page."""
+        return _job_page(self._client._json(_list_jobs_call(limit, after)))
 
     def get(self, job_id: str) -> FineTuningJob:
         return _job(self._client._json(_Call("GET", f"{_JOBS}/{job_id}")))
@@ -725,8 +732,8 @@ class AsyncJobs:
         call = _create_job_call(training_file, adapter, validation_file, hyperparameters)
         return _job(await self._client._json(call))
 
-    async def list(self, *, limit: int = 20) -> JobPage:
-        return _job_page(await self._client._json(_Call("GET", _JOBS, {"params": {"limit": limit}})))
+    async def list(self, *, limit: int = 20, after: str | None = None) -> JobPage:
+        return _job_page(await self._client._json(_list_jobs_call(limit, after)))
 
     async def get(self, job_id: str) -> FineTuningJob:
         return _job(await self._client._json(_Call("GET", f"{_JOBS}/{job_id}")))

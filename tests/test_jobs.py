@@ -149,6 +149,24 @@ def test_submit_get_list_and_tenant_isolation(queue: JobQueue) -> None:
         queue.get("acme", "../etc")
 
 
+def test_list_pages_with_an_after_cursor(backend: Backend) -> None:
+    queue = backend.open(max_active_per_tenant=10)
+    submitted = [queue.submit("acme", f"bot{i}", HP, ROWS).id for i in range(5)]
+    newest_first = [j.id for j in queue.list("acme")]
+    assert sorted(newest_first) == sorted(submitted)
+    pages, after = [], None
+    while page := queue.list("acme", limit=2, after=after):
+        pages.append([j.id for j in page])
+        after = page[-1].id
+    assert [len(p) for p in pages] == [2, 2, 1] and [i for p in pages for i in p] == newest_first
+    other = queue.submit("other", "bot", HP, ROWS)
+    for cursor in (other.id, "ftjob-" + "0" * 24, "../etc", 7):
+        with pytest.raises(TrainingError) as err:
+            queue.list("acme", after=cursor)  # another tenant's job is no cursor either
+        assert err.value.field == "after"
+    queue.close()
+
+
 def test_bad_submissions_are_refused_and_queue_nothing(backend: Backend) -> None:
     queue = backend.open(max_file_bytes=1000)
     cases = [

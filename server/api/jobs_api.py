@@ -94,9 +94,12 @@ def list_jobs(
     tenant: TenantDep,
     jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The last job id of the previous page: list older jobs")
+    ] = None,
 ) -> JobList:
     """The newest jobs first (finished ones are kept for `VBSERVE_TRAINING_JOB_RETENTION_S`)."""
-    records = jobs.list(tenant, limit=limit + 1)
+    records = jobs.list(tenant, limit=limit + 1, after=after)
     return JobList(data=[FineTuningJob.of(r) for r in records[:limit]], has_more=len(records) > limit)
 
 

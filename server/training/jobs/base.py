@@ -152,6 +152,10 @@ def job_not_found(job_id: str) -> JobNotFoundError:
     return JobNotFoundError("job_id", f"no job {job_id!r}")
 
 
+def unknown_cursor(after: object) -> TrainingError:
+    return TrainingError("after", f"no job {after!r} of yours to page after (or it has expired)")
+
+
 class JobQueue(ABC):
     """A durable queue of fine-tuning jobs, shared by API processes and workers.
     Thread-safe. Every method may raise `StoreUnavailableError`."""
@@ -218,13 +222,20 @@ class JobQueue(ABC):
             raise job_not_found(job_id)
         return record
 
-    def list(self, tenant: str, *, limit: int = 20) -> list[JobRecord]:
-        """The tenant's jobs, newest first (finished ones until their retention ends)."""
+    def list(self, tenant: str, *, limit: int = 20, after: str | None = None) -> list[JobRecord]:
+        """The tenant's jobs, newest first (finished ones until their retention ends). With
+        `after` (a page cursor: the last job id of the previous page), the jobs older than
+        that one; `TrainingError` on `after` if it is no job of the tenant's (any more)."""
         _check_key("tenant", tenant)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise TrainingError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
+        if after is not None:
+            try:
+                validate_job_id(after)
+            except JobNotFoundError:
+                raise unknown_cursor(after) from None
         with self._guard():
-            return self._list(tenant, limit)
+            return self._list(tenant, limit, after)
 
     def events(self, tenant: str, job_id: str) -> list[JobEvent]:
         """Progress reports, oldest first (the newest `max_events` are kept)."""
@@ -320,7 +331,8 @@ class JobQueue(ABC):
     def _get(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def _list(self, tenant: str, limit: int) -> list[JobRecord]: ...
+    def _list(self, tenant: str, limit: int, after: str | None) -> list[JobRecord]:
+        """Raises `unknown_cursor(after)` if `after` is no job in the tenant's list."""
 
     @abstractmethod
     def _events(self, job_id: str) -> list[JobEvent]: ...

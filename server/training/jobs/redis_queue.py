@@ -48,6 +48,7 @@ from .base import (
     event_from_json,
     event_json,
     job_not_found,
+    unknown_cursor,
 )
 
 GROUP = "workers"
@@ -336,9 +337,15 @@ class RedisJobQueue(JobQueue):
         raw = self._redis.hgetall(self._job_key(job_id))
         return _record(raw) if raw else None
 
-    def _list(self, tenant: str, limit: int) -> list[JobRecord]:
+    def _list(self, tenant: str, limit: int, after: str | None) -> list[JobRecord]:
         key = self._tenant_key(tenant, "jobs")
-        ids = self._redis.zrevrange(key, 0, limit - 1)
+        start = 0
+        if after is not None:
+            rank = self._redis.zrevrank(key, after)
+            if rank is None:
+                raise unknown_cursor(after)
+            start = rank + 1
+        ids = self._redis.zrevrange(key, start, start + limit - 1)
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self._job_key(job_id.decode()))

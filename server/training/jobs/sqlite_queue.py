@@ -13,6 +13,7 @@ process (the embedded worker thread) is woken at once by `submit`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -33,6 +34,7 @@ from .base import (
     event_from_json,
     event_json,
     job_not_found,
+    unknown_cursor,
 )
 
 POLL_S = 0.25
@@ -129,15 +131,20 @@ class SQLiteJobQueue(JobQueue):
         row = self._db.conn().execute(f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
-    def _list(self, tenant: str, limit: int) -> list[JobRecord]:
-        rows = (
-            self._db.conn()
-            .execute(
-                f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE tenant = ? ORDER BY created DESC, id LIMIT ?",
-                (tenant, limit),
-            )
-            .fetchall()
-        )
+    def _list(self, tenant: str, limit: int, after: str | None) -> list[JobRecord]:
+        conn = self._db.conn()
+        # Newest first, ties by id: a cursor is the (created, id) of the previous page's last row.
+        created, job_id = math.inf, ""
+        if after is not None:
+            row = conn.execute("SELECT created, id FROM jobs WHERE id = ? AND tenant = ?", (after, tenant)).fetchone()
+            if row is None:
+                raise unknown_cursor(after)
+            created, job_id = row
+        rows = conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE tenant = ? AND (created < ? OR (created = ? AND id > ?))"
+            " ORDER BY created DESC, id LIMIT ?",
+            (tenant, created, created, job_id, limit),
+        ).fetchall()
         return [_record(row) for row in rows]
 
     def _events(self, job_id: str) -> list[JobEvent]:
