@@ -28,7 +28,7 @@ from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
-from server.tenancy import TenantRegistry, open_tenant_registry
+from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
 from server.training.worker import EmbeddedWorker, Worker, start_embedded_worker
 
@@ -65,6 +65,7 @@ def create_app(
         services, worker = await asyncio.to_thread(_start, settings, model, tokenizer, store, jobs, metrics)
         if settings.admin_key is not None:
             services.tenants = tenants or open_tenant_registry(settings)
+        services.rates = await asyncio.to_thread(open_rate_limiter, settings)  # Redis: shared by replicas
         app.state.services = services
         log.info("ready: serving %s", services.model_name)
         collector = asyncio.create_task(_collect_store_garbage(services.store, settings.store_gc_interval_s))
@@ -82,6 +83,7 @@ def create_app(
                 services.store.close()
             if tenants is None and services.tenants is not None:
                 services.tenants.close()
+            services.rates.close()
 
     app = FastAPI(
         title="vbserve",

@@ -44,6 +44,8 @@ class Services:
     metrics: Metrics
     jobs: JobQueue | None = None  # None: fine-tuning disabled
     tenants: TenantRegistry | None = None  # None: single-tenant (no admin key configured)
+    # In this process by default; the app's lifespan puts the one beside the registry here
+    # (`open_rate_limiter`: shared by every replica when that is Redis).
     rates: RateLimiter = field(default_factory=RateLimiter)
     generations: ConcurrencyLimiter = field(default_factory=ConcurrencyLimiter)
     started: float = field(default_factory=time.time)
@@ -99,7 +101,8 @@ async def authenticate(request: Request, services: ServicesDep) -> Caller:
         caller = Caller(tenant.name, effective_limits(tenant.limits, settings))
     request.state.tenant = caller.tenant  # for the request log
     if caller.limits.requests_per_s is not None:
-        wait = services.rates.acquire(caller.tenant, caller.limits.requests_per_s)
+        # A thread: on Redis this is a round trip (a fallback to the local bucket if down).
+        wait = await run_in_threadpool(services.rates.acquire, caller.tenant, caller.limits.requests_per_s)
         if wait is not None:
             raise APIError(
                 "rate_limited",

@@ -1,14 +1,16 @@
 """Tenancy: who is calling (API keys -> tenants) and what they may use (per-tenant limits).
 
 With no admin key configured the server is single-tenant: every request acts for the
-tenant "default" and no registry is opened.
+tenant "default" and no registry is opened. Request rates are limited either way, by the
+limiter `open_rate_limiter` picks (shared by replicas on Redis, see `limits`).
 """
 
 from __future__ import annotations
 
+from adapter_store.store import is_redis_url
 from server.settings import Settings
 
-from .limits import ConcurrencyLimiter, Limits, RateLimiter
+from .limits import ConcurrencyLimiter, Limits, RateLimiter, RedisRateLimiter
 from .registry import (
     ApiKey,
     RedisTenantRegistry,
@@ -27,6 +29,7 @@ __all__ = [
     "ConcurrencyLimiter",
     "Limits",
     "RateLimiter",
+    "RedisRateLimiter",
     "RedisTenantRegistry",
     "RegistryUnavailableError",
     "SQLiteTenantRegistry",
@@ -37,6 +40,7 @@ __all__ = [
     "TenantNotFoundError",
     "TenantRegistry",
     "effective_limits",
+    "open_rate_limiter",
     "open_tenant_registry",
 ]
 
@@ -46,9 +50,19 @@ def open_tenant_registry(settings: Settings) -> TenantRegistry:
     SQLite store."""
     url = settings.url_beside_store("tenants.db")
     pepper = settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None
-    if url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
+    if is_redis_url(url):
         return RedisTenantRegistry.from_url(url, prefix=settings.redis_prefix, pepper=pepper)
     return SQLiteTenantRegistry(url.removeprefix("sqlite:///"), pepper=pepper)
+
+
+def open_rate_limiter(settings: Settings) -> RateLimiter:
+    """The request-rate limiter beside the tenant registry: token buckets in the same Redis
+    (same prefix), shared by every replica, or in this process on the SQLite deployment.
+    The caller closes it. A cluster URL connects at once (raises if no node answers)."""
+    url = settings.url_beside_store("tenants.db")
+    if is_redis_url(url):
+        return RedisRateLimiter.from_url(url, prefix=settings.redis_prefix)
+    return RateLimiter()
 
 
 def effective_limits(own: TenantLimits, settings: Settings) -> Limits:
