@@ -157,6 +157,15 @@ class Sample:
     error: str | None = None
 
 
+def wait_for_every_probe(samples: list[Sample], since: float) -> None:
+    """Until each LOAD probe has completed once after `since` (a loaded machine may take
+    more than a fixed sleep to get through the round)."""
+    deadline = time.monotonic() + 30
+    while {s.probe for s in list(samples) if s.start >= since} < {p.name for p in LOAD}:
+        assert time.monotonic() < deadline, "the load did not get through every probe"
+        time.sleep(0.05)
+
+
 def load_loop(url: str, key: str, stop: threading.Event, out: list[Sample]) -> None:
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
         i = 0
@@ -209,7 +218,7 @@ def test_redis_outage_serves_cached_adapters_fails_fast_and_recovers(tmp_path) -
             threads = [threading.Thread(target=load_loop, args=(url, key, stop, samples)) for _ in range(6)]
             for t in threads:
                 t.start()
-            time.sleep(1.0)
+            wait_for_every_probe(samples, since=0.0)
             outage_start = time.monotonic()
             rds.stop()  # SIGTERM: Redis goes away under load
             outage_down = time.monotonic()
@@ -251,7 +260,7 @@ def test_redis_outage_serves_cached_adapters_fails_fast_and_recovers(tmp_path) -
                 assert time.monotonic() < deadline, "did not recover within 10 s of Redis coming back"
                 time.sleep(0.05)
             recovered_after = time.monotonic() - restarted
-            time.sleep(1.0)
+            wait_for_every_probe(samples, since=restarted + recovered_after)
             stop.set()
             for t in threads:
                 t.join(timeout=60)

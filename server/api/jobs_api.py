@@ -281,10 +281,7 @@ async def follow(jobs: JobQueue, tenant: str, first: JobRecord) -> AsyncIterator
             events = await asyncio.to_thread(jobs.events, tenant, first.id)
         # The status line is long gone: an error travels as an event (the queue went
         # away, the job expired), then the stream ends.
-        except AdapterError as exc:
-            yield sse(from_typed_error(exc).body())
-            return
-        except TrainingError as exc:
+        except (AdapterError, TrainingError) as exc:
             yield sse(from_typed_error(exc).body())
             return
         for event in events:
