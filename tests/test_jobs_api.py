@@ -272,7 +272,7 @@ async def test_job_limit_cancel_and_truncation(api):
     assert [j["id"] for j in page["data"]] == [running["id"]] and not page["has_more"]
     for cursor in ("ftjob-" + "0" * 24, "nope", "x" * 65):
         r = await api.get("/v1/fine_tuning/jobs", params={"after": cursor})
-        assert r.status_code in (400, 422) and error_of(r)["param"].endswith("after"), r.text
+        assert r.status_code in (400, 422) and error_of(r)["field"].endswith("after"), r.text
 
     r = await api.post(f"/v1/fine_tuning/jobs/{truncated['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"  # queued: at once
