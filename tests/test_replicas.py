@@ -1,5 +1,6 @@
 """Two real `vbserve serve` processes on one Redis (`VBSERVE_TEST_REDIS_URL`, under a
-fresh key prefix; skipped with the reason when none answers) behave as one service: an
+fresh key prefix; skipped with the reason when none answers), and on one local Redis
+Cluster (tests/redis_cluster.py), behave as one service: an
 adapter pushed, updated or deleted through one replica is served, re-served or refused by
 the other on its very next request. Each replica checks the adapter's current version in
 the store per request (server/engine/adapter_manager.py keys its composed cache by
@@ -22,10 +23,12 @@ import httpx
 import pytest
 
 from adapter_store import encode_adapter
-from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama
+from tests.redis_cluster import redis_under_test
 from tests.test_api import random_adapter
 
 pytestmark = pytest.mark.redis
+pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SEED = 3
 START_TIMEOUT_S = 120  # two model loads at once on a busy 2-core machine took 38 s
@@ -54,8 +57,8 @@ class Replica:
 
 
 @contextmanager
-def replica(model_dir: Path, prefix: str, log: Path) -> Iterator[Replica]:
-    """A `vbserve serve` process on the tiny model over the test Redis; stopped on exit."""
+def replica(model_dir: Path, store_url: str, prefix: str, log: Path) -> Iterator[Replica]:
+    """A `vbserve serve` process on the tiny model over `store_url`; stopped on exit."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -66,7 +69,7 @@ def replica(model_dir: Path, prefix: str, log: Path) -> Iterator[Replica]:
         "VBSERVE_MAX_MODEL_LEN": "256",
     }
     port = _free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store-url", REDIS_URL]
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store-url", store_url]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -94,10 +97,14 @@ def wait_ready(server: Replica) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture
-def replicas(model_dir: Path, tmp_path: Path) -> Iterator[tuple[httpx.Client, httpx.Client]]:
-    with redis_test_prefix() as (_, prefix), ExitStack() as stack:
-        servers = [stack.enter_context(replica(model_dir, prefix, tmp_path / f"replica-{i}.log")) for i in range(2)]
+@pytest.fixture(params=["redis", "redis-cluster"])
+def replicas(
+    request: pytest.FixtureRequest, model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    url, context = redis_under_test(request, request.param)
+    with context as (_, prefix), ExitStack() as stack:
+        logs = [tmp_path / f"replica-{i}.log" for i in range(2)]
+        servers = [stack.enter_context(replica(model_dir, url, prefix, log)) for log in logs]
         with ThreadPoolExecutor(2) as pool:  # both start at once: start-up is mostly imports
             list(pool.map(wait_ready, servers))
         yield tuple(stack.enter_context(httpx.Client(base_url=server.url, timeout=30)) for server in servers)
