@@ -157,6 +157,7 @@ def test_proxy_spreads_over_every_api_replica(compose: dict) -> None:
     conf = (REPO / "docker" / "nginx.conf").read_text()
     assert re.search(r"server api:8000 resolve;", conf)  # re-resolves as replicas come and go
     assert "listen 8080;" in conf and "proxy_buffering off;" in conf  # streams are not held back
+    assert "client_header_timeout 10s;" in conf and "client_body_timeout 30s;" in conf  # slowloris
 
 
 def validate_compose(*files: Path) -> subprocess.CompletedProcess:
