@@ -72,7 +72,7 @@ class CircuitBreaker:
             if self._open or self._stopped:
                 return
             self._open = True
-        log.warning("%s timed out after %.1f s: failing fast until it answers again", self.name, waited_s)
+        log.warning("%s failed after %.1f s: not calling it until it answers again", self.name, waited_s)
         threading.Thread(target=self._probe_until_answered, name=f"{self.name}-probe", daemon=True).start()
 
     def stop(self) -> None:

@@ -21,7 +21,6 @@ times its limit in flight, at most its limit on each engine.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -33,9 +32,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from adapter_store.breaker import CircuitBreaker
 from adapter_store.store import redis_client, validate_key
-
-log = logging.getLogger(__name__)
 
 BURST_SECONDS = 2.0  # a tenant may send this many seconds' worth of requests at once
 
@@ -102,21 +100,24 @@ redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((capacity - tokens) * 1000 
 return 0
 """
 
-# After Redis failed, calls go straight to the in-process bucket, and one call per this
-# interval tries Redis again: during an outage at most one request per interval (per
-# replica) waits for Redis. Before the first failure is known, every call tries it.
+# While Redis is unreachable, a probe pings it this often; calls meanwhile use the
+# in-process bucket at once, so an outage makes one request wait for Redis, not each one.
 REDIS_RETRY_INTERVAL_S = 1.0
 # Connect and command timeout: the limiter sits on every rate-limited request's path, and
 # falling back to the local bucket is better than making the request wait.
 REDIS_TIMEOUT_S = 0.5
 
 
+class _RedisUnavailable(Exception):
+    """Raised by the breaker instead of Redis's error: limit in this process instead."""
+
+
 class RedisRateLimiter(RateLimiter):
     """The token buckets in Redis, one hash per tenant (`<prefix>:rl:{<tenant>}`: the hash
     tag puts each bucket in one slot of a Redis Cluster), shared by every replica using the
     same Redis and prefix. While Redis is unreachable each call falls back to this
-    process's own bucket (the inherited `RateLimiter`), and a warning is logged once per
-    outage."""
+    process's own bucket (the inherited `RateLimiter`): the store's circuit breaker,
+    opened by any failure here, skips Redis until its probe gets an answer."""
 
     # Any failure of Redis (down, hung, a cluster without a slot's node, out of memory,
     # read-only after a failover): limit locally rather than fail the request.
@@ -127,9 +128,11 @@ class RedisRateLimiter(RateLimiter):
         self.prefix = validate_key("prefix", prefix)
         self._redis = client
         self._script = client.register_script(_TOKEN_BUCKET_LUA)
-        self._state_lock = threading.Lock()
-        self._down_since: float | None = None  # monotonic time of the outage's first failure
-        self._retry_at = 0.0  # during an outage, when the next call tries Redis (monotonic)
+        # slow_s=0: unlike the store, which fails fast only once calls are slow, the limiter
+        # has a fallback, so any failure is reason enough to stop asking Redis for a while.
+        self._breaker = CircuitBreaker(
+            client.ping, self.unavailable_errors, name="rate-limit Redis", slow_s=0.0, interval_s=REDIS_RETRY_INTERVAL_S
+        )
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "vbs", timeout: float = REDIS_TIMEOUT_S) -> RedisRateLimiter:
@@ -146,51 +149,16 @@ class RedisRateLimiter(RateLimiter):
         return f"{self.prefix}:rl:{{{tenant}}}"
 
     def acquire(self, tenant: str, rate: float) -> float | None:
-        if self._down_since is not None and not self._claim_probe():  # Redis failed moments ago
-            return super().acquire(tenant, rate)
         capacity = max(1.0, rate * BURST_SECONDS)
         try:
-            wait_ms = self._script(keys=[self.key(tenant)], args=[repr(float(rate)), repr(capacity)])
-        except self.unavailable_errors as exc:
-            self._failed(exc)
+            with self._breaker.call(_RedisUnavailable):
+                wait_ms = self._script(keys=[self.key(tenant)], args=[repr(float(rate)), repr(capacity)])
+        except _RedisUnavailable:
             return super().acquire(tenant, rate)
-        if self._down_since is not None:
-            self._recovered()
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000
 
-    def _claim_probe(self) -> bool:
-        """During an outage: whether this call may try Redis (one call per interval; the
-        calls meanwhile, also those while it waits for a hung Redis, use the local bucket)."""
-        with self._state_lock:
-            now = time.monotonic()
-            if self._down_since is None:
-                return True
-            if now < self._retry_at:
-                return False
-            self._retry_at = now + REDIS_RETRY_INTERVAL_S
-            return True
-
-    def _failed(self, exc: BaseException) -> None:
-        with self._state_lock:
-            now = time.monotonic()
-            self._retry_at = now + REDIS_RETRY_INTERVAL_S
-            if self._down_since is not None:
-                return
-            self._down_since = now
-        log.warning(
-            "rate limits: Redis unreachable (%s: %s); each replica limits tenants on its own until it answers",
-            type(exc).__name__,
-            exc,
-        )
-
-    def _recovered(self) -> None:
-        with self._state_lock:
-            if self._down_since is None:
-                return
-            down_s, self._down_since = time.monotonic() - self._down_since, None
-        log.info("rate limits: Redis answers again after %.1f s; rates are shared across replicas again", down_s)
-
     def close(self) -> None:
+        self._breaker.stop()
         self._redis.close()
 
 
