@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
+from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore, StoreUnavailableError
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -344,6 +344,11 @@ def test_open_job_queue_urls(tmp_path: Path) -> None:
     assert jobs_url(Settings(store_url="sqlite:////var/x/adapters.db")) == "sqlite:////var/x/jobs.db"
     assert jobs_url(Settings(store_url="redis://r:6379/0")) == "redis://r:6379/0"
     assert jobs_url(Settings(jobs_url="sqlite:///j.db", store_url="redis://r")) == "sqlite:///j.db"
+    assert jobs_url(Settings(store_url="redis+cluster://r:7000")) == "redis+cluster://r:7000"
+    # A cluster is contacted at once: no node answering is a typed error naming the setting.
+    with pytest.raises(StoreUnavailableError) as err:
+        RedisJobQueue.from_url("redis+cluster://127.0.0.1:1", timeout=0.5)
+    assert err.value.field == "jobs_url" and "no Redis Cluster node answers" in err.value.reason
 
 
 # -- workers -------------------------------------------------------------------------------

@@ -226,11 +226,7 @@ class RedisAdapterStore(AdapterStore):
         (`StoreUnavailableError` if no node answers). timeout: seconds for connecting and
         for each command."""
         options = {"decode_responses": False, "socket_timeout": timeout, "socket_connect_timeout": timeout}
-        try:
-            client = redis_client(url, **options)
-        except (*cls.unavailable_errors, redis.exceptions.RedisClusterException) as exc:
-            raise StoreUnavailableError("store", f"no Redis Cluster node answers at {url}: {exc}") from exc
-        return cls(client, prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
+        return cls(redis_client(url, **options), prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
 
     def __repr__(self) -> str:
         return f"RedisAdapterStore({self._redis!r}, prefix={self.prefix!r})"

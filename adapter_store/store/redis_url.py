@@ -10,6 +10,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from ..errors import StoreUnavailableError
+
 # Our cluster schemes, and the plain scheme redis-py's RedisCluster expects instead.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 REDIS_SCHEMES = ("redis", "rediss", *CLUSTER_SCHEMES)
@@ -21,12 +23,15 @@ def is_redis_url(url: str) -> bool:
     return url.partition("://")[0] in REDIS_SCHEMES
 
 
-def redis_client(url: str, **options: Any) -> redis.Redis | RedisCluster:
+def redis_client(url: str, *, field: str = "store", **options: Any) -> redis.Redis | RedisCluster:
     """A client for `url`, with redis-py connection `options`. A single server's client
     connects lazily (no I/O until first use); a cluster client connects at once, to learn
-    the slot map, and raises `redis.ConnectionError` or `RedisClusterException` if no node
-    answers."""
+    the slot map, and raises `StoreUnavailableError` on `field` (the setting that named
+    the URL) if no node answers."""
     scheme, _, rest = url.partition("://")
-    if scheme in CLUSTER_SCHEMES:
+    if scheme not in CLUSTER_SCHEMES:
+        return redis.Redis.from_url(url, **options)
+    try:
         return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-    return redis.Redis.from_url(url, **options)
+    except (*REDIS_UNAVAILABLE_ERRORS, redis.exceptions.RedisClusterException) as exc:
+        raise StoreUnavailableError(field, f"no Redis Cluster node answers at {url}: {exc}") from exc

@@ -269,9 +269,14 @@ class RedisJobQueue(JobQueue):
         cls, url: str, *, prefix: str = "vbs", limits: QueueLimits | None = None, timeout: float = 5.0
     ) -> RedisJobQueue:
         """`redis://`/`rediss://` (one server, connected lazily) or `redis+cluster://`/
-        `rediss+cluster://` (a Redis Cluster, connected at once to learn its slot map)."""
+        `rediss+cluster://` (a Redis Cluster, connected at once to learn its slot map;
+        `StoreUnavailableError` on `jobs_url` if no node answers)."""
         client = redis_client(
-            url, decode_responses=False, socket_timeout=timeout + MAX_BLOCK_MS / 1000, socket_connect_timeout=timeout
+            url,
+            field="jobs_url",
+            decode_responses=False,
+            socket_timeout=timeout + MAX_BLOCK_MS / 1000,
+            socket_connect_timeout=timeout,
         )
         return cls(client, prefix=prefix, limits=limits)
 
