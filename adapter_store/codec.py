@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 from .adapter import FLOAT_DTYPES, VBLoRAAdapter, bank_id_of, index_dtype_for
 from .config import AdapterConfig
 from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError, BankNotFoundError
+from .untrusted_json import load_untrusted_json
 
 FORMAT = "vbserve-vblora"
 FORMAT_VERSION = "1"
@@ -63,10 +64,7 @@ def decode_adapter(
     metadata, tensors = _load(blob, max_bytes, FORMAT)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError("format_version", f"unsupported {metadata.get('format_version')!r}")
-    try:
-        config = AdapterConfig.from_json(json.loads(_unpack_config(metadata.get("config", ""))))
-    except json.JSONDecodeError:
-        raise AdapterFormatError("config", "metadata is not valid JSON") from None
+    config = AdapterConfig.from_json(load_untrusted_json(_unpack_config(metadata.get("config", "")), "config"))
     unknown = set(tensors) - {"bank", "indices", "weights"}
     if unknown:
         raise AdapterFormatError("tensors", f"unexpected tensors {sorted(unknown)}")
@@ -114,10 +112,7 @@ def read_metadata(blob: bytes, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> dict[
     (n,) = struct.unpack("<Q", blob[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(blob):
         raise AdapterFormatError("blob", "truncated or lying header length")
-    try:
-        header = json.loads(blob[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError("blob", "header is not valid JSON") from None
+    header = load_untrusted_json(blob[8 : 8 + n], "blob")
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterFormatError("blob", "header has no string __metadata__")

@@ -61,31 +61,26 @@ class AdapterConfig:
     layout: tuple[SubvectorSlice, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name, value, high in (
-            ("r", self.r, MAX_RANK),
-            ("vector_length", self.vector_length, MAX_VECTOR_LENGTH),
-            ("num_vectors", self.num_vectors, MAX_NUM_VECTORS),
-            ("topk", self.topk, MAX_TOPK),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-                raise AdapterValidationError(name, f"must be an integer in [1, {high}], got {value!r}")
-        if self.topk > self.num_vectors:
-            raise AdapterValidationError("topk", f"{self.topk} exceeds num_vectors {self.num_vectors}")
+        check_sizes(r=self.r, vector_length=self.vector_length, num_vectors=self.num_vectors, topk=self.topk)
         if not self.modules:
             raise AdapterValidationError("modules", "an adapter must target at least one module")
         if len(self.modules) > MAX_MODULES:
             raise AdapterValidationError("modules", f"{len(self.modules)} modules exceed the limit {MAX_MODULES}")
+        for m in self.modules:
+            if not isinstance(m.name, str) or not m.name or len(m.name) > 512:
+                raise AdapterValidationError("modules", f"bad module name {str(m.name)[:80]!r}")
+            for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
+                # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
+                # config written by something else than us, refused rather than coerced.
+                if not _is_int(dim) or dim <= 0:
+                    raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
         ordered = tuple(sorted(self.modules, key=lambda m: natural_key(m.name)))
         if len({m.name for m in ordered}) != len(ordered):
             raise AdapterValidationError("modules", "module names must be unique")
         b = self.vector_length
         layout, offset = [], 0
         for m in ordered:
-            if not m.name or len(m.name) > 512:
-                raise AdapterValidationError("modules", f"bad module name {m.name!r}")
             for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
-                if not isinstance(dim, int) or dim <= 0:
-                    raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
                 if dim % b:
                     raise AdapterValidationError("vector_length", f"b={b} does not divide {m.name}.{dim_name}={dim}")
             a_start = offset
@@ -152,7 +147,7 @@ class AdapterConfig:
         if unknown:
             raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
         try:
-            modules = tuple(ModuleSpec(str(n), int(i), int(o)) for n, i, o in data["modules"])
+            modules = tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"])
             config = cls(
                 modules=modules,
                 r=data["r"],
@@ -171,6 +166,26 @@ class AdapterConfig:
         if claimed is not None and claimed != config.base_fingerprint:
             raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
         return config
+
+
+def check_sizes(*, r: object, vector_length: object, num_vectors: object, topk: object, prefix: str = "") -> None:
+    """The bounds on an adapter's sizes, wherever they come from (our config, a PEFT config:
+    `prefix` names the file). Checked before any tensor work: `topk` past `num_vectors` would
+    make `torch.topk` raise on full logits."""
+    for name, value, high in (
+        ("r", r, MAX_RANK),
+        ("vector_length", vector_length, MAX_VECTOR_LENGTH),
+        ("num_vectors", num_vectors, MAX_NUM_VECTORS),
+        ("topk", topk, MAX_TOPK),
+    ):
+        if not _is_int(value) or not 1 <= value <= high:
+            raise AdapterValidationError(f"{prefix}{name}", f"must be an integer in [1, {high}], got {value!r:.40}")
+    if topk > num_vectors:
+        raise AdapterValidationError(f"{prefix}topk", f"{topk} exceeds num_vectors {num_vectors}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _CONFIG_FIELDS = {"r", "vector_length", "num_vectors", "topk", "base_model", "base_fingerprint", "modules"}

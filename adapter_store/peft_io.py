@@ -19,8 +19,9 @@ from safetensors.torch import save as st_save
 
 from .adapter import VBLoRAAdapter, index_dtype_for
 from .codec import DEFAULT_MAX_BLOB_BYTES
-from .config import AdapterConfig, ModuleSpec
+from .config import AdapterConfig, ModuleSpec, check_sizes
 from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError
+from .untrusted_json import load_untrusted_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,10 +157,7 @@ def read_peft_files(
         raise AdapterTooLargeError(CONFIG_NAME, f"exceeds {MAX_CONFIG_BYTES} bytes")
     if len(weights_bytes) > max_bytes:
         raise AdapterTooLargeError(WEIGHTS_NAME, f"{len(weights_bytes)} bytes exceed the limit of {max_bytes}")
-    try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(CONFIG_NAME, f"not valid JSON ({exc})") from None
+    config = load_untrusted_json(config_bytes, CONFIG_NAME)
     try:
         tensors = st_load(bytes(weights_bytes))
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
@@ -198,10 +196,13 @@ def _check_peft_config(config: object) -> dict:
     unknown = sorted(set(config) - _KNOWN_FIELDS)
     if unknown:
         raise AdapterFormatError(f"{CONFIG_NAME}.{unknown[0]}", "unknown field")
-    for key in ("r", "num_vectors", "vector_length", "topk"):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise AdapterValidationError(f"{CONFIG_NAME}.{key}", f"must be a positive integer, got {value!r}")
+    check_sizes(
+        r=config.get("r"),
+        vector_length=config.get("vector_length"),
+        num_vectors=config.get("num_vectors"),
+        topk=config.get("topk"),
+        prefix=f"{CONFIG_NAME}.",
+    )
     if config.get("bias", "none") != "none":
         raise AdapterValidationError(f"{CONFIG_NAME}.bias", "only 'none' is supported")
     if config.get("modules_to_save"):

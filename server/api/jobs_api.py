@@ -12,7 +12,6 @@ training errors propagate and are mapped in `errors`.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapter_store import AdapterError
 from adapter_store.store import validate_key
+from adapter_store.untrusted_json import load_untrusted_json
 from server.training import (
     DatasetError,
     DatasetTooLargeError,
@@ -225,10 +225,7 @@ def _hyperparameters(fields: dict[str, list[str]]) -> TrainingHyperparameters:
         [text, *more] = fields.pop("hyperparameters")
         if more:
             raise HyperparameterError("hyperparameters", "given more than once")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise HyperparameterError("hyperparameters", f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+        data = load_untrusted_json(text, "hyperparameters", error=HyperparameterError)
         if not isinstance(data, dict):
             raise HyperparameterError("hyperparameters", "must be a JSON object")
     for name, values in fields.items():

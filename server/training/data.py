@@ -26,12 +26,13 @@ loaded whole. Every error is a `DatasetError` whose field names the file and lin
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 from transformers import PreTrainedTokenizerBase
+
+from adapter_store.untrusted_json import load_untrusted_json
 
 from .errors import DatasetError, DatasetTooLargeError
 
@@ -121,10 +122,7 @@ def _decode_row(line: bytes, where: str, *, first: bool) -> dict | None:
         text = text.removeprefix("\ufeff")  # a BOM some editors write
     if not text.strip():
         return None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(where, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    row = load_untrusted_json(text, where, error=DatasetError)
     if not isinstance(row, dict):
         raise DatasetError(where, f"must be a JSON object, got {_json_type(row)}")
     return row
