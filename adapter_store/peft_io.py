@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .adapter import VBLoRAAdapter, index_dtype_for
-from .codec import DEFAULT_MAX_BLOB_BYTES
+from .codec import DEFAULT_MAX_BLOB_BYTES, save_safetensors
 from .config import AdapterConfig, ModuleSpec, check_sizes
 from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError
 from .untrusted_json import load_untrusted_json
@@ -185,7 +184,7 @@ def write_checkpoint_dir(path: str | Path, config: dict, tensors: dict[str, torc
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    (path / WEIGHTS_NAME).write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}))
+    (path / WEIGHTS_NAME).write_bytes(save_safetensors(tensors))
 
 
 def _check_peft_config(config: object) -> dict:

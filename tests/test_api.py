@@ -4,6 +4,8 @@ OpenAI and LoRAX generation, adapter management, error bodies, metrics, readines
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
 import json
 import zipfile
@@ -300,6 +302,23 @@ async def test_adapter_lifecycle(api, peft_dir):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found"
     assert (await api.delete("/v1/adapters/native-one")).status_code == 404
     assert (await api.get("/v1/adapters/native-one/content")).status_code == 404
+
+
+async def test_downloads_are_byte_stable(api, peft_dir):
+    """One stored adapter, one file per format: the same bytes on every download and after
+    a round trip (upload the download, download again), so their digest names the adapter."""
+    r = await api.put("/v1/adapters/stable", files=multipart(peft_dir))
+    assert r.status_code == 201, r.text
+    for params in ({}, {"omit_bank": "true"}, {"format": "peft"}, {"format": "lora"}):
+        downloads = [await api.get("/v1/adapters/stable/content", params=params) for _ in range(3)]
+        assert all(d.status_code == 200 for d in downloads), params
+        assert len({d.content for d in downloads}) == 1, params
+        digest = base64.b64encode(hashlib.sha256(downloads[0].content).digest()).decode()
+        assert downloads[0].headers["repr-digest"] == f"sha-256=:{digest}:"
+    native = (await api.get("/v1/adapters/stable/content")).content
+    r = await api.put("/v1/adapters/copy", content=native, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    assert (await api.get("/v1/adapters/copy/content")).content == native
 
 
 async def test_generation_with_uploaded_adapter(api, peft_dir):

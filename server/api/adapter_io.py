@@ -7,6 +7,8 @@ threads so a slow store never stalls the event loop that streams tokens.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import zipfile
@@ -15,12 +17,12 @@ from typing import Literal
 
 import torch
 from fastapi import Request
-from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapter_store import AdapterRecord, VBLoRAAdapter, decode_adapter, decode_bank, encode_adapter
+from adapter_store.codec import save_safetensors
 from adapter_store.peft_io import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME, export_peft, read_peft_files
 from adapter_store.store import AdapterStore
 from server.vblora.lora_export import export_lora
@@ -30,6 +32,7 @@ from .errors import APIError
 from .schemas import AdapterInfo
 
 ExportFormat = Literal["native", "peft", "lora"]
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 PAGE = 1000  # the store's largest page
 
 
@@ -79,14 +82,20 @@ def check_servable(adapter: VBLoRAAdapter, services: Services) -> None:
 def export(adapter: VBLoRAAdapter, fmt: ExportFormat, *, omit_bank: bool) -> bytes:
     """native: our blob (optionally without its bank, for a client that holds it);
     peft: the PEFT VB-LoRA checkpoint; lora: the equivalent plain LoRA. Both checkpoints
-    are zips of `adapter_config.json` + `adapter_model.safetensors`."""
+    are zips of `adapter_config.json` + `adapter_model.safetensors`. Each format gives one
+    adapter the same bytes on every call (`save_safetensors`, and a fixed time in the zip)."""
     if fmt == "native":
         return encode_adapter(adapter, include_bank=not omit_bank)
     config, tensors = export_peft(adapter) if fmt == "peft" else export_lora(adapter)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(CONFIG_NAME, json.dumps(config, indent=2))
-        zf.writestr(WEIGHTS_NAME, st_save({k: v.contiguous() for k, v in tensors.items()}))
+        for name, data in (
+            (CONFIG_NAME, json.dumps(config, indent=2).encode()),
+            (WEIGHTS_NAME, save_safetensors(tensors)),
+        ):
+            entry = zipfile.ZipInfo(name, date_time=ZIP_TIME)  # not the time of the download
+            entry.external_attr = 0o600 << 16  # rw-------, what writestr gives a plain name
+            zf.writestr(entry, data, compress_type=zipfile.ZIP_DEFLATED)
     return buffer.getvalue()
 
 
@@ -120,6 +129,11 @@ def tenant_uses_bank(store: AdapterStore, tenant: str, bank_id: str) -> bool:
     upload) only a bank that one of its own adapters uses, so a bank id learnt elsewhere
     reveals nothing."""
     return any(r.bank_id == bank_id for r in iter_records(store, tenant))
+
+
+def repr_digest(content: bytes) -> str:
+    """The `Repr-Digest` header's value (RFC 9530) for `content`: its SHA-256."""
+    return f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

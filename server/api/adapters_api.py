@@ -22,6 +22,7 @@ from .adapter_io import (
     info,
     parse_upload,
     read_body,
+    repr_digest,
     tenant_uses_bank,
 )
 from .deps import CallerDep, ServicesDep, TenantDep
@@ -95,18 +96,22 @@ def get_adapter_content(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     """The adapter as our blob, a PEFT VB-LoRA checkpoint or a plain LoRA checkpoint.
-    The ETag is the version, so a client that holds the current one gets a 304."""
+    The ETag is the version, so a client that holds the current one gets a 304. The bytes
+    are canonical (one adapter, one file): `Repr-Digest` (RFC 9530) is their SHA-256, the
+    same on every download and from every replica."""
     version = services.store.get_version(tenant, name)
     if version is None:
         raise AdapterNotFoundError("name", f"no adapter {name!r}")
     if etag_matches(if_none_match, _etag(version)):
         return Response(status_code=304, headers={"ETag": _etag(version)})
     record, adapter = services.store.get(tenant, name)
+    content = export(adapter, fmt, omit_bank=omit_bank)
     return Response(
-        export(adapter, fmt, omit_bank=omit_bank),
+        content,
         media_type=_MEDIA[fmt],
         headers={
             "ETag": _etag(record.version),
+            "Repr-Digest": repr_digest(content),
             "Cache-Control": "no-cache",  # names are mutable: revalidate, a 304 is cheap
             "Content-Disposition": f'attachment; filename="{name}{_SUFFIX[fmt]}"',
         },
