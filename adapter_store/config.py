@@ -72,7 +72,7 @@ class AdapterConfig:
             for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
                 # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
                 # config written by something else than us, refused rather than coerced.
-                if not _is_int(dim) or dim <= 0:
+                if not is_int(dim) or dim <= 0:
                     raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
         ordered = tuple(sorted(self.modules, key=lambda m: natural_key(m.name)))
         if len({m.name for m in ordered}) != len(ordered):
@@ -178,13 +178,13 @@ def check_sizes(*, r: object, vector_length: object, num_vectors: object, topk: 
         ("num_vectors", num_vectors, MAX_NUM_VECTORS),
         ("topk", topk, MAX_TOPK),
     ):
-        if not _is_int(value) or not 1 <= value <= high:
+        if not is_int(value) or not 1 <= value <= high:
             raise AdapterValidationError(f"{prefix}{name}", f"must be an integer in [1, {high}], got {value!r:.40}")
     if topk > num_vectors:
         raise AdapterValidationError(f"{prefix}topk", f"{topk} exceeds num_vectors {num_vectors}")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
+import regex
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from .adapter import VBLoRAAdapter, index_dtype_for
 from .codec import DEFAULT_MAX_BLOB_BYTES, save_safetensors
-from .config import AdapterConfig, ModuleSpec, check_sizes
+from .config import AdapterConfig, ModuleSpec, check_sizes, is_int
 from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError
 from .untrusted_json import load_untrusted_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 64 << 10
+# Time all of one config's patterns may take to match its modules: `.*\.(q|v)_proj`
+# matches 4096 module names in 41 ms; `(?:(\w)|(\w)|\.)*(?<=\d)` takes 1.1 s on a
+# 26-character name with `re`, doubling with each further character.
+PATTERN_BUDGET_S = 0.5
 
 # VBLoRAConfig's fields in PEFT 0.21. An unknown field is refused rather than ignored:
 # it may change what the checkpoint means.
@@ -55,6 +62,7 @@ def import_peft(config: object, tensors: dict[str, torch.Tensor]) -> VBLoRAAdapt
         if not m:
             raise AdapterFormatError("adapter_model", f"unexpected tensor {name!r}")
         parts.setdefault(m.group(1), {})[m.group(2) + (m.group(3) or "")] = t
+    _check_targets(cfg, parts)
     wanted = ("A_topk_indices", "A_topk_weights", "B_topk_indices", "B_topk_weights") if topk_only else ("A", "B")
     modules, idx_parts, w_parts = [], [], []
     for module_name, p in parts.items():
@@ -185,6 +193,92 @@ def write_checkpoint_dir(path: str | Path, config: dict, tensors: dict[str, torc
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     (path / WEIGHTS_NAME).write_bytes(save_safetensors(tensors))
+
+
+def _check_targets(config: dict, module_names: Iterable[str]) -> None:
+    """Refuse a checkpoint whose tensors hold a module its config does not target.
+
+    PEFT loads a checkpoint by wrapping the modules of the base model that the config
+    targets, then copying the tensors in: it refuses a config that targets none of them
+    (NoMatchingPeftModuleError) and drops, with a warning, the tensors of a module it did
+    not wrap. We would serve those tensors, so a module with tensors must be targeted. (A
+    targeted module without tensors is not refused: PEFT only warns of missing keys then,
+    and which layers a short name like `q_proj` reaches depends on the base model.)
+
+    The rule is PEFT's `check_target_module_exists` (0.21): `exclude_modules` first (a
+    string is a regex the whole name must match, a list holds names a module's name equals
+    or ends with after a dot); then a string `target_modules` is such a regex, and a list
+    such names, kept to the layer indices of `layers_to_transform` when it is given. The
+    patterns are a client's: they run on `regex` under one time budget (PATTERN_BUDGET_S),
+    since `re` has no timeout and holds the GIL while a pattern backtracks, which would
+    stall every route of the server.
+    """
+    deadline = time.monotonic() + PATTERN_BUDGET_S
+    targets = _names_or_pattern(config, "target_modules", required=True)
+    excluded = _names_or_pattern(config, "exclude_modules")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
+        raise AdapterValidationError(f"{CONFIG_NAME}.layers_to_transform", "must be a layer index or a list of them")
+    layer_patterns = _names_or_pattern(config, "layers_pattern") or None
+    if isinstance(layer_patterns, str):
+        layer_patterns = [layer_patterns]
+
+    def match(field: str, pattern: str, name: str, *, whole: bool = True) -> regex.Match | None:
+        try:
+            return (regex.fullmatch if whole else regex.match)(
+                pattern, name, timeout=max(deadline - time.monotonic(), 1e-3)
+            )
+        except regex.error as exc:
+            raise AdapterValidationError(f"{CONFIG_NAME}.{field}", f"not a regular expression: {exc}") from None
+        except TimeoutError:
+            raise AdapterValidationError(
+                f"{CONFIG_NAME}.{field}", f"matching the module names took more than {PATTERN_BUDGET_S} s"
+            ) from None
+
+    def named(names: list[str], module: str) -> bool:
+        return module in names or any(module.endswith(f".{n}") for n in names)
+
+    def layer_index(module: str) -> int | None:
+        # PEFT's: the first number after a `layers_pattern` part, or after any part.
+        for pattern in layer_patterns or [None]:
+            regexp = r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+            found = match("layers_pattern", regexp, module, whole=False)
+            if found:
+                return int(found["idx"])
+        return None
+
+    def is_excluded(module: str) -> bool:
+        if isinstance(excluded, str):
+            return match("exclude_modules", excluded, module) is not None
+        return excluded is not None and named(excluded, module)
+
+    def is_targeted(module: str) -> bool:
+        if isinstance(targets, str):
+            return match("target_modules", targets, module) is not None
+        if not named(targets, module):
+            return False
+        if layers is None or layers == []:
+            return True
+        index = layer_index(module)
+        return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+    for module in module_names:
+        if is_excluded(module) or not is_targeted(module):
+            raise AdapterValidationError(
+                f"{CONFIG_NAME}.target_modules",
+                f"the checkpoint has tensors for {module!r}, which this config does not target "
+                "(PEFT would not load them)",
+            )
+
+
+def _names_or_pattern(config: dict, key: str, *, required: bool = False) -> str | list[str] | None:
+    """`config[key]` as PEFT reads it: a regex string, or a list of names (None: absent)."""
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise AdapterValidationError(f"{CONFIG_NAME}.{key}", "must be a regular expression or a list of module names")
 
 
 def _check_peft_config(config: object) -> dict:

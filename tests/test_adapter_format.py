@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from adapter_store import (
     encode_bank,
 )
 from adapter_store.codec import FORMAT, FORMAT_VERSION
-from adapter_store.peft_io import export_peft, read_peft_files
+from adapter_store.peft_io import PATTERN_BUDGET_S, export_peft, read_peft_files
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = (
@@ -436,3 +437,107 @@ def test_every_error_is_an_adapter_error() -> None:
         assert issubclass(cls, AdapterError)
     # Format errors are validation errors, so callers that catch the broad class see them.
     assert issubclass(AdapterFormatError, AdapterValidationError) and issubclass(AdapterValidationError, ValueError)
+
+
+# --- PEFT's target_modules rule -------------------------------------------------------------
+
+QV_MODULES = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+
+# (what the config says, as changes to the one PEFT saved with ["q_proj", "v_proj"]; accepted)
+TARGET_CASES = [
+    ("as saved", {}, True),
+    ("full module names", {"target_modules": QV_MODULES}, True),
+    ("regex matching q and v", {"target_modules": r".*\.(q|v)_proj"}, True),
+    ("layers 0 and 1", {"layers_to_transform": [0, 1]}, True),
+    ("layers 0 and 1 by pattern", {"layers_to_transform": [0, 1], "layers_pattern": "layers"}, True),
+    ("nonexistent_proj", {"target_modules": ["nonexistent_proj"]}, False),
+    ("q_proj only", {"target_modules": ["q_proj"]}, False),
+    ("regex matching q only", {"target_modules": r".*\.q_proj"}, False),
+    ("regex matching no whole name", {"target_modules": "q_proj|v_proj"}, False),
+    ("v_proj excluded", {"exclude_modules": ["v_proj"]}, False),
+    ("v_proj excluded by regex", {"exclude_modules": r".*v_proj"}, False),
+    ("layer 0 only", {"layers_to_transform": [0]}, False),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_qv_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint PEFT itself saved, top-k weights only, for the tiny test model."""
+    from tests.conftest import random_peft_vblora, tiny_llama
+
+    model = random_peft_vblora(
+        tiny_llama(seed=7), r=4, b=16, h=32, k=2, targets=["q_proj", "v_proj"], seed=1, save_only_topk_weights=True
+    )
+    folder = tmp_path_factory.mktemp("peft-qv")
+    model.save_pretrained(folder)
+    return folder
+
+
+def peft_keeps_every_tensor(folder: Path) -> bool:
+    """PEFT's own verdict: the checkpoint loads and none of its tensors is dropped (PEFT
+    drops, silently, the tensors of a module its config does not target)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils.error import NoMatchingPeftModuleError
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_llama
+
+    try:
+        model = PeftModel.from_pretrained(tiny_llama(seed=7), folder)
+    except NoMatchingPeftModuleError:
+        return False
+    return set(load_file(folder / "adapter_model.safetensors")) <= set(get_peft_model_state_dict(model))
+
+
+@pytest.mark.parametrize(("changes", "accepted"), [pytest.param(c, a, id=i) for i, c, a in TARGET_CASES])
+def test_peft_target_modules_must_target_every_tensor(saved_qv_checkpoint, tmp_path, changes, accepted) -> None:
+    """We accept exactly the checkpoints whose every tensor PEFT loads."""
+    config = {**json.loads((saved_qv_checkpoint / "adapter_config.json").read_text()), **changes}
+    weights = (saved_qv_checkpoint / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter_model.safetensors").write_bytes(weights)
+    assert peft_keeps_every_tensor(tmp_path) is accepted
+    if accepted:
+        assert (
+            sorted(m.name for m in read_peft_files(json.dumps(config).encode(), weights).config.modules) == QV_MODULES
+        )
+    else:
+        expect(
+            AdapterValidationError,
+            "adapter_config.json.target_modules",
+            lambda: read_peft_files(json.dumps(config).encode(), weights),
+            match="does not target",
+        )
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"target_modules": None}, "adapter_config.json.target_modules"),
+        ({"target_modules": 7}, "adapter_config.json.target_modules"),
+        ({"target_modules": "(q_proj"}, "adapter_config.json.target_modules"),
+        ({"exclude_modules": [1]}, "adapter_config.json.exclude_modules"),
+        ({"layers_to_transform": "0"}, "adapter_config.json.layers_to_transform"),
+        ({"layers_to_transform": [0, 1], "layers_pattern": "(("}, "adapter_config.json.layers_pattern"),
+    ],
+)
+def test_peft_target_fields_of_the_wrong_kind(saved_qv_checkpoint, changes, field) -> None:
+    config = {**json.loads((saved_qv_checkpoint / "adapter_config.json").read_text()), **changes}
+    weights = (saved_qv_checkpoint / "adapter_model.safetensors").read_bytes()
+    expect(AdapterValidationError, field, lambda: read_peft_files(json.dumps(config).encode(), weights))
+
+
+def test_a_catastrophic_target_pattern_is_cut_short(saved_qv_checkpoint) -> None:
+    """A pattern that backtracks exponentially on a 31-character module name (the same on
+    Python's `re`): the check gives up within its budget and names the field."""
+    config = json.loads((saved_qv_checkpoint / "adapter_config.json").read_text())
+    config["target_modules"] = r"(?:(\w)|(\w)|\.)*(?<=\d)"
+    weights = (saved_qv_checkpoint / "adapter_model.safetensors").read_bytes()
+    started = time.monotonic()
+    expect(
+        AdapterValidationError,
+        "adapter_config.json.target_modules",
+        lambda: read_peft_files(json.dumps(config).encode(), weights),
+        match="took more than",
+    )
+    assert time.monotonic() - started < 5 * PATTERN_BUDGET_S

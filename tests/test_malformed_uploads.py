@@ -171,6 +171,10 @@ CASES = [
          "modules"),
     Case("blob config / dimension 64.5", native_blob_config(with_raw(GOOD_CONFIG, ("modules", 0, 2), "64.5")),
          "modules"),
+    # finding 9: a config that targets none of its tensors' modules (PEFT refuses to load it)
+    Case("peft config / target_modules nonexistent_proj",
+         peft_upload(json.dumps({**GOOD_PEFT_CONFIG, "target_modules": ["nonexistent_proj"]})),
+         "adapter_config.json.target_modules"),
     Case("blob config / dimension as a string", native_blob_config(with_raw(GOOD_CONFIG, ("modules", 0, 1), '"64"')),
          "modules"),
 ]  # fmt: skip
@@ -211,7 +215,7 @@ def live(tmp_path_factory):
 
 
 def test_every_entry_point_meets_every_payload_class() -> None:
-    assert len(CASES) == len(ENTRY_POINTS) * len(PAYLOADS) + 6
+    assert len(CASES) == len(ENTRY_POINTS) * len(PAYLOADS) + 7
     assert len({c.id for c in CASES}) == len(CASES)
 
 
