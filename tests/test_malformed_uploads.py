@@ -28,6 +28,7 @@ import pytest
 
 from adapter_store.codec import read_metadata
 from adapter_store.store import SQLiteAdapterStore
+from adapter_store.untrusted_json import MAX_DEPTH, load_untrusted_json
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry
 from tests.conftest import random_peft_vblora, serve_in_thread, tiny_llama
@@ -244,3 +245,21 @@ def test_malformed_upload_is_400_and_the_connection_serves_on(live: Live, case: 
     finally:
         conn.close()
     assert snapshot(live.folder) == before, "the upload changed stored state"
+
+
+def test_the_loader_bounds_depth_itself() -> None:
+    """Below the parser's recursion limit the depth bound is the loader's own: 32 levels
+    parse, 33 are refused, with the caller's error type and field."""
+    from server.training import DatasetError
+
+    assert load_untrusted_json("[" * MAX_DEPTH + "]" * MAX_DEPTH, "f") == _nested(MAX_DEPTH)
+    with pytest.raises(DatasetError) as refused:
+        load_untrusted_json('{"a": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}", "row", error=DatasetError)
+    assert refused.value.field == "row" and "deeper than 32" in refused.value.reason
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
