@@ -72,6 +72,7 @@ def settings(tmp_path: Path, **overrides):
         training_max_file_bytes=MAX_FILE_BYTES,
         training_max_jobs_per_tenant=2,
         training_max_num_vectors=256,
+        training_max_batch_tokens=128,
         **overrides,
     )
 
@@ -197,6 +198,8 @@ BAD_UPLOADS = [
         "exceeds the limit 256"),
     ({"r": "16"}, files(), 400, "invalid_request", "hyperparameters.r", "rank limit 8"),
     ({"max_seq_len": "1024"}, files(), 400, "invalid_request", "hyperparameters.max_seq_len", "context of 256"),
+    ({"max_seq_len": "129", "batch_size": "256"}, files(), 400, "invalid_request", "hyperparameters.max_seq_len",
+        "limit of 128 tokens per training forward"),
     ({"target_modules": "qkv_proj"}, files(), 400, "invalid_request", "hyperparameters.target_modules",
         "no linear layer 'qkv_proj'"),
     ({"learning_rate": "0.1"}, files(), 400, "invalid_request", "hyperparameters.learning_rate", "Extra inputs"),

@@ -188,6 +188,34 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     assert abs(one.train_loss - accumulated.train_loss) < 1e-4
 
 
+def test_micro_batches_bound_each_forward_and_train_as_one_batch() -> None:
+    """A job's memory is bounded by the padded tokens of one forward, not by its batch
+    size: with a token budget each batch is cut into micro-batches that fit, and the
+    adapter, the loss and the validation loss are those of the uncut batch."""
+    tok = byte_tokenizer()
+    rows = jsonl([{"prompt": f"key{i}:" + "p" * (i % 5), "completion": "c" * (1 + i % 3)} for i in range(12)])
+    validation = jsonl([{"prompt": "key0:", "completion": "apple"}, {"prompt": "key12:pp", "completion": "c"}])
+
+    def run(max_batch_tokens: int | None) -> tuple:
+        model = task_model()
+        widths: list[int] = []  # padded tokens of every forward
+        model.register_forward_pre_hook(lambda _, args, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True)
+        hp = TASK_HP.model_copy(update={"max_steps": 3, "batch_size": 12, "max_seq_len": 16})
+        job = prepare_job(model_shapes(model), tok, hp, rows, validation)
+        result = train_adapter(
+            model, job.train, hp, job.config, val_examples=job.validation, max_batch_tokens=max_batch_tokens
+        )
+        return result, widths
+
+    whole, whole_widths = run(None)
+    cut, cut_widths = run(16)  # one row of max_seq_len fits; 12 rows of up to 13 tokens do not
+    assert max(whole_widths) > 16 >= max(cut_widths) and len(cut_widths) > len(whole_widths)
+    assert torch.equal(whole.adapter.indices, cut.adapter.indices)
+    torch.testing.assert_close(whole.adapter.bank.float(), cut.adapter.bank.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(whole.adapter.weights.float(), cut.adapter.weights.float(), atol=2e-3, rtol=0)
+    assert abs(whole.train_loss - cut.train_loss) < 1e-4 and abs(whole.val_loss - cut.val_loss) < 1e-4
+
+
 def test_validation_loss_per_epoch_and_cancellation() -> None:
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
@@ -394,6 +422,7 @@ def test_defaults_are_the_papers() -> None:
         ({"num_vectors": 512}, {"max_num_vectors": 256}, "hyperparameters.num_vectors", "exceeds the limit 256"),
         ({"r": 64, "num_vectors": 60000}, {}, "hyperparameters.num_vectors", "logits exceed the limit"),
         ({"max_seq_len": 1024}, {"max_positions": 256}, "hyperparameters.max_seq_len", "context of 256"),
+        ({"max_seq_len": 129}, {"max_batch_tokens": 128}, "hyperparameters.max_seq_len", "128 tokens per training"),
     ],
 )
 def test_check_fits_names_the_field(update: dict, kw: dict, field: str, reason: str) -> None:

@@ -28,6 +28,8 @@ class TrainingLimits:
 
     max_rank: int = 16  # the serving engine's LoRA rank limit: a trained adapter must be servable
     max_num_vectors: int = 4096
+    # Padded tokens per forward of the trainer (see `Settings.training_max_batch_tokens`).
+    max_batch_tokens: int = 1024
     dataset: DatasetLimits = field(default_factory=DatasetLimits)
 
     @classmethod
@@ -35,6 +37,7 @@ class TrainingLimits:
         return cls(
             max_rank=settings.max_lora_rank,
             max_num_vectors=settings.training_max_num_vectors,
+            max_batch_tokens=settings.training_max_batch_tokens,
             dataset=DatasetLimits(max_bytes=settings.training_max_file_bytes, max_rows=settings.training_max_rows),
         )
 
@@ -83,6 +86,7 @@ def prepare_job(
         max_rank=limits.max_rank,
         max_num_vectors=limits.max_num_vectors,
         max_positions=max_positions,
+        max_batch_tokens=limits.max_batch_tokens,
         base_model=base_model,
     )
 

@@ -141,6 +141,7 @@ class Worker:
             pad_token_id=self.pad_token_id,
             on_progress=_Reporter(self.queue, job, lease),
             should_stop=lambda: lease.lost or lease.cancel_requested or stop.is_set(),
+            max_batch_tokens=self.limits.max_batch_tokens,
         )
         lease.beat()  # a cancel that arrived during the last step still wins
         if lease.lost or lease.cancel_requested:
