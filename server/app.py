@@ -28,7 +28,7 @@ from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
-from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry
+from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry, store_quota
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
 from server.training.worker import EmbeddedWorker, Worker, start_embedded_worker
 
@@ -171,18 +171,9 @@ def _start(
             log.info("model loaded in %.1f s", time.perf_counter() - start)
         else:
             name = settings.model or model.name_or_path or "base"
-        worker = None
-        if jobs is not None and settings.embedded_worker:
-            # Copied before the engine wraps the model's layers: training hooks a plain
-            # model, and the serving model must never carry training hooks.
-            worker = Worker(
-                jobs,
-                store,
-                copy.deepcopy(model),
-                copy.deepcopy(tokenizer),
-                limits=TrainingLimits.from_settings(settings),
-                base_model=name,
-            )
+        # Copied before the engine wraps the model's layers: training hooks a plain
+        # model, and the serving model must never carry training hooks.
+        training_copy = copy.deepcopy((model, tokenizer)) if jobs is not None and settings.embedded_worker else None
         engine = build_engine(
             model, tokenizer, store, settings, on_adapter_event=metrics.on_adapter_event, on_step=metrics.on_step
         )
@@ -204,7 +195,18 @@ def _start(
         metrics=metrics,
         jobs=jobs,
     )
-    return services, None if worker is None else start_embedded_worker(settings, worker)
+    if training_copy is None:
+        return services, None
+    worker = Worker(
+        jobs,
+        store,
+        *training_copy,
+        limits=TrainingLimits.from_settings(settings),
+        base_model=name,
+        # services.tenants is set by the lifespan once this returns; read at each publish.
+        quota_of=lambda tenant: store_quota(settings, services.tenants, tenant),
+    )
+    return services, start_embedded_worker(settings, worker)
 
 
 def _open_jobs(settings: Settings, *, store_injected: bool) -> JobQueue | None:

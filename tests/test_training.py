@@ -25,6 +25,7 @@ from server.training import (
     model_shapes,
     parse_jsonl,
     prepare_job,
+    published_bytes,
     train_adapter,
 )
 from server.training.data import IGNORE_INDEX, Example
@@ -444,6 +445,17 @@ def test_check_fits_matches_suffixes_and_full_names() -> None:
         "model.layers.1.self_attn.v_proj",
     ]
     assert config.base_model == "tiny" and config.r == 4 and config.num_vectors == 256
+
+
+@pytest.mark.parametrize("save_dtype", ["float16", "float32"])
+def test_published_bytes_are_known_before_training(tmp_path, save_dtype: str) -> None:
+    """What the quota check at job creation charges is what the store charges later."""
+    model = task_model()
+    hp = TASK_HP.model_copy(update={"max_steps": 1, "save_dtype": save_dtype, "num_vectors": 48, "topk": 3})
+    job = prepare_job(model_shapes(model), byte_tokenizer(), hp, TASK_FILE)
+    adapter = train_adapter(model, job.train, hp, job.config).adapter
+    with SQLiteAdapterStore(tmp_path / "adapters.db") as store:
+        assert published_bytes(job.config, hp.torch_save_dtype) == store.put("t", "a", adapter).stored_bytes
 
 
 def test_prepare_job_checks_hyperparameters_before_the_file() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterConfig
+from adapter_store import AdapterConfig, VBLoRAAdapter, encode_adapter, encode_bank, index_dtype_for
 from server.settings import Settings
 from server.vblora.layer import targetable_linears
 
@@ -58,6 +59,21 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def model_context(model: nn.Module) -> int | None:
     """The model's context length, which bounds `max_seq_len`."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def published_bytes(config: AdapterConfig, dtype: torch.dtype) -> int:
+    """The bytes the adapter a job trains will take in the store (its `stored_bytes`),
+    known before training: the encoded sizes depend only on the config and the dtype, so
+    a placeholder adapter of that shape encodes to the same size. For the quota check at
+    job creation."""
+    s, k = config.num_subvectors, config.topk
+    placeholder = VBLoRAAdapter(
+        config,
+        torch.zeros(config.num_vectors, config.vector_length, dtype=dtype),
+        torch.arange(k, dtype=index_dtype_for(config.num_vectors)).repeat(s, 1),
+        torch.full((s, k), 1 / k, dtype=dtype),
+    )
+    return len(encode_adapter(placeholder, include_bank=False)) + len(encode_bank(placeholder.bank))
 
 
 def prepare_job(

@@ -12,8 +12,13 @@ How a job ends (see `jobs.base` for the states):
 - cancel requested: `cancelled`, nothing published. Worker shutting down: queued again
   without counting an attempt. Lease lost (this worker stalled and another took over):
   drop the job silently, the other worker owns it now.
+- the adapter would take the tenant over its quota: `failed` with `quota: ...` (the
+  store checks the tenant's quota atomically with the put, as for an upload).
 - anything else (a bug, out of memory): `failed`, logged with its traceback.
 - success: mark the bank id, `store.put` (atomic, a new version), `finish(succeeded)`.
+  A job removed meanwhile (its tenant was deleted: `finish` finds no job) withdraws the
+  version it put (see `server.tenancy.deletion` for why that and the tenant sweep
+  together leave nothing behind).
 """
 
 from __future__ import annotations
@@ -25,17 +30,27 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from types import TracebackType
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterError, AdapterNotFoundError, AdapterStore, StoreUnavailableError, open_store
+from adapter_store import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterStore,
+    QuotaExceededError,
+    StoreUnavailableError,
+    open_store,
+)
+from adapter_store.store import AdapterRecord, StoreQuota
 from server.engine.model_loader import load_model, resolve_device, resolve_dtype
 from server.settings import Settings, get_settings
+from server.tenancy import open_tenant_registry, store_quota, withdraw_adapter
 
-from .errors import TrainingCancelled, TrainingError
+from .errors import JobNotFoundError, TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
 from .prepare import TrainingLimits, model_context, model_shapes, prepare_job
 from .trainer import train_adapter
@@ -63,8 +78,12 @@ class Worker:
         limits: TrainingLimits | None = None,
         base_model: str = "",
         worker_id: str | None = None,
+        quota_of: Callable[[str], StoreQuota] | None = None,
     ) -> None:
+        """quota_of: a tenant's store quota at publish time (`tenancy.store_quota`); None:
+        no quota."""
         self.queue = queue
+        self.quota_of = quota_of or (lambda tenant: StoreQuota())
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -114,6 +133,8 @@ class Worker:
         except StoreUnavailableError as exc:
             log.warning("job %s: %s; queued again", job.id, exc)
             self.queue.retry(job, str(exc))
+        except QuotaExceededError as exc:
+            self.queue.finish(job, JobState.FAILED, error=f"quota: {exc.reason}")
         except (TrainingError, AdapterError) as exc:
             self.queue.finish(job, JobState.FAILED, error=str(exc))
         except Exception as exc:
@@ -149,9 +170,22 @@ class Worker:
         if not self.queue.mark_publishing(job, result.adapter.bank_id):
             lease.lost = True
             raise TrainingCancelled()
-        record = self.store.put(job.record.tenant, job.record.adapter_name, result.adapter)
-        self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version)
-        log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+        tenant = job.record.tenant
+        record = self.store.put(tenant, job.record.adapter_name, result.adapter, quota=self.quota_of(tenant))
+        if self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version):
+            log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+        else:
+            self._withdraw_if_removed(job, record)
+
+    def _withdraw_if_removed(self, job: ClaimedJob, record: AdapterRecord) -> None:
+        """`finish` refused: either another worker took the job over (it finds this
+        version by its bank id and finishes the job with it), or the job was removed with
+        its tenant: then this version must not stay."""
+        try:
+            self.queue.get(job.record.tenant, job.id)
+        except JobNotFoundError:
+            withdraw_adapter(self.store, record.tenant, record.name, record)
+            log.warning("job %s: its tenant was deleted while publishing; %s withdrawn", job.id, record.name)
 
     def _already_published(self, job: ClaimedJob) -> bool:
         """An earlier attempt died after `store.put` but before `finish`: if the store
@@ -239,6 +273,8 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
     )
     store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
     queue = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
+    # Tenants' own quotas; in single-tenant mode the registry is empty and the defaults apply.
+    tenants = open_tenant_registry(settings)
     try:
         worker = Worker(
             queue,
@@ -247,9 +283,11 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
             loaded.tokenizer,
             limits=TrainingLimits.from_settings(settings),
             base_model=loaded.name,
+            quota_of=partial(store_quota, settings, tenants),
         )
         worker.run(stop)
     finally:
+        tenants.close()
         queue.close()
         store.close()
 
