@@ -446,28 +446,40 @@ async def _full_deployment(store: AdapterStore, registry: TenantRegistry, backen
 
 async def test_an_upload_that_authenticated_before_the_delete_does_not_land(full_deployment) -> None:
     """The body arrives in two parts, the tenant is deleted between them: the request had
-    authenticated, its put comes after the delete's sweep, and must not stay."""
+    authenticated, its put (an adapter, a job) comes after the delete's sweep, and must
+    not stay."""
     api, store = full_deployment.client, full_deployment.store
-    key = await full_deployment.tenant("acme")
     blob = encode_adapter(random_adapter(full_deployment.model, seed=1))
+    # A job submission racing the delete in the same way: its form, encoded by httpx.
+    form = httpx.Request("POST", "http://test", data=LONG, files=files())
+    job_body, job_type = form.read(), form.headers["content-type"]
+    requests = [
+        ("PUT", "/v1/adapters/bot", blob, {}),
+        ("POST", "/v1/fine_tuning/jobs", job_body, {"content-type": job_type}),
+    ]
     half_sent, deleted = asyncio.Event(), asyncio.Event()
 
-    async def body():
-        yield blob[: len(blob) // 2]
+    async def two_parts(body: bytes):
+        yield body[: len(body) // 2]
         half_sent.set()  # the app asks for more: it authenticated and is reading the body
         await deleted.wait()
-        yield blob[len(blob) // 2 :]
+        yield body[len(body) // 2 :]
 
-    upload = asyncio.create_task(api.put("/v1/adapters/bot", content=body(), headers=bearer(key)))
-    await asyncio.wait_for(half_sent.wait(), 30)
-    assert (await full_deployment.admin("DELETE", "/v1/admin/tenants/acme")).status_code == 204
-    deleted.set()
-    r = await upload
-    assert r.status_code == 401 and error_of(r)["field"] == "Authorization", r.text
-    assert "deleted" in error_of(r)["message"]
-    assert store.count("acme") == (0, 0) and store.list("acme") == []
+    for method, path, body, headers in requests:
+        half_sent.clear(), deleted.clear()
+        key = await full_deployment.tenant("acme")
+        sent = api.request(method, path, content=two_parts(body), headers={**bearer(key), **headers})
+        request = asyncio.create_task(sent)
+        await asyncio.wait_for(half_sent.wait(), 30)
+        assert (await full_deployment.admin("DELETE", "/v1/admin/tenants/acme")).status_code == 204
+        deleted.set()
+        r = await request
+        assert r.status_code == 401 and error_of(r)["field"] == "Authorization", (path, r.text)
+        assert "deleted" in error_of(r)["message"]
+        assert store.count("acme") == (0, 0) and store.list("acme") == []
     key = await full_deployment.tenant("acme")
     assert (await api.get("/v1/adapters", headers=bearer(key))).json()["data"] == []
+    assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).json()["data"] == []
 
 
 async def test_deleting_a_tenant_stops_its_jobs_and_a_new_tenant_of_the_name_sees_nothing(full_deployment) -> None:

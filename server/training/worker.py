@@ -125,7 +125,9 @@ class Worker:
             self._train_and_publish(job, lease, stop)
         except TrainingCancelled:
             if lease.lost:
-                log.warning("job %s: lease lost to another worker; dropping it", job.id)
+                log.warning(
+                    "job %s: no longer this worker's (taken over, or removed with its tenant); dropping it", job.id
+                )
             elif lease.cancel_requested:
                 self.queue.finish(job, JobState.CANCELLED)
             else:
