@@ -3,9 +3,12 @@
 `create_app(settings)` is what `vbserve serve` runs: its lifespan loads the base model
 (converting and caching the default GGUF on first start), opens the store named by
 `settings.store_url` and the fine-tuning job queue (`settings.jobs_url`, by default beside
-the store), starts the engine and, unless `embedded_worker` is off, a training worker
-thread over its own copy of the model. Tests inject a small model, its tokenizer, a store
-and a job queue instead; the app then owns only the engine and the worker.
+the store), starts the engine and, unless `embedded_worker` is off, a training worker in a
+child process (`WorkerProcess`: loads its own model, opens its own store and queue; if it
+dies, the API keeps serving and starts another). Tests inject a small model, its
+tokenizer, a store and a job queue instead; the app then owns only the engine and the
+worker, which runs in a thread over a copy of the injected model (a child could not load
+it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
 from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry, store_quota
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
-from server.training.worker import EmbeddedWorker, Worker, start_embedded_worker
+from server.training.worker import EmbeddedWorker, Worker, WorkerProcess, start_embedded_worker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def create_app(
         # Loading takes seconds (a minute on first start); a worker thread keeps the
         # event loop free meanwhile.
         services, worker = await asyncio.to_thread(_start, settings, model, tokenizer, store, jobs, metrics)
+        app.state.training_worker = worker
         if settings.admin_key is not None:
             services.tenants = tenants or open_tenant_registry(settings)
         services.rates = await asyncio.to_thread(open_rate_limiter, settings)  # Redis: shared by replicas
@@ -76,6 +80,7 @@ def create_app(
             app.state.services = None
             if worker is not None:  # before the queue closes; its job goes back to the queue
                 await asyncio.to_thread(worker.stop, WORKER_STOP_TIMEOUT_S)
+            app.state.training_worker = None
             services.engine.shutdown()
             if jobs is None and services.jobs is not None:
                 services.jobs.close()
@@ -92,6 +97,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.services = None
+    app.state.training_worker = None  # the embedded worker, while the app runs
     # Outermost last: the request log sees every response, also a 413 or a crash.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -146,8 +152,8 @@ def _start(
     store: AdapterStore | None,
     jobs: JobQueue | None,
     metrics: Metrics,
-) -> tuple[Services, EmbeddedWorker | None]:
-    own_store, own_jobs = store is None, jobs is None
+) -> tuple[Services, EmbeddedWorker | WorkerProcess | None]:
+    own_store, own_jobs, own_model = store is None, jobs is None, model is None
     if store is None:
         # The prefix is the workers' too: adapters they publish must be the ones served.
         store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
@@ -173,7 +179,8 @@ def _start(
             name = settings.model or model.name_or_path or "base"
         # Copied before the engine wraps the model's layers: training hooks a plain
         # model, and the serving model must never carry training hooks.
-        training_copy = copy.deepcopy((model, tokenizer)) if jobs is not None and settings.embedded_worker else None
+        embedded = jobs is not None and settings.embedded_worker
+        training_copy = copy.deepcopy((model, tokenizer)) if embedded and not own_model else None
         engine = build_engine(
             model, tokenizer, store, settings, on_adapter_event=metrics.on_adapter_event, on_step=metrics.on_step
         )
@@ -195,8 +202,10 @@ def _start(
         metrics=metrics,
         jobs=jobs,
     )
-    if training_copy is None:
+    if not embedded:
         return services, None
+    if training_copy is None:
+        return services, WorkerProcess(settings)
     worker = Worker(
         jobs,
         store,

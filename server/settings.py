@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     # when store_url is Redis, else a jobs.db beside the SQLite store.
     jobs_url: str = ""
     training_enabled: bool = True  # False: no job queue; the fine-tuning routes answer 503
-    # The API process also runs jobs, in a thread over its own copy of the model; turn it
-    # off where `vbserve worker` processes do the training.
+    # The API also runs jobs, in a child process with its own copy of the model (restarted
+    # if it dies; a crash never takes the API down); off where `vbserve worker`s train.
     embedded_worker: bool = True
     redis_prefix: str = "vbs"  # key prefix of all vbserve keys in Redis (adapters and jobs)
     training_max_jobs_per_tenant: int = 4  # queued + running
