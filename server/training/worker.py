@@ -12,7 +12,8 @@ instead, for tests that hand the app an in-memory model a child could not load.
 How a job ends (see `jobs.base` for the states):
 - bad input (dataset, hyperparameters, an adapter the store refuses): `failed` at once,
   with the typed error's `field: reason` as the message; retrying would fail the same way.
-- the store or queue unreachable: `retry` (queued again, counted as an attempt).
+- the store, queue or tenant registry unreachable: `retry` (queued again, counted as an
+  attempt).
 - cancel requested: `cancelled`, nothing published. Worker shutting down: queued again
   without counting an attempt. Lease lost (this worker stalled and another took over):
   drop the job silently, the other worker owns it now.
@@ -58,7 +59,7 @@ from adapter_store import (
 from adapter_store.store import AdapterRecord, StoreQuota
 from server.engine.model_loader import load_model, resolve_device, resolve_dtype
 from server.settings import Settings, get_settings
-from server.tenancy import open_tenant_registry, store_quota, withdraw_adapter
+from server.tenancy import RegistryUnavailableError, open_tenant_registry, store_quota, withdraw_adapter
 
 from .errors import JobNotFoundError, TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
@@ -142,7 +143,7 @@ class Worker:
                 self.queue.finish(job, JobState.CANCELLED)
             else:
                 self.queue.retry(job, "the worker shut down", count_attempt=False)
-        except StoreUnavailableError as exc:
+        except (StoreUnavailableError, RegistryUnavailableError) as exc:  # the tenant quota is read at publish
             log.warning("job %s: %s; queued again", job.id, exc)
             self.queue.retry(job, str(exc))
         except QuotaExceededError as exc:
