@@ -3,8 +3,9 @@
 The upload is checked in full before anything is queued: the body's size (by the app's
 body-limit middleware, from Content-Length or as it streams), each file's size while it
 streams in, then hyperparameters against the base model and every row of both files
-(`prepare_job`, the check a worker repeats), so a bad upload is refused at once with the
-field at fault and leaves no job behind. Every
+(`prepare_job`, the check a worker repeats), then the adapter it would publish against the
+tenant's quotas (`check_quota`), so a bad upload is refused at once with the field at
+fault and leaves no job behind. Every
 queue call is scoped by the caller's tenant: another tenant's job is a 404. Queue and
 training errors propagate and are mapped in `errors`.
 """
