@@ -3,9 +3,12 @@
 `create_app(settings)` is what `vbserve serve` runs: its lifespan loads the base model
 (converting and caching the default GGUF on first start), opens the store named by
 `settings.store_url` and the fine-tuning job queue (`settings.jobs_url`, by default beside
-the store), starts the engine and, unless `embedded_worker` is off, a training worker
-thread over its own copy of the model. Tests inject a small model, its tokenizer, a store
-and a job queue instead; the app then owns only the engine and the worker.
+the store), starts the engine and, unless `embedded_worker` is off, a training worker in a
+child process (`WorkerProcess`: loads its own model, opens its own store and queue; if it
+dies, the API keeps serving and starts another). Tests inject a small model, its
+tokenizer, a store and a job queue instead; the app then owns only the engine and the
+worker, which runs in a thread over a copy of the injected model (a child could not load
+it).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
 from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
-from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry
+from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry, store_quota
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
-from server.training.worker import EmbeddedWorker, Worker, start_embedded_worker
+from server.training.worker import EmbeddedWorker, Worker, WorkerProcess, start_embedded_worker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ def create_app(
         # Loading takes seconds (a minute on first start); a worker thread keeps the
         # event loop free meanwhile.
         services, worker = await asyncio.to_thread(_start, settings, model, tokenizer, store, jobs, metrics)
+        app.state.training_worker = worker
         if settings.admin_key is not None:
             services.tenants = tenants or open_tenant_registry(settings)
         services.rates = await asyncio.to_thread(open_rate_limiter, settings)  # Redis: shared by replicas
@@ -76,6 +80,7 @@ def create_app(
             app.state.services = None
             if worker is not None:  # before the queue closes; its job goes back to the queue
                 await asyncio.to_thread(worker.stop, WORKER_STOP_TIMEOUT_S)
+            app.state.training_worker = None
             services.engine.shutdown()
             if jobs is None and services.jobs is not None:
                 services.jobs.close()
@@ -92,6 +97,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.services = None
+    app.state.training_worker = None  # the embedded worker, while the app runs
     # Outermost last: the request log sees every response, also a 413 or a crash.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -146,8 +152,8 @@ def _start(
     store: AdapterStore | None,
     jobs: JobQueue | None,
     metrics: Metrics,
-) -> tuple[Services, EmbeddedWorker | None]:
-    own_store, own_jobs = store is None, jobs is None
+) -> tuple[Services, EmbeddedWorker | WorkerProcess | None]:
+    own_store, own_jobs, own_model = store is None, jobs is None, model is None
     if store is None:
         # The prefix is the workers' too: adapters they publish must be the ones served.
         store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
@@ -171,18 +177,10 @@ def _start(
             log.info("model loaded in %.1f s", time.perf_counter() - start)
         else:
             name = settings.model or model.name_or_path or "base"
-        worker = None
-        if jobs is not None and settings.embedded_worker:
-            # Copied before the engine wraps the model's layers: training hooks a plain
-            # model, and the serving model must never carry training hooks.
-            worker = Worker(
-                jobs,
-                store,
-                copy.deepcopy(model),
-                copy.deepcopy(tokenizer),
-                limits=TrainingLimits.from_settings(settings),
-                base_model=name,
-            )
+        # Copied before the engine wraps the model's layers: training hooks a plain
+        # model, and the serving model must never carry training hooks.
+        embedded = jobs is not None and settings.embedded_worker
+        training_copy = copy.deepcopy((model, tokenizer)) if embedded and not own_model else None
         engine = build_engine(
             model, tokenizer, store, settings, on_adapter_event=metrics.on_adapter_event, on_step=metrics.on_step
         )
@@ -204,7 +202,20 @@ def _start(
         metrics=metrics,
         jobs=jobs,
     )
-    return services, None if worker is None else start_embedded_worker(settings, worker)
+    if not embedded:
+        return services, None
+    if training_copy is None:
+        return services, WorkerProcess(settings)
+    worker = Worker(
+        jobs,
+        store,
+        *training_copy,
+        limits=TrainingLimits.from_settings(settings),
+        base_model=name,
+        # services.tenants is set by the lifespan once this returns; read at each publish.
+        quota_of=lambda tenant: store_quota(settings, services.tenants, tenant),
+    )
+    return services, start_embedded_worker(settings, worker)
 
 
 def _open_jobs(settings: Settings, *, store_injected: bool) -> JobQueue | None:

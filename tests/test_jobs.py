@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore, StoreUnavailableError
+from adapter_store.store import StoreQuota
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -272,6 +273,33 @@ def test_cancel_queued_running_and_finished(queue: JobQueue) -> None:
     assert queue.get("acme", done.id).error == "boom"
 
 
+def test_removing_a_tenants_jobs_forgets_them_and_takes_a_running_one_from_its_worker(queue: JobQueue) -> None:
+    running = queue.submit("acme", "a", HP, ROWS)
+    job = queue.claim("w1", 2)
+    assert queue.report(job, event(1))
+    queued = queue.submit("acme", "b", HP, ROWS)
+    finished = queue.submit("acme", "c", HP, ROWS, validation_file=ROWS)
+    other = queue.submit("globex", "a", HP, ROWS)
+    assert queue.remove("globex", running.id) == 0  # another tenant's job: as if absent
+    assert queue.remove("acme", finished.id) == 1  # one job
+    assert queue.remove("acme") == 2  # the rest: running and queued
+    for job_id in (running.id, queued.id, finished.id):
+        with pytest.raises(JobNotFoundError):
+            queue.get("acme", job_id)
+    assert queue.list("acme") == []
+    # The worker of the running job loses it: every write of its answers False.
+    assert queue.heartbeat(job) == Heartbeat(owned=False, cancel_requested=False)
+    assert not queue.report(job, event(2)) and not queue.mark_publishing(job, "b" * 10)
+    assert not queue.finish(job, JobState.SUCCEEDED, adapter_version=1)
+    # The queued job is never handed out; the other tenant's is.
+    claimed = queue.claim("w2", 1)
+    assert claimed is not None and claimed.id == other.id
+    assert queue.claim("w2", 0.2) is None
+    assert queue.get("globex", other.id).state is JobState.RUNNING
+    # A new job of the name's next owner is counted afresh against the per-tenant limit.
+    assert queue.submit("acme", "a", HP, ROWS).state is JobState.QUEUED
+
+
 def test_a_dead_workers_job_is_claimed_again_then_fails_past_max_attempts(backend: Backend) -> None:
     queue = backend.open(lease_s=0.3, max_attempts=2)
     submitted = queue.submit("acme", "bot", HP, ROWS)
@@ -419,6 +447,50 @@ def test_cancel_a_running_job_publishes_nothing(backend: Backend) -> None:
     assert store.get_version("acme", "bot") is None
     queue.close()
     store.close()
+
+
+def test_a_publish_over_the_tenants_quota_fails_the_job_and_stores_nothing(backend: Backend) -> None:
+    queue, store = backend.open(), backend.open_store()
+    store.put("acme", "first", _trained_adapter())
+    quotas = {"count": StoreQuota(max_adapters=1), "bytes": StoreQuota(max_bytes=1 << 10)}
+    for name, quota in quotas.items():
+        submitted = queue.submit("acme", name, HP, ROWS)
+        worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), quota_of=lambda tenant, quota=quota: quota)
+        worker.run_job(queue.claim("w1", 2))
+        record = queue.get("acme", submitted.id)
+        assert record.state is JobState.FAILED and record.error.startswith("quota: "), record
+        assert store.get_version("acme", name) is None
+    assert store.count("acme")[0] == 1
+    queue.close()
+    store.close()
+
+
+def test_a_publish_that_lands_after_its_tenant_was_deleted_is_withdrawn(backend: Backend) -> None:
+    """The tenant's delete (jobs removed, adapters swept) runs between the worker's
+    `mark_publishing` and its `store.put`: the put lands after the sweep, and the worker,
+    finding its job gone at `finish`, removes it again."""
+    queue, store = backend.open(), backend.open_store()
+    submitted = queue.submit("acme", "bot", HP, ROWS)
+    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer())
+    real_put = store.put
+
+    def put_after_the_delete(tenant, name, adapter, **kw):
+        assert queue.remove(tenant) == 1 and store.list(tenant) == []  # the delete's steps 2 and 3
+        return real_put(tenant, name, adapter, **kw)
+
+    store.put = put_after_the_delete
+    worker.run_job(queue.claim("w1", 2))
+    assert store.get_version("acme", "bot") is None and store.count("acme") == (0, 0)
+    with pytest.raises(JobNotFoundError):
+        queue.get("acme", submitted.id)
+    queue.close()
+    store.close()
+
+
+def _trained_adapter():
+    model = tiny_llama(seed=3)
+    prepared = prepare_job(model_shapes(model), byte_tokenizer(), HP, ROWS)
+    return train_adapter(model, prepared.train, HP, prepared.config).adapter
 
 
 def test_a_publish_interrupted_after_put_is_not_published_twice(backend: Backend) -> None:

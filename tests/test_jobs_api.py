@@ -72,6 +72,7 @@ def settings(tmp_path: Path, **overrides):
         training_max_file_bytes=MAX_FILE_BYTES,
         training_max_jobs_per_tenant=2,
         training_max_num_vectors=256,
+        training_max_batch_tokens=128,
         **overrides,
     )
 
@@ -107,10 +108,12 @@ async def submit(api: httpx.AsyncClient, form: dict = TASK_FORM, **kw) -> dict:
     return r.json()
 
 
-async def wait_for(api: httpx.AsyncClient, job_id: str, done, timeout: float = 60.0) -> dict:
+async def wait_for(
+    api: httpx.AsyncClient, job_id: str, done, timeout: float = 60.0, headers: dict | None = None
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = (await api.get(f"/v1/fine_tuning/jobs/{job_id}")).json()
+        job = (await api.get(f"/v1/fine_tuning/jobs/{job_id}", headers=headers)).json()
         if done(job):
             return job
         await asyncio.sleep(0.05)
@@ -197,6 +200,8 @@ BAD_UPLOADS = [
         "exceeds the limit 256"),
     ({"r": "16"}, files(), 400, "invalid_request", "hyperparameters.r", "rank limit 8"),
     ({"max_seq_len": "1024"}, files(), 400, "invalid_request", "hyperparameters.max_seq_len", "context of 256"),
+    ({"max_seq_len": "129", "batch_size": "256"}, files(), 400, "invalid_request", "hyperparameters.max_seq_len",
+        "limit of 128 tokens per training forward"),
     ({"target_modules": "qkv_proj"}, files(), 400, "invalid_request", "hyperparameters.target_modules",
         "no linear layer 'qkv_proj'"),
     ({"learning_rate": "0.1"}, files(), 400, "invalid_request", "hyperparameters.learning_rate", "Extra inputs"),
@@ -304,6 +309,29 @@ async def test_other_tenants_jobs_are_not_found(api):
     assert [j["id"] for j in (await api.get("/v1/fine_tuning/jobs")).json()["data"]] == [job["id"]]
     r = await api.get("/v1/fine_tuning/jobs/ftjob-nope")
     assert r.status_code == 404 and error_of(r)["field"] == "job_id"
+
+
+async def test_a_job_over_the_tenants_quota_is_refused_at_creation(tmp_path):
+    """A job's adapter is a put like any other: it must fit the tenant's adapter and byte
+    quotas, checked before the job is queued (and again when it publishes: tests/test_jobs.py)."""
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    store.put("default", "old", random_adapter(task_model(), seed=1))
+    used = store.count("default")[1]
+    limits = {"tenant_max_adapters": 1, "tenant_max_adapter_bytes": used + 1000}
+    app = create_app(settings(tmp_path, **limits), model=task_model(), tokenizer=chat_tokenizer(), store=store)
+    async with served(app) as api:
+        r = await api.post("/v1/fine_tuning/jobs", data=TASK_FORM, files=files())  # a new name: one too many
+        assert r.status_code == 429, r.text
+        assert (error_of(r)["type"], error_of(r)["field"]) == ("quota_exceeded", "adapter")
+        assert "limit of 1 adapters" in error_of(r)["message"]
+        r = await api.post("/v1/fine_tuning/jobs", data={**TASK_FORM, "adapter": "old"}, files=files())
+        assert r.status_code == 429 and error_of(r)["field"] == "adapter", r.text  # a new version, too large
+        assert "limit of" in error_of(r)["message"] and "bytes" in error_of(r)["message"]
+        assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+        small = {**TASK_FORM, "adapter": "old", "num_vectors": "16", "target_modules": "q_proj"}
+        job = await submit(api, {**small, "max_steps": "1000000"})  # fits: replaces "old"
+        await api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    store.close()
 
 
 async def test_fine_tuning_disabled_is_503(tmp_path):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from adapter_store import decode_adapter, encode_adapter
+from adapter_store import AdapterStore, RedisAdapterStore, decode_adapter, encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
 from server.settings import Settings
@@ -30,6 +30,9 @@ from server.tenancy import (
 from tests.conftest import tiny_llama
 from tests.redis_cluster import redis_under_test
 from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
+from tests.test_jobs_api import LONG, TASK_FORM, ended, files, served, wait_for
+from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
+from tests.test_training import task_model
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
 GREEDY = {"temperature": 0, "max_tokens": 8}
@@ -98,13 +101,30 @@ def test_deleting_a_tenant_disables_its_keys(registry) -> None:
     reg, _ = registry
     reg.create_tenant("acme")
     _, key = reg.create_key("acme")
+    old = reg.get_tenant("acme").incarnation
     reg.delete_tenant("acme")
-    assert reg.authenticate(key) is None
-    assert all(k.revoked is not None for k in reg.list_keys("acme"))
+    assert reg.authenticate(key) is None and reg.list_keys("acme") == []
     with pytest.raises(TenantNotFoundError):
         reg.get_tenant("acme")
-    reg.create_tenant("acme")  # the name is free again, and the old key stays dead
+    assert not reg.is_current("acme", old)
+    new = reg.create_tenant("acme").incarnation  # the name is free again, and the old key stays dead
+    assert reg.authenticate(key) is None and reg.list_keys("acme") == []
+    assert new != old and reg.is_current("acme", new) and not reg.is_current("acme", old)
+
+
+def test_a_key_of_a_deleted_incarnation_never_acts_for_the_new_tenant(registry) -> None:
+    """A delete that stopped after removing the tenant, before its keys (a crash, or the
+    name created again meanwhile): the old key still exists, and must not authenticate as
+    the tenant now holding the name."""
+    reg, _ = registry
+    reg.create_tenant("acme")
+    _, key = reg.create_key("acme")
+    assert reg.authenticate(key).name == "acme"
+    assert reg._remove("tenant", "acme")  # the delete's first step only
+    reg.create_tenant("acme")
     assert reg.authenticate(key) is None
+    _, new_key = reg.create_key("acme")
+    assert reg.authenticate(new_key).name == "acme"
 
 
 def test_limits_update_and_listing(registry) -> None:
@@ -389,3 +409,110 @@ def test_tenants_and_jobs_live_beside_the_store() -> None:
     assert (
         Settings(store_url="sqlite:///data/adapters.db").url_beside_store("tenants.db") == "sqlite:///data/tenants.db"
     )
+
+
+# -- deleting a tenant leaves nothing behind, on both backends ---------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def full_deployment(request, tmp_path):
+    """Deployment with store, registry and job queue on one backend, and the embedded
+    worker (a thread: the model is injected) running jobs."""
+    if request.param == "sqlite":
+        store: AdapterStore = SQLiteAdapterStore(tmp_path / "adapters.db")
+        registry: TenantRegistry = SQLiteTenantRegistry(tmp_path / "tenants.db")
+        backend = {"jobs_url": f"sqlite:///{tmp_path / 'jobs.db'}"}
+        async for deployment in _full_deployment(store, registry, backend):
+            yield deployment
+        return
+    url, context = redis_under_test(request, "redis")
+    with context as (_, prefix):
+        store = RedisAdapterStore.from_url(url, prefix=prefix)
+        registry = RedisTenantRegistry.from_url(url, prefix=prefix)
+        async for deployment in _full_deployment(store, registry, {"jobs_url": url, "redis_prefix": prefix}):
+            yield deployment
+
+
+async def _full_deployment(store: AdapterStore, registry: TenantRegistry, backend: dict):
+    settings = api_settings(admin_key=ADMIN_KEY, embedded_worker=True, training_max_num_vectors=256, **backend)
+    app = create_app(settings, model=task_model(), tokenizer=chat_tokenizer(), store=store, tenants=registry)
+    async with served(app) as client:
+        deployment = Deployment(client, registry)
+        deployment.model, deployment.store = task_model(), store
+        yield deployment
+    registry.close()
+    store.close()
+
+
+async def test_an_upload_that_authenticated_before_the_delete_does_not_land(full_deployment) -> None:
+    """The body arrives in two parts, the tenant is deleted between them: the request had
+    authenticated, its put (an adapter, a job) comes after the delete's sweep, and must
+    not stay."""
+    api, store = full_deployment.client, full_deployment.store
+    blob = encode_adapter(random_adapter(full_deployment.model, seed=1))
+    # A job submission racing the delete in the same way: its form, encoded by httpx.
+    form = httpx.Request("POST", "http://test", data=LONG, files=files())
+    job_body, job_type = form.read(), form.headers["content-type"]
+    requests = [
+        ("PUT", "/v1/adapters/bot", blob, {}),
+        ("POST", "/v1/fine_tuning/jobs", job_body, {"content-type": job_type}),
+    ]
+    half_sent, deleted = asyncio.Event(), asyncio.Event()
+
+    async def two_parts(body: bytes):
+        yield body[: len(body) // 2]
+        half_sent.set()  # the app asks for more: it authenticated and is reading the body
+        await deleted.wait()
+        yield body[len(body) // 2 :]
+
+    for method, path, body, headers in requests:
+        half_sent.clear(), deleted.clear()
+        key = await full_deployment.tenant("acme")
+        sent = api.request(method, path, content=two_parts(body), headers={**bearer(key), **headers})
+        request = asyncio.create_task(sent)
+        await asyncio.wait_for(half_sent.wait(), 30)
+        assert (await full_deployment.admin("DELETE", "/v1/admin/tenants/acme")).status_code == 204
+        deleted.set()
+        r = await request
+        assert r.status_code == 401 and error_of(r)["field"] == "Authorization", (path, r.text)
+        assert "deleted" in error_of(r)["message"]
+        assert store.count("acme") == (0, 0) and store.list("acme") == []
+    key = await full_deployment.tenant("acme")
+    assert (await api.get("/v1/adapters", headers=bearer(key))).json()["data"] == []
+    assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).json()["data"] == []
+
+
+async def test_deleting_a_tenant_stops_its_jobs_and_a_new_tenant_of_the_name_sees_nothing(full_deployment) -> None:
+    api, store = full_deployment.client, full_deployment.store
+    key = await full_deployment.tenant("acme")
+    blob = encode_adapter(random_adapter(full_deployment.model, seed=1))
+    assert (await api.put("/v1/adapters/kept", content=blob, headers=bearer(key))).status_code == 201
+    r = await api.post("/v1/fine_tuning/jobs", data=LONG, files=files(), headers=bearer(key))
+    running = r.json()
+    r = await api.post("/v1/fine_tuning/jobs", data={**LONG, "adapter": "next"}, files=files(), headers=bearer(key))
+    queued = r.json()
+    job = await wait_for(api, running["id"], lambda j: j["progress"]["step"] >= 1, headers=bearer(key))
+    assert job["status"] == "running"
+
+    assert (await full_deployment.admin("DELETE", "/v1/admin/tenants/acme")).status_code == 204
+    assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).status_code == 401
+
+    key = await full_deployment.tenant("acme")  # the same name, a new tenant: it sees nothing of the old one
+    assert (await api.get("/v1/adapters", headers=bearer(key))).json()["data"] == []
+    assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).json()["data"] == []
+    for job_id in (running["id"], queued["id"]):
+        for path in (f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events"):
+            assert (await api.get(path, headers=bearer(key))).status_code == 404, path
+    assert len((await full_deployment.admin("GET", "/v1/admin/tenants/acme/keys")).json()["data"]) == 1
+    # The worker let the old running job go (it had a million steps to run) and runs the
+    # new tenant's job; neither old job ever published.
+    fresh = await api.post(
+        "/v1/fine_tuning/jobs",
+        data={**TASK_FORM, "adapter": "fresh", "max_steps": "2"},
+        files=files(),
+        headers=bearer(key),
+    )
+    done = await wait_for(api, fresh.json()["id"], ended, headers=bearer(key))
+    assert done["status"] == "succeeded", done
+    assert [a["name"] for a in (await api.get("/v1/adapters", headers=bearer(key))).json()["data"]] == ["fresh"]
+    assert store.get_version("acme", "lookup") is None and store.get_version("acme", "next") is None

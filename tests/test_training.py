@@ -25,6 +25,7 @@ from server.training import (
     model_shapes,
     parse_jsonl,
     prepare_job,
+    published_bytes,
     train_adapter,
 )
 from server.training.data import IGNORE_INDEX, Example
@@ -186,6 +187,34 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     assert torch.equal(one.adapter.indices, accumulated.adapter.indices)
     torch.testing.assert_close(one.adapter.bank.float(), accumulated.adapter.bank.float(), atol=2e-3, rtol=0)
     assert abs(one.train_loss - accumulated.train_loss) < 1e-4
+
+
+def test_micro_batches_bound_each_forward_and_train_as_one_batch() -> None:
+    """A job's memory is bounded by the padded tokens of one forward, not by its batch
+    size: with a token budget each batch is cut into micro-batches that fit, and the
+    adapter, the loss and the validation loss are those of the uncut batch."""
+    tok = byte_tokenizer()
+    rows = jsonl([{"prompt": f"key{i}:" + "p" * (i % 5), "completion": "c" * (1 + i % 3)} for i in range(12)])
+    validation = jsonl([{"prompt": "key0:", "completion": "apple"}, {"prompt": "key12:pp", "completion": "c"}])
+
+    def run(max_batch_tokens: int | None) -> tuple:
+        model = task_model()
+        widths: list[int] = []  # padded tokens of every forward
+        model.register_forward_pre_hook(lambda _, args, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True)
+        hp = TASK_HP.model_copy(update={"max_steps": 3, "batch_size": 12, "max_seq_len": 16})
+        job = prepare_job(model_shapes(model), tok, hp, rows, validation)
+        result = train_adapter(
+            model, job.train, hp, job.config, val_examples=job.validation, max_batch_tokens=max_batch_tokens
+        )
+        return result, widths
+
+    whole, whole_widths = run(None)
+    cut, cut_widths = run(16)  # one row of max_seq_len fits; 12 rows of up to 13 tokens do not
+    assert max(whole_widths) > 16 >= max(cut_widths) and len(cut_widths) > len(whole_widths)
+    assert torch.equal(whole.adapter.indices, cut.adapter.indices)
+    torch.testing.assert_close(whole.adapter.bank.float(), cut.adapter.bank.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(whole.adapter.weights.float(), cut.adapter.weights.float(), atol=2e-3, rtol=0)
+    assert abs(whole.train_loss - cut.train_loss) < 1e-4 and abs(whole.val_loss - cut.val_loss) < 1e-4
 
 
 def test_validation_loss_per_epoch_and_cancellation() -> None:
@@ -394,6 +423,7 @@ def test_defaults_are_the_papers() -> None:
         ({"num_vectors": 512}, {"max_num_vectors": 256}, "hyperparameters.num_vectors", "exceeds the limit 256"),
         ({"r": 64, "num_vectors": 60000}, {}, "hyperparameters.num_vectors", "logits exceed the limit"),
         ({"max_seq_len": 1024}, {"max_positions": 256}, "hyperparameters.max_seq_len", "context of 256"),
+        ({"max_seq_len": 129}, {"max_batch_tokens": 128}, "hyperparameters.max_seq_len", "128 tokens per training"),
     ],
 )
 def test_check_fits_names_the_field(update: dict, kw: dict, field: str, reason: str) -> None:
@@ -415,6 +445,17 @@ def test_check_fits_matches_suffixes_and_full_names() -> None:
         "model.layers.1.self_attn.v_proj",
     ]
     assert config.base_model == "tiny" and config.r == 4 and config.num_vectors == 256
+
+
+@pytest.mark.parametrize("save_dtype", ["float16", "float32"])
+def test_published_bytes_are_known_before_training(tmp_path, save_dtype: str) -> None:
+    """What the quota check at job creation charges is what the store charges later."""
+    model = task_model()
+    hp = TASK_HP.model_copy(update={"max_steps": 1, "save_dtype": save_dtype, "num_vectors": 48, "topk": 3})
+    job = prepare_job(model_shapes(model), byte_tokenizer(), hp, TASK_FILE)
+    adapter = train_adapter(model, job.train, hp, job.config).adapter
+    with SQLiteAdapterStore(tmp_path / "adapters.db") as store:
+        assert published_bytes(job.config, hp.torch_save_dtype) == store.put("t", "a", adapter).stored_bytes
 
 
 def test_prepare_job_checks_hyperparameters_before_the_file() -> None:

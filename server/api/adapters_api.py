@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from adapter_store import AdapterNotFoundError
 from adapter_store.store import validate_key
+from server.tenancy import withdraw_adapter
 
 from .adapter_io import (
     ExportFormat,
@@ -25,7 +26,7 @@ from .adapter_io import (
     repr_digest,
     tenant_uses_bank,
 )
-from .deps import CallerDep, ServicesDep, TenantDep
+from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError
 from .schemas import AdapterInfo, AdapterList
 
@@ -61,6 +62,9 @@ async def put_adapter(
     record = await run_in_threadpool(
         services.store.put, caller.tenant, name, adapter, expected_version=expected_version, quota=caller.quota
     )
+    if not await run_in_threadpool(still_current, services, caller):  # deleted while the body streamed in
+        await run_in_threadpool(withdraw_adapter, services.store, caller.tenant, name, record)
+        raise tenant_deleted()
     response.status_code = 201 if record.created == record.updated else 200
     return info(record)
 

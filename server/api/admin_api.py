@@ -4,15 +4,13 @@ routes answer 403."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from adapter_store import AdapterNotFoundError
-from server.tenancy import ApiKey, Tenant, TenantLimits, effective_limits
+from server.tenancy import ApiKey, Tenant, TenantLimits, deletion, effective_limits
 
 from .deps import AdminDep, ServicesDep
 
@@ -91,9 +89,9 @@ async def set_limits(name: str, limits: LimitsBody, registry: AdminDep, services
 
 @router.delete("/tenants/{name}", status_code=204, response_class=Response)
 async def delete_tenant(name: str, registry: AdminDep, services: ServicesDep) -> Response:
-    """Delete the tenant, revoke its keys and delete its adapters."""
-    await run_in_threadpool(registry.delete_tenant, name)
-    await run_in_threadpool(_delete_adapters, services, name)
+    """Delete the tenant with its keys, adapters and jobs (a running job stops and publishes
+    nothing); a tenant created again under the name starts empty."""
+    await run_in_threadpool(deletion.delete_tenant, registry, services.store, services.jobs, name)
     return Response(status_code=204)
 
 
@@ -133,10 +131,3 @@ def _key_info(key: ApiKey) -> KeyInfo:
     return KeyInfo(
         key_id=key.key_id, tenant=key.tenant, created=key.created, description=key.description, revoked=key.revoked
     )
-
-
-def _delete_adapters(services: ServicesDep, tenant: str) -> None:
-    while page := services.store.list(tenant, limit=1000):
-        for record in page:
-            with contextlib.suppress(AdapterNotFoundError):  # deleted meanwhile by another request
-                services.store.delete(tenant, record.name)

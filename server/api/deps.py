@@ -53,14 +53,16 @@ class Services:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a request acts for."""
+    """Who a request acts for. `incarnation`: the tenant's, as it authenticated (None in
+    single-tenant mode, where no tenant is ever deleted)."""
 
     tenant: str
     limits: Limits
+    incarnation: str | None = None
 
     @property
     def quota(self) -> StoreQuota:
-        return StoreQuota(self.limits.max_adapters, self.limits.max_adapter_bytes)
+        return self.limits.store_quota
 
 
 def get_services(request: Request) -> Services:
@@ -98,7 +100,7 @@ async def authenticate(request: Request, services: ServicesDep) -> Caller:
         tenant = await run_in_threadpool(services.tenants.authenticate, token)
         if tenant is None:
             raise APIError("unauthorized", _BAD_KEY, "Authorization")
-        caller = Caller(tenant.name, effective_limits(tenant.limits, settings))
+        caller = Caller(tenant.name, effective_limits(tenant.limits, settings), tenant.incarnation)
     request.state.tenant = caller.tenant  # for the request log
     if caller.limits.requests_per_s is not None:
         # A thread: on Redis this is a round trip (a fallback to the local bucket if down).
@@ -113,6 +115,21 @@ async def authenticate(request: Request, services: ServicesDep) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+def still_current(services: Services, caller: Caller) -> bool:
+    """After a write: whether the caller's tenant still exists as the incarnation it
+    authenticated as. A write that finds it deleted undoes itself and raises
+    `tenant_deleted()` (see `server.tenancy.deletion`). Blocking: call it in a thread."""
+    if services.tenants is None or caller.incarnation is None:
+        return True
+    return services.tenants.is_current(caller.tenant, caller.incarnation)
+
+
+def tenant_deleted() -> APIError:
+    return APIError(
+        "unauthorized", "the tenant was deleted while this request ran; nothing was stored", "Authorization"
+    )
 
 
 def current_tenant(caller: CallerDep) -> str:

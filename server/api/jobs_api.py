@@ -3,8 +3,9 @@
 The upload is checked in full before anything is queued: the body's size (by the app's
 body-limit middleware, from Content-Length or as it streams), each file's size while it
 streams in, then hyperparameters against the base model and every row of both files
-(`prepare_job`, the check a worker repeats), so a bad upload is refused at once with the
-field at fault and leaves no job behind. Every
+(`prepare_job`, the check a worker repeats), then the adapter it would publish against the
+tenant's quotas (`check_quota`), so a bad upload is refused at once with the field at
+fault and leaves no job behind. Every
 queue call is scoped by the caller's tenant: another tenant's job is a 404. Queue and
 training errors propagate and are mapped in `errors`.
 """
@@ -22,8 +23,9 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapter_store import AdapterError
-from adapter_store.store import validate_key
+from adapter_store import AdapterError, AdapterNotFoundError, QuotaExceededError
+from adapter_store.store import AdapterStore, StoreQuota, validate_key
+from adapter_store.store.base import quota_exceeded
 from adapter_store.untrusted_json import load_untrusted_json
 from server.training import (
     DatasetError,
@@ -31,15 +33,17 @@ from server.training import (
     HyperparameterError,
     JobQueue,
     JobRecord,
+    PreparedJob,
     TrainingError,
     TrainingHyperparameters,
     TrainingLimits,
     model_context,
     prepare_job,
+    published_bytes,
 )
 from server.training.jobs.base import MAX_LIST_LIMIT
 
-from .deps import Services, ServicesDep, TenantDep
+from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError, from_typed_error
 from .generation import sse, sse_response
 from .job_schemas import CreateJobForm, FineTuningJob, FineTuningJobEvent, JobEventList, JobList
@@ -76,16 +80,25 @@ JobsDep = Annotated[JobQueue, Depends(job_queue)]
         }
     },
 )
-async def create_job(request: Request, services: ServicesDep, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
+async def create_job(
+    request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, jobs: JobsDep
+) -> FineTuningJob:
     """Queue a job that trains a VB-LoRA adapter on the uploaded JSONL file(s) and
-    publishes it as the next version of `adapter`."""
+    publishes it as the next version of `adapter`. Refused now (429 `quota_exceeded` on
+    `adapter`) if that adapter would not fit the tenant's adapter or byte quota as things
+    stand; the publish checks the quota again, atomically with the write."""
     upload = await read_upload(request, services.settings.training_max_file_bytes)
     if upload.adapter == services.model_name:
         raise APIError("conflict", f"{upload.adapter!r} is the base model's name", "adapter")
-    await asyncio.to_thread(check_upload, services, upload)
+    prepared = await asyncio.to_thread(check_upload, services, upload)
+    size = published_bytes(prepared.config, upload.hyperparameters.torch_save_dtype)
+    await asyncio.to_thread(check_quota, services.store, tenant, caller.quota, upload.adapter, size)
     record = await asyncio.to_thread(
         jobs.submit, tenant, upload.adapter, upload.hyperparameters, upload.training_file, upload.validation_file
     )
+    if not await asyncio.to_thread(still_current, services, caller):  # deleted while the upload streamed in
+        await asyncio.to_thread(jobs.remove, tenant, record.id)
+        raise tenant_deleted()
     return FineTuningJob.of(record)
 
 
@@ -191,12 +204,12 @@ async def read_upload(request: Request, max_file_bytes: int) -> JobUpload:
     )
 
 
-def check_upload(services: Services, upload: JobUpload) -> None:
+def check_upload(services: Services, upload: JobUpload) -> PreparedJob:
     """Refuse what the worker would refuse (hyperparameters that do not fit the model, any
     bad row), now rather than after the job waited in the queue. Tokenizes every row: call
     it in a worker thread."""
     runner = services.engine.runner
-    prepare_job(
+    return prepare_job(
         runner.base_module_shapes,
         services.tokenizer,
         upload.hyperparameters,
@@ -206,6 +219,24 @@ def check_upload(services: Services, upload: JobUpload) -> None:
         max_positions=model_context(runner.model),
         base_model=services.model_name,
     )
+
+
+def check_quota(store: AdapterStore, tenant: str, quota: StoreQuota, name: str, size: int) -> None:
+    """`QuotaExceededError` on `adapter` if publishing `size` bytes as `name` would take
+    the tenant over its quota today (a new name counts one adapter more, a new version its
+    size difference), as `store.put` would decide."""
+    count, stored = store.count(tenant)
+    try:
+        replaced = store.get_record(tenant, name).stored_bytes
+    except AdapterNotFoundError:
+        replaced = None
+    over = None
+    if replaced is None and quota.max_adapters is not None and count + 1 > quota.max_adapters:
+        over = quota_exceeded("adapters", quota)
+    elif quota.max_bytes is not None and stored - (replaced or 0) + size > quota.max_bytes:
+        over = quota_exceeded("bytes", quota)
+    if over is not None:
+        raise QuotaExceededError("adapter", f"the job's adapter ({size} bytes) cannot be published: {over.reason}")
 
 
 def _adapter_name(values: list[str]) -> str:

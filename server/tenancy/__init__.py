@@ -7,9 +7,12 @@ limiter `open_rate_limiter` picks (shared by replicas on Redis, see `limits`).
 
 from __future__ import annotations
 
-from adapter_store.store import is_redis_url
+import contextlib
+
+from adapter_store.store import StoreQuota, is_redis_url
 from server.settings import Settings
 
+from .deletion import delete_tenant, withdraw_adapter
 from .limits import ConcurrencyLimiter, Limits, RateLimiter, RedisRateLimiter
 from .registry import (
     ApiKey,
@@ -39,9 +42,12 @@ __all__ = [
     "TenantLimits",
     "TenantNotFoundError",
     "TenantRegistry",
+    "delete_tenant",
     "effective_limits",
     "open_rate_limiter",
     "open_tenant_registry",
+    "store_quota",
+    "withdraw_adapter",
 ]
 
 
@@ -77,3 +83,15 @@ def effective_limits(own: TenantLimits, settings: Settings) -> Limits:
         requests_per_s=pick(own.requests_per_s, settings.tenant_requests_per_s),
         max_concurrent_generations=pick(own.max_concurrent_generations, settings.tenant_max_concurrent_generations),
     )
+
+
+def store_quota(settings: Settings, registry: TenantRegistry | None, tenant: str) -> StoreQuota:
+    """The store quota a write of `tenant` is checked against: its own limits in the
+    registry, each falling back to the server's default; the defaults alone in
+    single-tenant mode (no registry) or for a tenant no longer in it (being deleted: its
+    write is withdrawn anyway, see `deletion`)."""
+    own = TenantLimits()
+    if registry is not None:
+        with contextlib.suppress(TenantNotFoundError):
+            own = registry.get_tenant(tenant).limits
+    return effective_limits(own, settings).store_quota

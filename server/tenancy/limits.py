@@ -33,7 +33,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from adapter_store.breaker import CircuitBreaker
-from adapter_store.store import redis_client, validate_key
+from adapter_store.store import StoreQuota, redis_client, validate_key
 
 BURST_SECONDS = 2.0  # a tenant may send this many seconds' worth of requests at once
 
@@ -46,6 +46,11 @@ class Limits:
     max_adapter_bytes: int | None
     requests_per_s: float | None
     max_concurrent_generations: int | None
+
+    @property
+    def store_quota(self) -> StoreQuota:
+        """The limits the store checks atomically with each put."""
+        return StoreQuota(self.max_adapters, self.max_adapter_bytes)
 
 
 class RateLimiter:

@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -61,18 +62,25 @@ class TenantLimits:
 
 @dataclass(frozen=True)
 class Tenant:
+    """incarnation: random, set when the tenant is created. A tenant deleted and created
+    again under the same name is another incarnation: its keys, and writes that
+    authenticated as the old one, never act for the new one (see `server.tenancy.deletion`).
+    Empty for tenants stored before incarnations existed."""
+
     name: str
     created: float
     limits: TenantLimits = field(default_factory=TenantLimits)
+    incarnation: str = ""
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Tenant:
-        return cls(doc["name"], doc["created"], TenantLimits(**doc["limits"]))
+        return cls(doc["name"], doc["created"], TenantLimits(**doc["limits"]), doc.get("incarnation", ""))
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A stored key: never the key itself, only its hash."""
+    """A stored key: never the key itself, only its hash. `incarnation`: the tenant's
+    when the key was made; the key works only for that incarnation."""
 
     key_id: str
     tenant: str
@@ -80,6 +88,7 @@ class ApiKey:
     created: float
     description: str = ""
     revoked: float | None = None
+    incarnation: str = ""
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ApiKey:
@@ -115,7 +124,7 @@ class TenantRegistry(ABC):
 
     def create_tenant(self, name: str, limits: TenantLimits | None = None) -> Tenant:
         validate_key("name", name)
-        tenant = Tenant(name, time.time(), limits or TenantLimits())
+        tenant = Tenant(name, time.time(), limits or TenantLimits(), uuid.uuid4().hex)
         with self._guard():
             if not self._insert("tenant", name, _dump(tenant)):
                 raise TenantExistsError("name", f"tenant {name!r} already exists")
@@ -140,23 +149,35 @@ class TenantRegistry(ABC):
             self._set("tenant", name, _dump(tenant))
         return tenant
 
+    def is_current(self, name: str, incarnation: str) -> bool:
+        """Whether the tenant `name` still exists as the incarnation a request authenticated
+        as: False once it was deleted, also if it was created again since."""
+        try:
+            return self.get_tenant(name).incarnation == incarnation
+        except TenantNotFoundError:
+            return False
+
     def delete_tenant(self, name: str) -> None:
         """Remove the tenant; its keys stop working at once (authentication checks that the
-        tenant exists) and are revoked. Its adapters are the caller's to delete."""
+        tenant exists, as the key's incarnation) and are removed, so a tenant created again
+        under the name lists none of them. Its adapters and jobs are the caller's to
+        delete (`server.tenancy.deletion.delete_tenant` does all of it)."""
         validate_key("name", name)
         with self._guard():
             if not self._remove("tenant", name):
                 raise TenantNotFoundError("name", f"no tenant {name!r}")
-        for key in self.list_keys(name, include_revoked=False):
-            self._revoke(key)
+        for key in self.list_keys(name):
+            with self._guard():
+                self._remove("key", key.key_id)
+            self._forget(key)
 
     # -- keys ---------------------------------------------------------------------------
 
     def create_key(self, tenant: str, description: str = "") -> tuple[ApiKey, str]:
         """A new key for `tenant`: its record and the key itself, which is not stored."""
-        self.get_tenant(tenant)
+        incarnation = self.get_tenant(tenant).incarnation
         key_id, key = new_key()
-        record = ApiKey(key_id, tenant, hash_key(key, self._pepper), time.time(), description)
+        record = ApiKey(key_id, tenant, hash_key(key, self._pepper), time.time(), description, None, incarnation)
         with self._guard():
             if not self._insert("key", key_id, _dump(record)):  # 48 random bits collided
                 raise RegistryUnavailableError("key_id", "key id collision, try again")
@@ -208,9 +229,12 @@ class TenantRegistry(ABC):
         if record is None or record.revoked is not None or not key_matches(key, record.key_hash, self._pepper):
             return None
         try:
-            return self.get_tenant(record.tenant)
+            tenant = self.get_tenant(record.tenant)
         except TenantNotFoundError:
             return None
+        # A key left over from a deleted incarnation of the name (its delete still
+        # removing keys) must not act for the new tenant.
+        return tenant if tenant.incarnation == record.incarnation else None
 
     def _get_key(self, key_id: str) -> ApiKey | None:
         with self._guard():
@@ -221,9 +245,12 @@ class TenantRegistry(ABC):
         revoked = replace(key, revoked=time.time())
         with self._guard():
             self._set("key", key.key_id, _dump(revoked))
+        self._forget(key)
+        return revoked
+
+    def _forget(self, key: ApiKey) -> None:
         with self._confirmed_lock:  # not even an outage may bring it back
             self._confirmed.pop(key.key_hash, None)
-        return revoked
 
     # -- lifecycle ----------------------------------------------------------------------
 

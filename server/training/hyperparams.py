@@ -97,6 +97,7 @@ class TrainingHyperparameters(BaseModel):
         max_rank: int = MAX_RANK,
         max_num_vectors: int = MAX_NUM_VECTORS,
         max_positions: int | None = None,
+        max_batch_tokens: int | None = None,
         base_model: str = "",
     ) -> AdapterConfig:
         """The adapter config these hyperparameters give on a model whose targetable linear
@@ -106,6 +107,10 @@ class TrainingHyperparameters(BaseModel):
         (`q_proj` matches every `...self_attn.q_proj`), as PEFT matches them.
         max_rank: the serving engine's LoRA rank limit (a trained adapter must be servable).
         max_positions: the model's context length, which bounds max_seq_len.
+        max_batch_tokens: the most tokens one forward of the trainer may take (the
+        server's memory bound for a job). Larger batches are cut into micro-batches of at
+        most that many tokens; a single row of `max_seq_len` tokens cannot be, so
+        `max_seq_len` must fit in it. `batch_size` needs no bound of its own.
         """
         matched: dict[str, tuple[int, int]] = {}
         for target in self.target_modules:
@@ -136,6 +141,11 @@ class TrainingHyperparameters(BaseModel):
         if max_positions is not None and self.max_seq_len > max_positions:
             raise HyperparameterError(
                 "hyperparameters.max_seq_len", f"{self.max_seq_len} exceeds the model's context of {max_positions}"
+            )
+        if max_batch_tokens is not None and self.max_seq_len > max_batch_tokens:
+            raise HyperparameterError(
+                "hyperparameters.max_seq_len",
+                f"{self.max_seq_len} exceeds the server's limit of {max_batch_tokens} tokens per training forward",
             )
         modules = tuple(ModuleSpec(n, i, o) for n, (i, o) in matched.items())
         try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterConfig
+from adapter_store import AdapterConfig, VBLoRAAdapter, encode_adapter, encode_bank, index_dtype_for
 from server.settings import Settings
 from server.vblora.layer import targetable_linears
 
@@ -28,6 +29,8 @@ class TrainingLimits:
 
     max_rank: int = 16  # the serving engine's LoRA rank limit: a trained adapter must be servable
     max_num_vectors: int = 4096
+    # Padded tokens per forward of the trainer (see `Settings.training_max_batch_tokens`).
+    max_batch_tokens: int = 1024
     dataset: DatasetLimits = field(default_factory=DatasetLimits)
 
     @classmethod
@@ -35,6 +38,7 @@ class TrainingLimits:
         return cls(
             max_rank=settings.max_lora_rank,
             max_num_vectors=settings.training_max_num_vectors,
+            max_batch_tokens=settings.training_max_batch_tokens,
             dataset=DatasetLimits(max_bytes=settings.training_max_file_bytes, max_rows=settings.training_max_rows),
         )
 
@@ -55,6 +59,21 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def model_context(model: nn.Module) -> int | None:
     """The model's context length, which bounds `max_seq_len`."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def published_bytes(config: AdapterConfig, dtype: torch.dtype) -> int:
+    """The bytes the adapter a job trains will take in the store (its `stored_bytes`),
+    known before training: the encoded sizes depend only on the config and the dtype, so
+    a placeholder adapter of that shape encodes to the same size. For the quota check at
+    job creation."""
+    s, k = config.num_subvectors, config.topk
+    placeholder = VBLoRAAdapter(
+        config,
+        torch.zeros(config.num_vectors, config.vector_length, dtype=dtype),
+        torch.arange(k, dtype=index_dtype_for(config.num_vectors)).repeat(s, 1),
+        torch.full((s, k), 1 / k, dtype=dtype),
+    )
+    return len(encode_adapter(placeholder, include_bank=False)) + len(encode_bank(placeholder.bank))
 
 
 def prepare_job(
@@ -83,6 +102,7 @@ def prepare_job(
         max_rank=limits.max_rank,
         max_num_vectors=limits.max_num_vectors,
         max_positions=max_positions,
+        max_batch_tokens=limits.max_batch_tokens,
         base_model=base_model,
     )
 

@@ -17,8 +17,11 @@ Optimizer and schedule are the paper's defaults: AdamW with the bank (lr 1e-3) a
 logits (lr 1e-2) in two parameter groups, linear warmup then linear decay. The loss of an
 optimizer step is the token-level mean over all its micro-batches (summed per micro-batch,
 divided by the step's target-token count), so gradient accumulation gives the same
-gradient as one large batch. At the end only the top-k indices and weights of the logits
-are kept: `VBLoRAAdapter.from_logits`.
+gradient as one large batch. An optimizer step takes `batch_size x grad_accum_steps`
+rows; each forward runs on at most `max_batch_tokens` padded tokens of them
+(`micro_batches`), which is what bounds a job's activation memory whatever its batch
+size. At the end only the top-k indices and weights of the logits are kept:
+`VBLoRAAdapter.from_logits`.
 
 Initialization: bank ~ U(-0.02, 0.02); logits ~ N(0, 0.01) in the paper's (mean,
 variance) notation, i.e. standard deviation 0.1, which is PEFT's `init_logits_std`.
@@ -161,6 +164,28 @@ def plan_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: i
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def micro_batches(batch: Sequence[Example], max_tokens: int | None) -> list[list[Example]]:
+    """`batch` cut, in order, into runs whose padded size (rows x longest row) is at most
+    `max_tokens`; one run when `max_tokens` is None. A row longer than `max_tokens` gets a
+    run of its own (`check_fits` refuses a `max_seq_len` above the budget, so a job's rows
+    never are)."""
+    if max_tokens is None:
+        return [list(batch)]
+    runs: list[list[Example]] = []
+    current: list[Example] = []
+    width = 0
+    for example in batch:
+        row_width = max(width, len(example.input_ids))
+        if current and (len(current) + 1) * row_width > max_tokens:
+            runs.append(current)
+            current, row_width = [], len(example.input_ids)
+        current.append(example)
+        width = row_width
+    if current:
+        runs.append(current)
+    return runs
+
+
 def collate(
     examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,6 +239,7 @@ def train_adapter(
     pad_token_id: int = 0,
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_batch_tokens: int | None = None,
 ) -> TrainingResult:
     """Train a VB-LoRA adapter of shape `config` (from `hp.check_fits`) on `examples`.
 
@@ -222,6 +248,9 @@ def train_adapter(
     seeded inside a forked RNG state so the caller's is left as it was.
     should_stop: checked before every micro-batch; when it answers True,
     `TrainingCancelled` is raised and no adapter is produced.
+    max_batch_tokens: the most padded tokens one forward may take (`micro_batches`);
+    None: each batch of `batch_size` rows in one forward. The result is the same either
+    way, to float rounding.
     """
     if not examples or target_count(examples) == 0:
         raise ValueError("train_adapter needs examples with at least one target token")
@@ -249,10 +278,10 @@ def train_adapter(
                 group = [[examples[i] for i in batch] for batch in batches[start : start + hp.grad_accum_steps]]
                 denominator = max(1, sum(target_count(b) for b in group))
                 step_loss = 0.0
-                for batch in group:
+                for micro_batch in (m for batch in group for m in micro_batches(batch, max_batch_tokens)):
                     if stop():
                         raise TrainingCancelled()
-                    ids, mask, labels = collate(batch, pad_token_id, device)
+                    ids, mask, labels = collate(micro_batch, pad_token_id, device)
                     refresh()
                     part = loss_sum(model, ids, mask, labels) / denominator
                     part.backward()
@@ -265,7 +294,7 @@ def train_adapter(
                 epoch_done = start + hp.grad_accum_steps >= len(batches)
                 val_loss = None
                 if val_examples and (epoch_done or step == total):
-                    val_loss = evaluate(model, refresh, val_examples, hp.batch_size, pad_token_id)
+                    val_loss = evaluate(model, refresh, val_examples, hp.batch_size, pad_token_id, max_batch_tokens)
                 if on_progress is not None:
                     on_progress(step, total, loss, tokens / (time.perf_counter() - started), val_loss)
                 if step == total:
@@ -279,9 +308,15 @@ def train_adapter(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, refresh: Callable[[], None], examples: Sequence[Example], batch_size: int, pad_token_id: int
+    model: nn.Module,
+    refresh: Callable[[], None],
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_token_id: int,
+    max_batch_tokens: int | None = None,
 ) -> float:
-    """Token-level mean loss on `examples` with the adapter as it is now."""
+    """Token-level mean loss on `examples` with the adapter as it is now, in batches of
+    `batch_size` rows cut to `max_batch_tokens` like the training batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -290,7 +325,8 @@ def evaluate(
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start : start + batch_size]]
-        total += loss_sum(model, *collate(batch, pad_token_id, device)).double().cpu()
+        for micro_batch in micro_batches(batch, max_batch_tokens):
+            total += loss_sum(model, *collate(micro_batch, pad_token_id, device)).double().cpu()
     model.train(was_training)
     return float(total) / max(1, target_count(examples))
 

@@ -2,40 +2,66 @@
 
 `run_worker(settings)` is the `vbserve worker` process: it loads its own copy of the base
 model (training hooks its linear layers, which must never happen to a model that is
-serving) and loops until SIGTERM/SIGINT. `start_embedded_worker(settings)` runs the same
-loop in a thread of the API process, for a machine with no Redis and no separate worker.
+serving) and loops until SIGTERM/SIGINT. The API process runs the same loop as its
+embedded worker in a child process (`WorkerProcess`), so that a job that runs out of
+memory or crashes the interpreter takes down the child, never the API; the API restarts
+the child, and the job runs again once its lease lapses (up to `max_attempts`).
+`start_embedded_worker(settings, worker)` runs a `Worker` in a thread of this process
+instead, for tests that hand the app an in-memory model a child could not load.
 
 How a job ends (see `jobs.base` for the states):
 - bad input (dataset, hyperparameters, an adapter the store refuses): `failed` at once,
   with the typed error's `field: reason` as the message; retrying would fail the same way.
-- the store or queue unreachable: `retry` (queued again, counted as an attempt).
+- the store, queue or tenant registry unreachable: `retry` (queued again, counted as an
+  attempt).
 - cancel requested: `cancelled`, nothing published. Worker shutting down: queued again
   without counting an attempt. Lease lost (this worker stalled and another took over):
   drop the job silently, the other worker owns it now.
+- the adapter would take the tenant over its quota: `failed` with `quota: ...` (the
+  store checks the tenant's quota atomically with the put, as for an upload).
 - anything else (a bug, out of memory): `failed`, logged with its traceback.
 - success: mark the bank id, `store.put` (atomic, a new version), `finish(succeeded)`.
+  A job removed meanwhile (its tenant was deleted: `finish` finds no job) withdraws the
+  version it put (see `server.tenancy.deletion` for why that and the tenant sweep
+  together leave nothing behind).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterError, AdapterNotFoundError, AdapterStore, StoreUnavailableError, open_store
+from adapter_store import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterStore,
+    QuotaExceededError,
+    StoreUnavailableError,
+    open_store,
+)
+from adapter_store.store import AdapterRecord, StoreQuota
 from server.engine.model_loader import load_model, resolve_device, resolve_dtype
 from server.settings import Settings, get_settings
+from server.tenancy import RegistryUnavailableError, open_tenant_registry, store_quota, withdraw_adapter
 
-from .errors import TrainingCancelled, TrainingError
+from .errors import JobNotFoundError, TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
 from .prepare import TrainingLimits, model_context, model_shapes, prepare_job
 from .trainer import train_adapter
@@ -63,8 +89,12 @@ class Worker:
         limits: TrainingLimits | None = None,
         base_model: str = "",
         worker_id: str | None = None,
+        quota_of: Callable[[str], StoreQuota] | None = None,
     ) -> None:
+        """quota_of: a tenant's store quota at publish time (`tenancy.store_quota`); None:
+        no quota."""
         self.queue = queue
+        self.quota_of = quota_of or (lambda tenant: StoreQuota())
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -106,14 +136,18 @@ class Worker:
             self._train_and_publish(job, lease, stop)
         except TrainingCancelled:
             if lease.lost:
-                log.warning("job %s: lease lost to another worker; dropping it", job.id)
+                log.warning(
+                    "job %s: no longer this worker's (taken over, or removed with its tenant); dropping it", job.id
+                )
             elif lease.cancel_requested:
                 self.queue.finish(job, JobState.CANCELLED)
             else:
                 self.queue.retry(job, "the worker shut down", count_attempt=False)
-        except StoreUnavailableError as exc:
+        except (StoreUnavailableError, RegistryUnavailableError) as exc:  # the tenant quota is read at publish
             log.warning("job %s: %s; queued again", job.id, exc)
             self.queue.retry(job, str(exc))
+        except QuotaExceededError as exc:
+            self.queue.finish(job, JobState.FAILED, error=f"quota: {exc.reason}")
         except (TrainingError, AdapterError) as exc:
             self.queue.finish(job, JobState.FAILED, error=str(exc))
         except Exception as exc:
@@ -141,6 +175,7 @@ class Worker:
             pad_token_id=self.pad_token_id,
             on_progress=_Reporter(self.queue, job, lease),
             should_stop=lambda: lease.lost or lease.cancel_requested or stop.is_set(),
+            max_batch_tokens=self.limits.max_batch_tokens,
         )
         lease.beat()  # a cancel that arrived during the last step still wins
         if lease.lost or lease.cancel_requested:
@@ -148,9 +183,22 @@ class Worker:
         if not self.queue.mark_publishing(job, result.adapter.bank_id):
             lease.lost = True
             raise TrainingCancelled()
-        record = self.store.put(job.record.tenant, job.record.adapter_name, result.adapter)
-        self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version)
-        log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+        tenant = job.record.tenant
+        record = self.store.put(tenant, job.record.adapter_name, result.adapter, quota=self.quota_of(tenant))
+        if self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version):
+            log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+        else:
+            self._withdraw_if_removed(job, record)
+
+    def _withdraw_if_removed(self, job: ClaimedJob, record: AdapterRecord) -> None:
+        """`finish` refused: either another worker took the job over (it finds this
+        version by its bank id and finishes the job with it), or the job was removed with
+        its tenant: then this version must not stay."""
+        try:
+            self.queue.get(job.record.tenant, job.id)
+        except JobNotFoundError:
+            withdraw_adapter(self.store, record.tenant, record.name, record)
+            log.warning("job %s: its tenant was deleted while publishing; %s withdrawn", job.id, record.name)
 
     def _already_published(self, job: ClaimedJob) -> bool:
         """An earlier attempt died after `store.put` but before `finish`: if the store
@@ -238,6 +286,8 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
     )
     store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
     queue = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
+    # Tenants' own quotas; in single-tenant mode the registry is empty and the defaults apply.
+    tenants = open_tenant_registry(settings)
     try:
         worker = Worker(
             queue,
@@ -246,17 +296,20 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
             loaded.tokenizer,
             limits=TrainingLimits.from_settings(settings),
             base_model=loaded.name,
+            quota_of=partial(store_quota, settings, tenants),
         )
         worker.run(stop)
     finally:
+        tenants.close()
         queue.close()
         store.close()
 
 
 class EmbeddedWorker:
     """`run_worker` in a daemon thread of this process, or `worker.run` for a `Worker` the
-    caller built (the API app builds one over a copy of its own model, store and queue);
-    `stop()` ends it after the current training step (the job goes back to the queue)."""
+    caller built (the API app builds one over a copy of an injected model, store and
+    queue); `stop()` ends it after the current training step (the job goes back to the
+    queue). A crash here is a crash of the process: the API runs `WorkerProcess`."""
 
     def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self._stop = threading.Event()
@@ -273,3 +326,103 @@ def start_embedded_worker(settings: Settings, worker: Worker | None = None) -> E
     """Start a worker thread: `worker` if given, else one with its own model copy (loaded
     in the thread, so the API starts without waiting for it)."""
     return EmbeddedWorker(settings, worker)
+
+
+# A child that dies sooner than this after its start counts as crash-looping: the next
+# restart waits twice as long as the last (up to MAX_RESTART_DELAY_S), so a worker that
+# cannot start (a bad model path) does not spin.
+HEALTHY_RUN_S = 60.0
+MAX_RESTART_DELAY_S = 60.0
+
+
+class WorkerProcess:
+    """`run_worker(settings)` in a child process, started with `spawn` (a fork of the API
+    would copy its threads' locks and the engine's memory), supervised by a thread of
+    this process: when the child dies (SIGKILL, the kernel's OOM killer, a segfault) it is
+    started again after `restart_delay_s`; its job's lease lapses and the job runs again
+    as a new attempt, or ends failed past `max_attempts` (`jobs.base`). The child opens its
+    own store, queue and tenant registry from the settings and loads its own model, and
+    makes itself the kernel's first choice when memory runs out. `stop()` sends SIGTERM
+    (the job goes back to the queue) and waits, then kills."""
+
+    def __init__(self, settings: Settings, *, restart_delay_s: float = 1.0) -> None:
+        self._settings = settings
+        self._restart_delay_s = restart_delay_s
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # no restart once stop() has begun
+        self.restarts = 0
+        self.process = self._spawn()
+        self._supervisor = threading.Thread(target=self._supervise, name="vbserve-worker-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        level = logging.getLogger().getEffectiveLevel()
+        process = self._context.Process(
+            target=_worker_process_main, args=(self._settings, level, os.getpid()), name="vbserve-worker", daemon=True
+        )
+        process.start()
+        log.info("training worker process %d started", process.pid)
+        return process
+
+    def _supervise(self) -> None:
+        delay = self._restart_delay_s
+        while True:
+            process, started = self.process, time.monotonic()
+            process.join()
+            if self._stopping.is_set():
+                return
+            log.error(
+                "training worker process %d exited with %s; starting another in %.0f s (its job runs again once "
+                "its lease lapses)",
+                process.pid,
+                process.exitcode,
+                delay,
+            )
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.process = self._spawn()
+                self.restarts += 1
+            healthy = time.monotonic() - started > HEALTHY_RUN_S
+            delay = self._restart_delay_s if healthy else min(2 * delay, MAX_RESTART_DELAY_S)
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._stopping.set()
+            process = self.process
+        if process.is_alive():
+            process.terminate()  # SIGTERM: run_worker puts its job back in the queue and returns
+            process.join(timeout)
+            if process.is_alive():
+                log.warning("training worker process %d did not stop in %s s; killing it", process.pid, timeout)
+                process.kill()
+                process.join()
+        self._supervisor.join(timeout)
+
+
+def _worker_process_main(settings: Settings, log_level: int, parent_pid: int) -> None:
+    """The child's entry point (module level, so `spawn` can import it)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _die_with_parent(parent_pid)
+    # Out of memory, the kernel kills the process with the highest score: make that this
+    # child (training is what grows), never the API. Raising one's own score needs no
+    # privilege.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    run_worker(settings)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGTERM this process when its parent dies (even by SIGKILL), so a crashed
+    API leaves no orphan training on. Elsewhere the child outlives a killed parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>

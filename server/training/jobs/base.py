@@ -252,6 +252,19 @@ class JobQueue(ABC):
             self._cancel(job_id, time.time())
         return self.get(tenant, job_id)
 
+    def remove(self, tenant: str, job_id: str | None = None) -> int:
+        """Forget the tenant's job `job_id`, or every job of the tenant (None), whatever its
+        state, with its files and events: for a deleted tenant, whose name may be given to
+        a new one. A queued job never runs. A running one's worker learns at its next
+        heartbeat (within `CANCEL_POLL_S`) that the job is no longer its own and stops;
+        every worker-side write answers False for a removed job, so it publishes nothing
+        (or withdraws what it published: see `Worker`). Returns how many were removed."""
+        _check_key("tenant", tenant)
+        if job_id is not None:
+            validate_job_id(job_id)
+        with self._guard():
+            return self._remove(tenant, job_id)
+
     # -- worker side ----------------------------------------------------------------------
 
     def claim(self, worker_id: str, timeout_s: float) -> ClaimedJob | None:
@@ -339,6 +352,10 @@ class JobQueue(ABC):
 
     @abstractmethod
     def _cancel(self, job_id: str, now: float) -> None: ...
+
+    @abstractmethod
+    def _remove(self, tenant: str, job_id: str | None) -> int:
+        """Delete the tenant's job `job_id` (None: all of them), files and events included."""
 
     @abstractmethod
     def _claim(self, worker_id: str, deadline: float) -> ClaimedJob | None: ...

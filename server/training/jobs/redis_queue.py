@@ -231,6 +231,20 @@ return {'ok'}
 """
 )
 
+# KEYS: close keys, tenant jobs. ARGV: group, job id.
+_REMOVE_LUA = """
+local existed = redis.call('EXISTS', KEYS[1])
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then
+    redis.call('XACK', KEYS[5], ARGV[1], entry)
+    redis.call('XDEL', KEYS[5], entry)
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[6])
+redis.call('SREM', KEYS[4], ARGV[2])
+redis.call('ZREM', KEYS[7], ARGV[2])
+return existed
+"""
+
 
 class RedisJobQueue(JobQueue):
     """Job queue on a Redis server (5.0+ for streams, 6.2+ for XAUTOCLAIM)."""
@@ -260,6 +274,7 @@ class RedisJobQueue(JobQueue):
                 ("finish", _FINISH_LUA),
                 ("retry", _RETRY_LUA),
                 ("cancel", _CANCEL_LUA),
+                ("remove", _REMOVE_LUA),
             )
         }
         self._group_ready = False
@@ -377,6 +392,25 @@ class RedisJobQueue(JobQueue):
             raise job_not_found(job_id)
         if reply[0] == b"final":
             raise JobStateError("job_id", f"the job has already {reply[1].decode()}")
+
+    def _remove(self, tenant: str, job_id: str | None) -> int:
+        """One script per job (each removal is atomic); the tenant's sets hold every job id
+        it has: `jobs` the newest MAX_LISTED_JOBS, `active` each queued or running one."""
+        if job_id is not None:
+            ids = [job_id.encode()]
+        else:
+            ids = list(
+                {*self._redis.zrange(self._tenant_key(tenant, "jobs"), 0, -1)}
+                | self._redis.smembers(self._tenant_key(tenant, "active"))
+            )
+        removed = 0
+        for raw_id in ids:
+            one = raw_id.decode()
+            if job_id is not None and self._redis.hget(self._job_key(one), b"tenant") != tenant.encode():
+                continue  # another tenant's job: as if absent
+            keys = [*self._close_keys(one, tenant), self._tenant_key(tenant, "jobs")]
+            removed += int(self._scripts["remove"](keys=keys, args=[GROUP, one]))
+        return removed
 
     # -- worker side -------------------------------------------------------------------------
 

@@ -165,6 +165,12 @@ class SQLiteJobQueue(JobQueue):
             elif state is not JobState.CANCELLED:
                 raise JobStateError("job_id", f"the job has already {state.value}")
 
+    def _remove(self, tenant: str, job_id: str | None) -> int:
+        where, args = ("tenant = ?", (tenant,)) if job_id is None else ("tenant = ? AND id = ?", (tenant, job_id))
+        with self._db.write() as conn:
+            conn.execute(f"DELETE FROM events WHERE job_id IN (SELECT id FROM jobs WHERE {where})", args)
+            return conn.execute(f"DELETE FROM jobs WHERE {where}", args).rowcount
+
     # -- worker side -------------------------------------------------------------------------
 
     def _claim(self, worker_id: str, deadline: float) -> ClaimedJob | None:
