@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     tenant_max_concurrent_generations: int | None = Field(None, ge=1)  # None: unlimited
 
     max_request_bytes: int = Field(1 << 20, ge=1024)  # JSON bodies; uploads have their own limits
+    # Checked before a prompt is tokenized (a 400 naming `prompt`, `messages` or `inputs`):
+    # templating and tokenizing cost time linear in these.
+    max_prompt_chars: int = Field(256 << 10, ge=1)  # of a prompt, or of all a chat's messages together
+    max_chat_messages: int = Field(2048, ge=1)
+    tokenizer_threads: int = Field(2, ge=1)  # prompts tokenized at once, in threads beside the event loop
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

@@ -1,0 +1,129 @@
+"""Prompts are tokenized off the event loop, within limits checked first, in time linear in
+their size (issue #12, finding 6): one tenant's huge chat must not stall anyone's route."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import timeit
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from adapter_store.store import SQLiteAdapterStore
+from server.api.errors import APIError
+from server.api.openai_api import _chat_prompt_ids
+from server.api.schemas import ChatRequest
+from server.api.tokenizing import TokenizerPool
+from server.app import create_app
+from tests.conftest import serve_in_thread, tiny_llama
+from tests.test_api import api, api_settings, error_of  # noqa: F401  (api: the in-process app fixture)
+from tests.test_hostile import SPECIALS, chatml_tokenizer
+
+
+def hostile_chat(messages: int, chars_per_message: int) -> list[dict]:
+    """Messages that each spell a control token: the costly path, where every message is
+    encoded apart from the template so that the token stays text."""
+    filler = "x" * (chars_per_message - len(SPECIALS[1]))
+    return [{"role": "user", "content": SPECIALS[1] + filler}] * messages
+
+
+def test_healthz_answers_while_huge_chats_are_tokenized(tmp_path) -> None:
+    # Four chats at both limits at once (the default 2048 messages, 256 Ki characters
+    # each): on the event loop their templating and tokenizing stopped every route for
+    # seconds. Here /healthz must keep answering as if nothing ran.
+    settings = api_settings()
+    per_message = settings.max_prompt_chars // settings.max_chat_messages
+    chat = {"messages": hostile_chat(settings.max_chat_messages, per_message)}
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chatml_tokenizer(), store=store)
+    statuses: list[int] = []
+
+    def send_chat(url: str) -> None:
+        statuses.append(httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=120).status_code)
+
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as probe:
+        probe.get("/healthz")  # the connection is open before the flood
+        flood = [threading.Thread(target=send_chat, args=(url,)) for _ in range(4)]
+        for t in flood:
+            t.start()
+        latencies = []
+        while any(t.is_alive() for t in flood):
+            start = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+        for t in flood:
+            t.join()
+    store.close()
+    # Tokenized whole, then refused: 262,144 byte tokens do not fit the tiny model's context.
+    assert statuses == [400] * 4
+    # Measured on a 2-core machine: 0.06 to 0.17 s at most here (a full garbage collection
+    # stops every thread), 0.6 s and more with tokenizing on the event loop.
+    assert max(latencies) < 0.3, sorted(latencies)[-5:]
+    assert len(latencies) >= 10, latencies  # the flood lasted a while: /healthz was asked during it
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 5}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 9}] * 2}, "messages"),
+        ("/v1/completions", {"prompt": "a" * 17}, "prompt"),
+        ("/v1/completions", {"prompt": ["a" * 17]}, "prompt"),
+        ("/generate", {"inputs": "a" * 17}, "inputs"),
+        ("/generate_stream", {"inputs": "a" * 17}, "inputs"),
+    ],
+)
+async def test_prompts_over_the_limits_are_refused_before_tokenizing(api, path, body, field) -> None:  # noqa: F811
+    services = api.app.state.services
+    services.settings = services.settings.model_copy(update={"max_chat_messages": 4, "max_prompt_chars": 16})
+    # Well within the model's context: only the limits refuse these.
+    r = await api.post(path, json={**body, "max_tokens": 1})
+    error = error_of(r)
+    assert r.status_code == 400 and (error["type"], error["field"]) == ("invalid_request", field)
+    assert "at most" in error["message"]
+    # At the limits, accepted.
+    services.settings = services.settings.model_copy(update={"max_chat_messages": 5, "max_prompt_chars": 18})
+    assert (await api.post(path, json={**body, "max_tokens": 1})).status_code == 200
+
+
+def test_chat_tokenizing_time_is_linear_in_the_messages() -> None:
+    tokenizer = chatml_tokenizer()
+
+    def seconds(messages: int) -> float:
+        body = ChatRequest(messages=hostile_chat(messages, 24))
+        return min(timeit.repeat(lambda: _chat_prompt_ids(tokenizer, body), number=1, repeat=3))
+
+    small, large = seconds(2000), seconds(8000)
+    # Four times the messages: about four times the time (measured 3.4x); the scan that
+    # searched the whole text once per message took 9x (0.25 s, then 2.3 s), worse beyond.
+    assert large / small < 6, (small, large)
+
+
+async def test_the_tokenizer_pool_bounds_its_threads_and_its_queue() -> None:
+    pool = TokenizerPool(threads=1, max_waiting=1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def work(name: str) -> Callable[[], str]:
+        def run() -> str:
+            release.wait(10)
+            ran.append(name)
+            return name
+
+        return run
+
+    running = asyncio.create_task(pool.run(work("running")))
+    waiting = asyncio.create_task(pool.run(work("waiting")))
+    await asyncio.sleep(0.05)
+    with pytest.raises(APIError) as refused:  # one running, one waiting: full
+        await pool.run(work("refused"))
+    assert refused.value.type == "overloaded" and refused.value.status == 429
+    waiting.cancel()  # its client went away before a thread took it: it never runs
+    release.set()
+    assert await running == "running"
+    assert await pool.run(work("later")) == "later"
+    assert ran == ["running", "later"]
