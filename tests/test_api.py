@@ -543,7 +543,7 @@ async def test_peft_checkpoint_through_the_api_matches_peft(api, peft_dir, tmp_p
 def test_lora_requests_info_keeps_one_series_of_the_current_adapters():
     from server.metrics import Metrics
 
-    metrics = Metrics(max_lora=4)
+    metrics = Metrics(max_lora=4, adapter_names=True)
     step = {"running": 2, "waiting": 1, "running_adapters": ["acme/a", "acme/b"], "waiting_adapters": ["globex/c"]}
     metrics.on_step(step)
     metrics.on_step({**step, "running_adapters": ["acme/b"], "waiting_adapters": []})

@@ -159,3 +159,13 @@ async def require_admin(request: Request, services: ServicesDep) -> TenantRegist
 
 
 AdminDep = Annotated[TenantRegistry, Depends(require_admin)]
+
+
+async def metrics_access(request: Request, services: ServicesDep) -> None:
+    """`/metrics` is open, unless `VBSERVE_METRICS_REQUIRE_ADMIN_KEY`: then it takes the
+    admin key only (401 without it, 403 with a tenant's key), as the admin API does."""
+    if services.settings.metrics_require_admin_key:
+        await require_admin(request, services)
+
+
+MetricsAccess = Depends(metrics_access)
