@@ -4,6 +4,8 @@ their size (issue #12, finding 6): one tenant's huge chat must not stall anyone'
 from __future__ import annotations
 
 import asyncio
+import gc
+import statistics
 import threading
 import time
 import timeit
@@ -46,23 +48,35 @@ def test_healthz_answers_while_huge_chats_are_tokenized(tmp_path) -> None:
 
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as probe:
         probe.get("/healthz")  # the connection is open before the flood
-        flood = [threading.Thread(target=send_chat, args=(url,)) for _ in range(4)]
-        for t in flood:
-            t.start()
-        latencies = []
-        while any(t.is_alive() for t in flood):
-            start = time.perf_counter()
-            assert probe.get("/healthz").status_code == 200
-            latencies.append(time.perf_counter() - start)
-            time.sleep(0.01)
-        for t in flood:
-            t.join()
+        # A full garbage collection over this process's objects (pytest, torch,
+        # transformers: 0.2 to 0.4 s) stops every thread whatever they run. Frozen out of
+        # the collector's reach meanwhile, so that the probe measures the event loop.
+        gc.freeze()
+        try:
+            flood = [threading.Thread(target=send_chat, args=(url,)) for _ in range(4)]
+            for t in flood:
+                t.start()
+            latencies = []
+            while any(t.is_alive() for t in flood):
+                start = time.perf_counter()
+                assert probe.get("/healthz").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+            for t in flood:
+                t.join()
+        finally:
+            gc.unfreeze()
     store.close()
+    print(
+        f"\nhealthz during 4 chats at the limits: {len(latencies)} probes, "
+        f"p50 {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+    )
     # Tokenized whole, then refused: 262,144 byte tokens do not fit the tiny model's context.
     assert statuses == [400] * 4
-    # Measured on a 2-core machine: 0.06 to 0.17 s at most here (a full garbage collection
-    # stops every thread), 0.6 s and more with tokenizing on the event loop.
-    assert max(latencies) < 0.3, sorted(latencies)[-5:]
+    # Measured on a loaded 2-core machine (the probe, the flood and the server share one
+    # process and its GIL): p50 50 ms, at most 0.08 to 0.27 s here; with tokenizing on the
+    # event loop, every chat stopped the loop for 0.6 to 1.9 s.
+    assert max(latencies) < 0.4, sorted(latencies)[-5:]
     assert len(latencies) >= 10, latencies  # the flood lasted a while: /healthz was asked during it
 
 
@@ -98,6 +112,7 @@ def test_chat_tokenizing_time_is_linear_in_the_messages() -> None:
         return min(timeit.repeat(lambda: _chat_prompt_ids(tokenizer, body), number=1, repeat=3))
 
     small, large = seconds(2000), seconds(8000)
+    print(f"\nchat of 2000 messages: {small:.3f} s, of 8000: {large:.3f} s ({large / small:.1f}x)")
     # Four times the messages: about four times the time (measured 3.4x); the scan that
     # searched the whole text once per message took 9x (0.25 s, then 2.3 s), worse beyond.
     assert large / small < 6, (small, large)
