@@ -138,6 +138,8 @@ async def test_the_tokenizer_pool_bounds_its_threads_and_its_queue() -> None:
         await pool.run(work("refused"))
     assert refused.value.type == "overloaded" and refused.value.status == 429
     waiting.cancel()  # its client went away before a thread took it: it never runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
     release.set()
     assert await running == "running"
     assert await pool.run(work("later")) == "later"
