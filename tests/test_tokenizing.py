@@ -80,6 +80,26 @@ def test_healthz_answers_while_huge_chats_are_tokenized(tmp_path) -> None:
     assert len(latencies) >= 10, latencies  # the flood lasted a while: /healthz was asked during it
 
 
+async def test_the_issues_1_mb_chat_is_refused_before_any_templating(tmp_path) -> None:
+    # The chat of the report: 23,000 messages in 1 MB, each spelling a control token. It
+    # stopped every route for 15 s (10 s on the reporter's machine); over the message
+    # limit, it is now refused before the chat template or the tokenizer sees it.
+    chat = {"messages": hostile_chat(23_000, 12)}
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chatml_tokenizer(), store=store)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        start = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json=chat)
+        seconds = time.perf_counter() - start
+    store.close()
+    assert r.status_code == 400 and error_of(r)["field"] == "messages" and "at most 2048" in error_of(r)["message"]
+    print(f"\n1 MB chat of 23,000 messages: {r.status_code} in {seconds:.2f} s")
+    assert seconds < 2  # measured 0.1 to 0.5 s: parsing the JSON body, on a loaded machine
+
+
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
