@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from adapter_store.store import SQLiteAdapterStore
 from server.api.errors import APIError
@@ -139,12 +140,12 @@ def test_chat_tokenizing_time_is_linear_in_the_messages() -> None:
 
 
 async def test_the_tokenizer_pool_bounds_its_threads_and_its_queue() -> None:
-    pool = TokenizerPool(threads=1, max_waiting=1)
+    pool = TokenizerPool(chatml_tokenizer(), threads=1, max_waiting=1)
     release = threading.Event()
     ran: list[str] = []
 
-    def work(name: str) -> Callable[[], str]:
-        def run() -> str:
+    def work(name: str) -> Callable[[object], str]:
+        def run(tokenizer: object) -> str:
             release.wait(10)
             ran.append(name)
             return name
@@ -164,3 +165,24 @@ async def test_the_tokenizer_pool_bounds_its_threads_and_its_queue() -> None:
     assert await running == "running"
     assert await pool.run(work("later")) == "later"
     assert ran == ["running", "later"]
+
+
+async def test_each_tokenizing_thread_encodes_with_its_own_tokenizer() -> None:
+    # `split_special_tokens` is a flag that transformers sets on the tokenizer before each
+    # encode: on one tokenizer shared by two threads, one thread's flag applied to the
+    # other's encode (a chat message's `<|im_end|>` read as the control token).
+    tokenizer = chatml_tokenizer()
+    text = f"hi {SPECIALS[1]} " * 500
+    expected = {
+        split: tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split) for split in (False, True)
+    }
+    assert expected[False] != expected[True]
+    pool = TokenizerPool(tokenizer, threads=2, max_waiting=200)
+    splits = [i % 2 == 0 for i in range(200)]
+
+    def encode(split: bool) -> Callable[[PreTrainedTokenizerBase], list[int]]:
+        return lambda own: own.encode(text, add_special_tokens=False, split_special_tokens=split)
+
+    results = await asyncio.gather(*(pool.run(encode(split)) for split in splits))
+    wrong = sum(ids != expected[split] for ids, split in zip(results, splits, strict=True))
+    assert wrong == 0, f"{wrong} of {len(splits)} encodes used the other thread's flag"

@@ -55,7 +55,7 @@ class Services:
     @cached_property
     def tokenizing(self) -> TokenizerPool:
         """Where prompts are tokenized (made on first use, on the event loop)."""
-        return TokenizerPool(self.settings.tokenizer_threads, max_waiting=self.settings.max_queue)
+        return TokenizerPool(self.tokenizer, self.settings.tokenizer_threads, max_waiting=self.settings.max_queue)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ async def encode_prompt(services: Services, text: str, field: str) -> list[int]:
     """A plain prompt's token ids, tokenized off the event loop (`field` names the prompt
     in the caller's dialect)."""
     check_prompt_chars(services, len(text), field)
-    return await services.tokenizing.run(lambda: services.tokenizer.encode(text))
+    return await services.tokenizing.run(lambda tokenizer: tokenizer.encode(text))
 
 
 def output_limit(services: Services, requested: int | None, prompt_len: int) -> int:

@@ -92,7 +92,7 @@ async def chat_completions(
     body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> ChatResponse | StreamingResponse:
     _check_chat_size(services, body.messages)
-    ids = await services.tokenizing.run(lambda: _chat_prompt_ids(services.tokenizer, body))
+    ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
     engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
