@@ -475,6 +475,7 @@ async def test_not_ready_before_startup(tmp_path):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         r = await client.get("/readyz")  # lifespan not run: no engine yet
         assert r.status_code == 503 and error_of(r)["type"] == "unavailable"
+        assert (await client.get("/metrics")).status_code == 503  # nor the settings that guard it
         assert (await client.get("/healthz")).status_code == 200
     store.close()
 
