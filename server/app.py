@@ -59,7 +59,7 @@ def create_app(
     settings = settings or get_settings()
     if (model is None) != (tokenizer is None):
         raise ValueError("pass model and tokenizer together, or neither")
-    metrics = Metrics(max_lora=settings.max_adapter_slots)
+    metrics = Metrics(max_lora=settings.max_adapter_slots, adapter_names=settings.metrics_adapter_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

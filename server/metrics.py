@@ -19,12 +19,15 @@ from server.engine import FinalResult
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _COMPOSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    def __init__(self, *, max_lora: int = 0) -> None:
-        """max_lora: the engine's adapter slots, reported like vLLM's `max_lora`."""
+    def __init__(self, *, max_lora: int = 0, adapter_names: bool = False) -> None:
+        """max_lora: the engine's adapter slots, reported like vLLM's `max_lora`.
+        adapter_names: show which adapters (tenant/name) are in use; off by default, as a
+        scrape must not tell anyone which tenants exist or what they named their adapters."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -54,16 +57,22 @@ class Metrics:
         self.queue_length = Gauge("vbserve_queue_length", "Requests submitted and not yet running", registry=r)
         self.running = Gauge("vbserve_running_requests", "Requests in the running batch", registry=r)
         # Shaped like vLLM's `vllm:lora_requests_info`: one series whose labels list the
-        # adapters (tenant/name) of running and waiting requests; its value is when they
-        # last changed. Only the current label set is kept, so cardinality stays at one.
+        # adapters (tenant/name) of running and waiting requests, or nothing unless the
+        # operator opted in to names; its value is when they last changed. Only the
+        # current label set is kept, so cardinality stays at one.
         self.lora_requests_info = Gauge(
             "vbserve_lora_requests_info",
-            "Adapters in use: running_lora_adapters and waiting_lora_adapters (comma-separated tenant/name)",
+            "Adapters in use: running_lora_adapters and waiting_lora_adapters (comma-separated tenant/name; "
+            "empty unless VBSERVE_METRICS_ADAPTER_NAMES)",
             ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
             registry=r,
         )
-        self._lora_labels: tuple[str, str] | None = None
+        self.lora_adapters = Gauge(
+            "vbserve_lora_adapters", "Distinct adapters of running and of waiting requests", ["state"], registry=r
+        )
+        self._lora_names: tuple[str, str] | None = None
         self.max_lora = max_lora
+        self.adapter_names = adapter_names
         self.adapter_cache_hits = Counter(
             "vbserve_adapter_cache_hits", "Requests whose adapter was already composed", registry=r
         )
@@ -101,11 +110,15 @@ class Metrics:
     def on_step(self, stats: dict) -> None:
         self.queue_length.set(stats["waiting"])
         self.running.set(stats["running"])
-        labels = (",".join(stats["running_adapters"]), ",".join(stats["waiting_adapters"]))
-        if labels != self._lora_labels:
-            self._lora_labels = labels
+        running, waiting = stats["running_adapters"], stats["waiting_adapters"]
+        self.lora_adapters.labels("running").set(len(running))
+        self.lora_adapters.labels("waiting").set(len(waiting))
+        names = (",".join(running), ",".join(waiting))
+        if names != self._lora_names:
+            self._lora_names = names
             self.lora_requests_info.clear()
-            self.lora_requests_info.labels(*labels, str(self.max_lora)).set(time.time())
+            shown = names if self.adapter_names else ("", "")
+            self.lora_requests_info.labels(*shown, str(self.max_lora)).set(time.time())
 
     def on_adapter_event(self, kind: str, value: float) -> None:
         record = self._adapter_events.get(kind)
@@ -133,6 +146,9 @@ class Metrics:
         self.generations.labels("cancelled").inc()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        # The method is the client's to choose (h11 takes any token): one series per
+        # made-up method would grow without bound.
+        method = method if method in _HTTP_METHODS else "other"
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route, method).observe(seconds)
 
@@ -142,7 +158,7 @@ class Metrics:
 
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (`/v1/adapters/{name}`,
-    not the concrete path, so label cardinality stays bounded)."""
+    not the concrete path: that would name adapters, and grow without bound)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app

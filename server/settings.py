@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapter_store.store import is_redis_url
@@ -76,8 +76,25 @@ class Settings(BaseSettings):
     tenant_max_concurrent_generations: int | None = Field(None, ge=1)  # None: unlimited
 
     max_request_bytes: int = Field(1 << 20, ge=1024)  # JSON bodies; uploads have their own limits
+    # Checked before a prompt is tokenized (a 400 naming `prompt`, `messages` or `inputs`):
+    # templating and tokenizing cost time linear in these.
+    max_prompt_chars: int = Field(256 << 10, ge=1)  # of a prompt, or of all a chat's messages together
+    max_chat_messages: int = Field(2048, ge=1)
+    tokenizer_threads: int = Field(2, ge=1)  # prompts tokenized at once, in threads beside the event loop
+
+    # /metrics: adapter names (tenant/name) in `vbserve_lora_requests_info` only when the
+    # operator opts in; the scrape itself can require the admin key.
+    metrics_adapter_names: bool = False
+    metrics_require_admin_key: bool = False
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _metrics_key_needs_an_admin_key(self) -> Settings:
+        if self.metrics_require_admin_key and self.admin_key is None:
+            raise ValueError("VBSERVE_METRICS_REQUIRE_ADMIN_KEY needs VBSERVE_ADMIN_KEY: there is no key to require")
+        return self
 
     def url_beside_store(self, sqlite_name: str) -> str:
         """Where shared state other than adapters lives (jobs, tenants): the store's Redis

@@ -494,6 +494,7 @@ async def test_not_ready_before_startup(tmp_path):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         r = await client.get("/readyz")  # lifespan not run: no engine yet
         assert r.status_code == 503 and error_of(r)["type"] == "unavailable"
+        assert (await client.get("/metrics")).status_code == 503  # nor the settings that guard it
         assert (await client.get("/healthz")).status_code == 200
     store.close()
 
@@ -562,7 +563,7 @@ async def test_peft_checkpoint_through_the_api_matches_peft(api, peft_dir, tmp_p
 def test_lora_requests_info_keeps_one_series_of_the_current_adapters():
     from server.metrics import Metrics
 
-    metrics = Metrics(max_lora=4)
+    metrics = Metrics(max_lora=4, adapter_names=True)
     step = {"running": 2, "waiting": 1, "running_adapters": ["acme/a", "acme/b"], "waiting_adapters": ["globex/c"]}
     metrics.on_step(step)
     metrics.on_step({**step, "running_adapters": ["acme/b"], "waiting_adapters": []})

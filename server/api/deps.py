@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -30,6 +31,7 @@ from server.tenancy.keys import secret_matches
 from server.training.jobs import JobQueue
 
 from .errors import APIError
+from .tokenizing import TokenizerPool
 
 DEFAULT_TENANT = "default"
 
@@ -49,6 +51,11 @@ class Services:
     rates: RateLimiter = field(default_factory=RateLimiter)
     generations: ConcurrencyLimiter = field(default_factory=ConcurrencyLimiter)
     started: float = field(default_factory=time.time)
+
+    @cached_property
+    def tokenizing(self) -> TokenizerPool:
+        """Where prompts are tokenized (made on first use, on the event loop)."""
+        return TokenizerPool(self.tokenizer, self.settings.tokenizer_threads, max_waiting=self.settings.max_queue)
 
 
 @dataclass(frozen=True)
@@ -169,3 +176,13 @@ async def require_admin(request: Request, services: ServicesDep) -> TenantRegist
 
 
 AdminDep = Annotated[TenantRegistry, Depends(require_admin)]
+
+
+async def metrics_access(request: Request, services: ServicesDep) -> None:
+    """`/metrics` is open, unless `VBSERVE_METRICS_REQUIRE_ADMIN_KEY`: then it takes the
+    admin key only (401 without it, 403 with a tenant's key), as the admin API does."""
+    if services.settings.metrics_require_admin_key:
+        await require_admin(request, services)
+
+
+MetricsAccess = Depends(metrics_access)

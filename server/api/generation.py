@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from server.engine import AdapterRef, EngineError, FinalResult, GenerationRequest, RequestHandle, TokenEvent
 
 from .deps import Services
-from .errors import from_engine_error
+from .errors import APIError, from_engine_error
 
 Event = TokenEvent | FinalResult
 
@@ -42,6 +42,20 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else stop
+
+
+def check_prompt_chars(services: Services, chars: int, field: str) -> None:
+    """Refuse a prompt longer than `VBSERVE_MAX_PROMPT_CHARS` before any work on it."""
+    limit = services.settings.max_prompt_chars
+    if chars > limit:
+        raise APIError("invalid_request", f"the prompt has {chars} characters; at most {limit} are accepted", field)
+
+
+async def encode_prompt(services: Services, text: str, field: str) -> list[int]:
+    """A plain prompt's token ids, tokenized off the event loop (`field` names the prompt
+    in the caller's dialect)."""
+    check_prompt_chars(services, len(text), field)
+    return await services.tokenizing.run(lambda tokenizer: tokenizer.encode(text))
 
 
 def output_limit(services: Services, requested: int | None, prompt_len: int) -> int:

@@ -18,6 +18,7 @@ from .deps import GenerationSlot, Services, ServicesDep, TenantDep
 from .generation import (
     Event,
     adapter_ref,
+    encode_prompt,
     error_event,
     open_stream,
     output_limit,
@@ -50,7 +51,7 @@ FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {
 async def generate(
     body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> GenerateResponse:
-    engine_request = _engine_request(services, tenant, body)
+    engine_request = await _engine_request(services, tenant, body)
     handle = await submit(services, engine_request, FIELDS)
     outcome = await run_to_end(services, request, handle, FIELDS)
     result = outcome.result
@@ -71,15 +72,15 @@ async def generate(
 async def generate_stream(
     body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> StreamingResponse:
-    engine_request = _engine_request(services, tenant, body)
+    engine_request = await _engine_request(services, tenant, body)
     handle = await submit(services, engine_request, FIELDS)
     events = await open_stream(services, request, handle, FIELDS)
     return sse_response(_stream_events(services, body.parameters, events))
 
 
-def _engine_request(services: Services, tenant: str, body: GenerateRequest) -> GenerationRequest:
+async def _engine_request(services: Services, tenant: str, body: GenerateRequest) -> GenerationRequest:
     p = body.parameters
-    ids = services.tokenizer.encode(body.inputs)
+    ids = await encode_prompt(services, body.inputs, "inputs")
     sampled = p.do_sample or p.temperature is not None
     sampling = SamplingParams(
         max_new_tokens=output_limit(services, p.max_new_tokens, len(ids)),

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
 
-from .deps import ServicesDep
+from .deps import MetricsAccess, ServicesDep
 from .schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -27,7 +27,9 @@ async def readyz(services: ServicesDep) -> Health:
     return Health(status="ready", checks={"engine": "ok", "store": "ok"})
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[MetricsAccess])
 def metrics(request: Request) -> Response:
+    """Prometheus metrics. No tenant or adapter names unless `VBSERVE_METRICS_ADAPTER_NAMES`;
+    the admin key only, with `VBSERVE_METRICS_REQUIRE_ADMIN_KEY`."""
     registry: Metrics = request.app.state.metrics
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
