@@ -1,0 +1,205 @@
+"""No request can hurt another in the engine (issue #12, findings 1 and 2): sampling values
+the float32 sampler cannot hold are refused at submit, a request that breaks while it is
+sampled or detokenized ends alone while the rest of its batch goes on, and an adapter a
+waiting request needs is never lost from the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+import torch
+
+from adapter_store.store import SQLiteAdapterStore
+from server.app import create_app
+from server.engine import GenerationRequest, InvalidRequestError, RequestFailedError, SamplingParams, build_engine
+from server.engine.sampling import sample_next_tokens
+from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
+from server.settings import Settings
+from tests.conftest import byte_tokenizer, tiny_llama
+from tests.test_api import api_settings, chat_tokenizer
+from tests.test_engine import TENANT, greedy, prompts, random_adapter, run
+
+VOCAB = 256  # tiny_llama's
+
+
+@pytest.fixture
+def engine(tmp_path):
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(tmp_path / "a.db")
+    for i in range(4):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=100 + i))
+    settings = Settings(max_batch_size=8, max_queue=32, max_adapter_slots=8, max_lora_rank=8, max_model_len=128)
+    engine = build_engine(model, byte_tokenizer(), store, settings)
+    yield engine
+    engine.shutdown()
+    store.close()
+
+
+# -- finding 1: bounds ---------------------------------------------------------------------
+
+TOO_SMALL = [1e-300, 1e-50, MIN_POSITIVE_SETTING / 2]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        *[(dict(temperature=t), "temperature") for t in TOO_SMALL],
+        *[(dict(temperature=1.0, top_p=p), "top_p") for p in TOO_SMALL],
+        *[(dict(repetition_penalty=p), "repetition_penalty") for p in [*TOO_SMALL, MIN_REPETITION_PENALTY / 2]],
+        (dict(repetition_penalty=MAX_REPETITION_PENALTY * 1.01), "repetition_penalty"),
+        (dict(temperature=1.0, top_k=10**30), "top_k"),
+        (dict(temperature=1.0, top_k=VOCAB + 1), "top_k"),
+    ],
+)
+async def test_sampling_values_the_sampler_cannot_hold_are_refused(engine, sampling, field):
+    running = asyncio.ensure_future(run(engine, greedy(prompts(1)[0], "ad1", n=60)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(InvalidRequestError) as info:
+        await engine.submit(GenerationRequest([1, 2, 3], SamplingParams(**sampling)))
+    assert info.value.field == field
+    result = await running
+    assert result.finish_reason == "length" and len(result.token_ids) == 60
+
+
+async def test_sampling_values_at_the_bounds_work(engine):
+    """The smallest temperature and top_p the bounds allow leave one candidate: greedy."""
+    p = prompts(1, seed=2)[0]
+    expected = (await run(engine, greedy(p, "ad0", n=30))).token_ids
+    for sampling in (
+        dict(temperature=MIN_POSITIVE_SETTING, seed=1),
+        dict(temperature=1.0, top_p=MIN_POSITIVE_SETTING, seed=1),
+        dict(temperature=1.0, top_k=1, seed=1),
+    ):
+        result = await run(engine, greedy(p, "ad0", n=30, **sampling))
+        assert result.token_ids == expected, sampling
+    for sampling in (
+        dict(temperature=100.0, top_k=VOCAB, seed=3),
+        dict(repetition_penalty=MIN_REPETITION_PENALTY),
+        dict(repetition_penalty=MAX_REPETITION_PENALTY, temperature=0.5, seed=4),
+    ):
+        result = await run(engine, greedy(p, "ad0", n=30, ignore_eos=True, **sampling))
+        assert result.finish_reason == "length" and len(result.token_ids) == 30, sampling
+
+
+@pytest.fixture
+async def api(tmp_path):
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+        yield client
+    store.close()
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": 1e-50}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": 1e-300}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 1e-50}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e-50}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "top_k": 10**30}, "top_k"),
+        ("/v1/chat/completions", {**CHAT, "temperature": 1e-300}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "top_k": VOCAB + 1}, "top_k"),
+        ("/generate", {"inputs": "x", "parameters": {"temperature": 1e-50}}, "parameters.temperature"),
+        ("/generate_stream", {"inputs": "x", "parameters": {"top_p": 1e-300}}, "parameters.top_p"),
+        ("/generate", {"inputs": "x", "parameters": {"top_k": 10**30}}, "parameters.top_k"),
+    ],
+)
+async def test_api_refuses_what_the_sampler_cannot_hold_while_others_generate(api, path, body, field):
+    """A 400 naming the field, and a greedy request running beside it is unaffected."""
+    beside = asyncio.ensure_future(
+        api.post("/v1/completions", json={"prompt": "abc", "temperature": 0, "max_tokens": 120})
+    )
+    await asyncio.sleep(0.01)
+    r = await api.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["field"]) == ("invalid_request", field)
+    done = await beside
+    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("length", "stop"), done.text
+
+
+# -- finding 1: a row that breaks ends alone ----------------------------------------------
+
+
+class ExplodingStops(list):
+    """A stop list that raises when the detokenizer reads it once `armed`: a failure in
+    one request's detokenizing, injected through that request's own object."""
+
+    armed = False
+
+    def __iter__(self):
+        if self.armed:
+            raise RuntimeError("injected detokenizer failure")
+        return super().__iter__()
+
+
+def _break_top_k(sampling: SamplingParams) -> None:
+    sampling.top_k = 10**30  # past validation: the batched tensor of top-k values overflows
+
+
+def _break_temperature(sampling: SamplingParams) -> None:
+    sampling.temperature = 1e-50  # past validation: 0 in float32, the row's probabilities NaN
+
+
+def _break_detokenizer(sampling: SamplingParams) -> None:
+    sampling.stop.armed = True
+
+
+# Beside the victim: base and adapter rows, greedy and seeded-sampled, all running.
+NEIGHBOURS = [
+    (None, {}),
+    ("ad0", {}),
+    ("ad1", {}),
+    ("ad2", dict(temperature=0.8, top_k=40, seed=7)),
+    (None, dict(temperature=1.2, seed=8)),
+]
+
+
+@pytest.mark.parametrize("inject", [_break_top_k, _break_temperature, _break_detokenizer])
+async def test_a_request_that_breaks_mid_batch_fails_alone(engine, inject, caplog):
+    ps = prompts(len(NEIGHBOURS) + 1, seed=21)
+
+    def neighbour(i: int) -> GenerationRequest:
+        adapter, sampling = NEIGHBOURS[i]
+        return greedy(ps[i], adapter, n=100, ignore_eos=True, **sampling)
+
+    alone = [(await run(engine, neighbour(i))).token_ids for i in range(len(NEIGHBOURS))]
+    caplog.set_level(logging.ERROR, logger="server.engine.batcher")
+    handles = [await engine.submit(neighbour(i)) for i in range(len(NEIGHBOURS))]
+    for handle in handles:  # all of them are running
+        await anext(aiter(handle))
+    victim = await engine.submit(
+        greedy(ps[-1], "ad3", n=100, temperature=1.0, seed=5, stop=ExplodingStops(["\x00never"]))
+    )
+    await anext(aiter(victim))  # it is running too
+    inject(victim.request.sampling)
+    failed = await asyncio.wait_for(victim.result(), timeout=30)
+    assert failed.finish_reason == "error" and isinstance(failed.error, RequestFailedError)
+    assert failed.error.field == "engine" and 1 <= len(failed.token_ids) < 100
+    results = [await asyncio.wait_for(h.result(), timeout=60) for h in handles]
+    assert [r.finish_reason for r in results] == ["length"] * len(NEIGHBOURS)
+    assert [r.token_ids for r in results] == alone
+    assert "engine step failed" not in caplog.text
+    assert engine._thread.is_alive()
+    assert (await run(engine, neighbour(1))).token_ids == alone[1]  # and it serves on
+
+
+def test_the_sampler_holds_its_bounds_with_large_logits():
+    """Real models' logits reach tens: at the smallest temperature and top_p the sampler
+    still draws the top token (an unshifted logit / temperature overflows float32 to inf)."""
+    logits = torch.tensor([[30.0, 29.5, -40.0, 0.0], [-1.0, 2.0, 1.0, 0.5]])
+    for sampling in (
+        SamplingParams(temperature=MIN_POSITIVE_SETTING),
+        SamplingParams(temperature=1.0, top_p=MIN_POSITIVE_SETTING),
+        SamplingParams(temperature=MIN_POSITIVE_SETTING, repetition_penalty=MIN_REPETITION_PENALTY),
+    ):
+        generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+        tokens = sample_next_tokens(logits, [sampling, sampling], generators, [[2], [0]])
+        assert tokens.tolist() == [0, 1], sampling
