@@ -6,7 +6,9 @@ waiting request needs is never lost from the cache."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 
 import httpx
 import pytest
@@ -14,7 +16,15 @@ import torch
 
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
-from server.engine import GenerationRequest, InvalidRequestError, RequestFailedError, SamplingParams, build_engine
+from server.engine import (
+    AdapterRef,
+    GenerationRequest,
+    InvalidRequestError,
+    RequestFailedError,
+    SamplingParams,
+    build_engine,
+)
+from server.engine.adapter_manager import composed_nbytes
 from server.engine.sampling import sample_next_tokens
 from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
 from server.settings import Settings
@@ -203,3 +213,112 @@ def test_the_sampler_holds_its_bounds_with_large_logits():
         generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
         tokens = sample_next_tokens(logits, [sampling, sampling], generators, [[2], [0]])
         assert tokens.tolist() == [0, 1], sampling
+
+
+# -- finding 2: an adapter a waiting request needs is never lost ---------------------------
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def thrash_engine(tmp_path, *, adapters: int, cached: int, on_adapter_event=None, **settings):
+    """An engine whose composed-adapter cache holds `cached` of the store's `adapters`
+    (all r=8 on every linear module, so all of one size). Returns (engine, store, bytes of one)."""
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(tmp_path / "thrash.db")
+    for i in range(adapters):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=300 + i, targets=ALL_LINEAR, r=8))
+    one = composed_nbytes(store.get(TENANT, "ad0")[1].config, torch.float32)
+    settings = Settings(max_lora_rank=8, max_model_len=128, adapter_cache_bytes=cached * one, **settings)
+    return build_engine(model, byte_tokenizer(), store, settings, on_adapter_event=on_adapter_event), store, one
+
+
+async def test_adapters_evicted_while_their_requests_wait_are_still_served(tmp_path):
+    """The batch is full of base rows, so two adapter requests wait; the cache holds one of
+    their adapters, so the second load evicted the first (before: that request waited
+    'loading' forever). Now the second is composed in turn, once the first is admitted."""
+    engine, store, _ = thrash_engine(tmp_path, adapters=2, cached=1, max_batch_size=2, max_adapter_slots=2)
+    try:
+        base = [await engine.submit(greedy(p, n=80, ignore_eos=True)) for p in prompts(2, seed=31)]
+        for handle in base:
+            await anext(aiter(handle))
+        waiting = [await engine.submit(greedy(p, f"ad{i}", n=5)) for i, p in enumerate(prompts(2, seed=32))]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in [*base, *waiting])), timeout=60)
+        assert all(r.error is None and r.token_ids for r in results)
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_an_adapter_evicted_between_resolve_and_queueing_is_loaded_again(tmp_path, monkeypatch):
+    """A hook evicts the adapter right after the request's resolve, before the engine sees
+    the request: it is loaded again (before: the request waited 'loading' forever)."""
+    engine, store, _ = thrash_engine(tmp_path, adapters=2, cached=1, max_batch_size=4, max_adapter_slots=4)
+    manager = engine.adapters
+    resolve = manager.resolve
+
+    def resolve_then_evict(ref):
+        key = resolve(ref)  # cached: the request before used it
+        resolve(AdapterRef(TENANT, "ad1"))  # its load evicts `key`: the cache holds one
+        while key in manager._cache:
+            time.sleep(0.001)
+        return key
+
+    try:
+        p = prompts(1, seed=33)[0]
+        expected = (await run(engine, greedy(p, "ad0", n=10))).token_ids
+        monkeypatch.setattr(manager, "resolve", resolve_then_evict)
+        result = await asyncio.wait_for(run(engine, greedy(p, "ad0", n=10)), timeout=30)
+        assert result.error is None and result.token_ids == expected
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_adapter_cache_thrash_every_request_finishes_and_the_cache_stays_bounded(tmp_path):
+    """The review's repro, scaled to the tiny model: base rows fill most of the batch while
+    24 requests for 24 distinct all-linear adapters arrive, 3 of which fit in the cache.
+    Every request finishes, in bounded time, and the composed adapters never take more than
+    the cache's bytes plus one adapter (the one just composed)."""
+    adapters = 24
+    events = collections.Counter()
+    engine, store, one = thrash_engine(
+        tmp_path,
+        adapters=adapters,
+        cached=3,
+        max_batch_size=16,
+        max_adapter_slots=4,
+        on_adapter_event=lambda kind, value: events.update({kind: value}),
+    )
+    manager = engine.adapters
+    peak = 0
+    insert = manager._insert
+
+    def watch(key, item):
+        nonlocal peak
+        insert(key, item)
+        peak = max(peak, manager.cached_bytes)
+
+    manager._insert = watch
+    try:
+        base = [await engine.submit(greedy(p, n=60, ignore_eos=True)) for p in prompts(12, seed=34)]
+        for handle in base:
+            await anext(aiter(handle))
+        start = time.monotonic()
+
+        async def timed(i, p):
+            result = await run(engine, greedy(p, f"ad{i}", n=8, ignore_eos=True))
+            return result, time.monotonic() - start
+
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(timed(i, p) for i, p in enumerate(prompts(adapters, seed=35)))), timeout=60
+        )
+        assert all(r.error is None and len(r.token_ids) == 8 for r, _ in outcomes)
+        assert all(r.finish_reason == "length" for r in await asyncio.gather(*(h.result() for h in base)))
+        latency = max(t for _, t in outcomes)
+        print(f"thrash: {adapters} adapter requests, all finished; max latency {latency:.2f} s; {dict(events)}")
+        assert events["eviction"] >= adapters - 3  # the cache did thrash
+        assert peak <= 3 * one + one
+        assert not manager._wanted and not manager._fetched  # nothing left waiting
+    finally:
+        engine.shutdown()
+        store.close()

@@ -255,6 +255,8 @@ class Engine:
             while True:
                 if seq is not None:
                     self._waiting.append(seq)
+                    if seq.adapter_key is not None:
+                        self.adapters.want(seq.adapter_key)
                 seq = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -283,6 +285,7 @@ class Engine:
                 if slot is None:
                     continue
                 seq.slot = slot
+                self.adapters.unwant(seq.adapter_key)
             self._waiting.remove(seq)
             with self._pending_lock:
                 self._pending -= 1
@@ -409,6 +412,8 @@ class Engine:
             self._waiting.remove(seq)
             with self._pending_lock:
                 self._pending -= 1
+            if seq.adapter_key is not None:
+                self.adapters.unwant(seq.adapter_key)
         elif seq in self._running:
             self._release_row(seq)
         elif seq is self._chunked:  # its row is outside the dense range: nothing to compact
