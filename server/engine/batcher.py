@@ -457,6 +457,7 @@ class Engine:
 def _row_error(seq: _Sequence, exc: Exception) -> EngineError:
     """The error that ends `seq` alone. An unexpected exception is logged here, once."""
     if isinstance(exc, EngineError):
+        log.warning("request %s failed: %s", seq.request.request_id, exc)
         return exc
     log.error("request %s failed; the rest of its batch goes on", seq.request.request_id, exc_info=exc)
     return RequestFailedError("engine", "internal error while generating this request")
