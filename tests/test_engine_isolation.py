@@ -25,7 +25,7 @@ from server.engine import (
     build_engine,
 )
 from server.engine.adapter_manager import composed_nbytes
-from server.engine.sampling import sample_next_tokens
+from server.engine.sampling import NO_TOKEN, sample_next_tokens
 from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
 from server.settings import Settings
 from tests.conftest import byte_tokenizer, tiny_llama
@@ -322,3 +322,15 @@ async def test_adapter_cache_thrash_every_request_finishes_and_the_cache_stays_b
     finally:
         engine.shutdown()
         store.close()
+
+
+def test_the_sampler_gives_no_token_to_a_row_without_a_distribution_only():
+    """A row whose logits hold a NaN (greedy or sampled) gets NO_TOKEN, the others their
+    usual token, and the broken row's generator does not advance."""
+    logits = torch.tensor([[0.0, 4.0, 1.0, 2.0]] * 4)
+    logits[1, 2] = logits[3, 0] = float("nan")
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1e-3), SamplingParams(temperature=1.0)]
+    generators = [None, None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    tokens = sample_next_tokens(logits, params, generators, [[]] * 4)
+    assert tokens.tolist() == [1, NO_TOKEN, 1, NO_TOKEN]
+    assert torch.equal(generators[3].get_state(), torch.Generator().manual_seed(1).get_state())
