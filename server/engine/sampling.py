@@ -47,7 +47,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # Keep a token while the mass before it is below top_p (so the top token always stays).
     drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
-    drop[:, 0] = False  # whatever float rounding did above
+    drop[:, 0] = False  # even when float32 rounding makes the comparison above drop it
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 

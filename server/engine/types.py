@@ -15,8 +15,8 @@ MAX_TOP_LOGPROBS = 20
 
 # Bounds of the sampling settings, from what the float32 sampler (`sampling.py`) can
 # represent. A positive setting below the smallest normal float32 (about 1.2e-38) becomes 0
-# there (1e-50) or a denormal: the sampler divides by `temperature` and compares against
-# `top_p`, so such a value would turn a row's distribution into NaN.
+# there (1e-50) or a denormal with few bits left: a temperature of 0 would divide the row's
+# logits by zero (NaN), a top_p of 0 would keep nothing. Refused, so what runs is what was asked.
 MIN_POSITIVE_SETTING = torch.finfo(torch.float32).tiny
 MAX_TEMPERATURE = 100.0
 # A penalty p divides a seen token's positive logit by p and multiplies a negative one by
