@@ -334,3 +334,19 @@ def test_the_sampler_gives_no_token_to_a_row_without_a_distribution_only():
     tokens = sample_next_tokens(logits, params, generators, [[]] * 4)
     assert tokens.tolist() == [1, NO_TOKEN, 1, NO_TOKEN]
     assert torch.equal(generators[3].get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+async def test_adapters_larger_than_the_whole_cache_are_served_in_turns(tmp_path):
+    """A cache smaller than one adapter: each waiting request's adapter is composed alone,
+    in turn, and every request finishes."""
+    engine, store, one = thrash_engine(tmp_path, adapters=4, cached=0, max_batch_size=4, max_adapter_slots=4)
+    try:
+        ps = prompts(4, seed=36)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(run(engine, greedy(p, f"ad{i}", n=6, ignore_eos=True)) for i, p in enumerate(ps))), 30
+        )
+        assert all(r.error is None and len(r.token_ids) == 6 for r in results)
+        assert engine.adapters.cached_bytes <= one
+    finally:
+        engine.shutdown()
+        store.close()
