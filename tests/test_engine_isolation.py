@@ -275,18 +275,18 @@ async def test_an_adapter_evicted_between_resolve_and_queueing_is_loaded_again(t
 
 
 async def test_adapter_cache_thrash_every_request_finishes_and_the_cache_stays_bounded(tmp_path):
-    """The review's repro, scaled to the tiny model: base rows fill most of the batch while
-    24 requests for 24 distinct all-linear adapters arrive, 3 of which fit in the cache.
+    """The review's repro at its counts, on the tiny model (r=8): 32 base rows run while
+    31 requests for 31 distinct all-linear adapters arrive, 3 of which fit in the cache.
     Every request finishes, in bounded time, and the composed adapters never take more than
     the cache's bytes plus one adapter (the one just composed)."""
-    adapters = 24
+    adapters = 31
     events = collections.Counter()
     engine, store, one = thrash_engine(
         tmp_path,
         adapters=adapters,
         cached=3,
-        max_batch_size=16,
-        max_adapter_slots=4,
+        max_batch_size=40,
+        max_adapter_slots=8,
         on_adapter_event=lambda kind, value: events.update({kind: value}),
     )
     manager = engine.adapters
@@ -300,7 +300,7 @@ async def test_adapter_cache_thrash_every_request_finishes_and_the_cache_stays_b
 
     manager._insert = watch
     try:
-        base = [await engine.submit(greedy(p, n=60, ignore_eos=True)) for p in prompts(12, seed=34)]
+        base = [await engine.submit(greedy(p, n=80, ignore_eos=True)) for p in prompts(32, seed=34)]
         for handle in base:
             await anext(aiter(handle))
         start = time.monotonic()
