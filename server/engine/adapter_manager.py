@@ -2,8 +2,14 @@
 adapters bounded in bytes (with pinning), and the slots of the batched layers.
 
 Threads: `resolve` runs in the caller's worker thread (it does store I/O); loading runs on
-one loader thread, so a cold adapter never stalls the decode loop; slots are touched only
-by the engine thread (they feed the forward).
+one loader thread, so a cold adapter never stalls the decode loop; slots, `want` and
+`unwant` are called only by the engine thread (they follow its waiting requests).
+
+An adapter a waiting request needs is never lost: the engine `want`s it while the request
+waits, and a wanted adapter is not evicted; one that is gone anyway (evicted between the
+request's resolve and its `want`) is loaded again. Wanted adapters are composed in turns,
+so they never hold more than the cache's bytes (or one adapter larger than that): the
+loader keeps the rest fetched, not composed, until admitted requests `unwant` theirs.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,7 +72,10 @@ class AdapterManager:
         # loaded instead. One entry per such race, so it stays small.
         self._newer: dict[AdapterKey, AdapterKey] = {}
         self._pinned: set[tuple[str, str]] = set()
-        self._queue: queue.Queue[AdapterKey] = queue.Queue()
+        self._wanted: Counter[AdapterKey] = Counter()  # key -> waiting requests that need it
+        # Fetched from the store, waiting for room in the cache to be composed (loader thread).
+        self._fetched: dict[AdapterKey, VBLoRAAdapter] = {}
+        self._queue: queue.Queue[AdapterKey | None] = queue.Queue()  # None: room may have freed
         # Engine-thread state: slot -> (key, users)
         self._slot_key: list[AdapterKey | None] = [None] * self.num_slots
         self._slot_users = [0] * self.num_slots
@@ -142,19 +151,25 @@ class AdapterManager:
             self._pinned.discard((ref.tenant, ref.name))
 
     def state(self, key: AdapterKey) -> str | AdapterUnavailableError:
-        """'ready', 'loading', or the error that ended the load."""
+        """'ready', 'loading' (again, if it had been evicted), or the error that ended the load."""
         with self._lock:
             if key in self._cache:
                 return "ready"
-            return self._failed.get(key, "loading")
+            if key in self._failed:
+                return self._failed[key]
+            self._request_load(key)
+            return "loading"
 
     def current(self, key: AdapterKey) -> AdapterKey:
         """The version served to a request that resolved `key`: `key` itself, or the newer
-        version that was published while `key` was loading (see `_load`)."""
+        version that was published while `key` was loading (see `_fetch`)."""
         with self._lock:
-            while key in self._newer:
-                key = self._newer[key]
-            return key
+            return self._current(key)
+
+    def _current(self, key: AdapterKey) -> AdapterKey:
+        while key in self._newer:
+            key = self._newer[key]
+        return key
 
     @property
     def cached_bytes(self) -> int:
@@ -170,10 +185,11 @@ class AdapterManager:
                     keys.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._load(keys)
+            self._fetch([key for key in keys if key is not None])
+            self._compose_what_fits()
 
-    def _load(self, keys: list[AdapterKey]) -> None:
-        fetched: dict[AdapterKey, VBLoRAAdapter] = {}
+    def _fetch(self, keys: list[AdapterKey]) -> None:
+        """Read `keys` from the store into `_fetched` (or fail them)."""
         for key in keys:
             try:
                 record, adapter = self.store.get(key[0], key[1])
@@ -189,25 +205,46 @@ class AdapterManager:
             if latest != key:
                 # Republished since the request resolved `key`: the store keeps only the
                 # newest version, and that is the one the request is served (only a deleted
-                # adapter fails it, above).
+                # adapter fails it, above); the requests waiting for `key` now want `latest`.
                 with self._lock:
                     self._loading.discard(key)
                     self._newer[key] = latest
+                    if key in self._wanted:
+                        self._wanted[latest] += self._wanted.pop(key)
                     if latest in self._cache:
                         continue
                     self._loading.add(latest)
-            fetched[latest] = adapter
+            self._fetched[latest] = adapter
+
+    def _compose_what_fits(self) -> None:
+        """Compose fetched adapters, wanted ones first and in turns: while the wanted ones
+        cached and these fit in the cache's bytes, and always one when no wanted adapter is
+        cached (so one larger than the cache is still served). The rest stay fetched until
+        an `unwant` makes room; one nobody waits for yet is dropped (a resolve's early
+        start), and loaded again by the `want` of its request."""
+        with self._lock:
+            used = sum(self._cache[k].nbytes for k in self._wanted if k in self._cache)
+            chosen: list[tuple[AdapterKey, VBLoRAAdapter]] = []
+            for key in sorted(self._fetched, key=lambda k: k not in self._wanted):
+                adapter = self._fetched[key]
+                nbytes = composed_nbytes(adapter.config, self.dtype)
+                if used and used + nbytes > self.cache_bytes:
+                    break
+                chosen.append((key, self._fetched.pop(key)))
+                used += nbytes
+            for key in [k for k in self._fetched if k not in self._wanted]:
+                del self._fetched[key]
+                self._loading.discard(key)
         groups: dict[tuple, list[tuple[AdapterKey, VBLoRAAdapter]]] = {}
-        for key, adapter in fetched.items():
+        for key, adapter in chosen:
             groups.setdefault(adapter.config.composition_key, []).append((key, adapter))
         for group in groups.values():
             start = time.perf_counter()
             mats = compose_adapters([a for _, a in group], device=self.device, dtype=self.dtype)
             self.on_event("compose_seconds", time.perf_counter() - start)
-            for i, (key, _) in enumerate(group):
+            for i, (key, adapter) in enumerate(group):
                 own = {name: (a[i].clone(), b[i].clone()) for name, (a, b) in mats.items()}
-                nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in own.values())
-                self._insert(key, _Composed(own, nbytes))
+                self._insert(key, _Composed(own, composed_nbytes(adapter.config, self.dtype)))
 
     def _insert(self, key: AdapterKey, item: _Composed) -> None:
         with self._lock:
@@ -216,11 +253,11 @@ class AdapterManager:
                 return
             self._cache[key] = item
             self._cached_bytes += item.nbytes
-            # Evict least recently used, skipping pinned adapters and the one just loaded.
+            # Evict least recently used, skipping pinned and wanted adapters and the one just loaded.
             for old in list(self._cache):
                 if self._cached_bytes <= self.cache_bytes:
                     break
-                if old == key or old[:2] in self._pinned:
+                if old == key or old[:2] in self._pinned or old in self._wanted:
                     continue
                 self._cached_bytes -= self._cache.pop(old).nbytes
                 self.on_event("eviction", 1)
@@ -232,6 +269,24 @@ class AdapterManager:
 
     # -- engine thread ---------------------------------------------------------------
 
+    def want(self, key: AdapterKey) -> None:
+        """A request waiting for `key` joined the queue: keep `key` cached until `unwant`,
+        and load it again if it was evicted since the request's resolve."""
+        with self._lock:
+            key = self._current(key)
+            self._wanted[key] += 1
+            if key not in self._cache and key not in self._failed:
+                self._request_load(key)
+
+    def unwant(self, key: AdapterKey) -> None:
+        """The request that wanted `key` left the queue (admitted with a slot, or finished)."""
+        with self._lock:
+            key = self._current(key)
+            self._wanted[key] -= 1
+            if self._wanted[key] <= 0:
+                del self._wanted[key]
+        self._queue.put(None)  # the loader may now have room for a fetched adapter
+
     def acquire_slot(self, key: AdapterKey) -> int | None:
         """A slot holding `key`'s matrices, written now if needed; None if every slot is in use."""
         if key in self._slot_key:
@@ -242,9 +297,8 @@ class AdapterManager:
                 return None
             with self._lock:
                 item = self._cache.get(key)
-                if item is None:  # evicted between ready and admission: load it again
-                    self._request_load(key)
-                    return None
+            if item is None:  # not cached: `state` loads it again on the next admission
+                return None
             slot = min(free, key=lambda s: self._slot_last_used[s])
             write_adapter_slot(self.layers, slot, item.matrices)
             self._slot_key[slot] = key
@@ -254,6 +308,11 @@ class AdapterManager:
 
     def release_slot(self, slot: int) -> None:
         self._slot_users[slot] -= 1
+
+
+def composed_nbytes(config: AdapterConfig, dtype: torch.dtype) -> int:
+    """Bytes of an adapter's composed matrices: A (r, in) and B (out, r) per module."""
+    return sum(config.r * (m.in_features + m.out_features) for m in config.modules) * dtype.itemsize
 
 
 def _kind(exc: AdapterError) -> str:

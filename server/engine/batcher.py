@@ -30,13 +30,14 @@ from transformers import PreTrainedTokenizerBase
 from .adapter_manager import AdapterKey, AdapterManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
-from .sampling import sample_next_tokens, token_logprobs
+from .sampling import NO_TOKEN, sample_next_tokens, token_logprobs
 from .types import (
     EngineError,
     FinalResult,
     GenerationRequest,
     InvalidRequestError,
     OverloadedError,
+    RequestFailedError,
     TokenEvent,
     Usage,
 )
@@ -77,6 +78,16 @@ class RequestHandle:
             if isinstance(event, FinalResult):
                 return event
         raise AssertionError("unreachable: the stream always ends with a FinalResult")
+
+
+@dataclass
+class _Sampled:
+    """One row's draw: the token (NO_TOKEN if the row had no valid distribution) and, when
+    its request asked, the logprobs."""
+
+    token: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
 
 
 @dataclass
@@ -244,6 +255,8 @@ class Engine:
             while True:
                 if seq is not None:
                     self._waiting.append(seq)
+                    if seq.adapter_key is not None:
+                        self.adapters.want(seq.adapter_key)
                 seq = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -272,6 +285,7 @@ class Engine:
                 if slot is None:
                     continue
                 seq.slot = slot
+                self.adapters.unwant(seq.adapter_key)
             self._waiting.remove(seq)
             with self._pending_lock:
                 self._pending -= 1
@@ -322,37 +336,84 @@ class Engine:
         return torch.tensor([s.slot for s in seqs], dtype=torch.long)
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample, stream and maybe finish each sequence's next token. Whatever goes wrong
+        with one sequence here (its sampling, its detokenizing) ends that sequence alone."""
+        sampled = self._sample(seqs, logits)
+        now = time.monotonic()
+        for seq, row in zip(seqs, sampled, strict=True):
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                reason = self._take_token(seq, row, now)
+            except Exception as exc:
+                self._finish(seq, "error", _row_error(seq, exc))
+                continue
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[_Sampled | Exception]:
+        """Each row's token and logprobs: batched, or row by row when the batch raised, so
+        that only the row that broke it fails. Redoing a row is safe for seeded requests:
+        the draws come after all batched work and do not raise (`sample_next_tokens`), so
+        no generator has advanced when the batch raises."""
+        try:
+            return self._sample_rows(seqs, logits)
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        rows: list[_Sampled | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                rows += self._sample_rows([seq], logits[i : i + 1])
+            except Exception as exc:
+                rows.append(exc)
+        return rows
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[_Sampled]:
         params = [s.request.sampling for s in seqs]
         history = [
-            s.request.prompt_ids + s.output if s.request.sampling.repetition_penalty != 1.0 else [] for s in seqs
+            s.request.prompt_ids + s.output if p.repetition_penalty != 1.0 else []
+            for s, p in zip(seqs, params, strict=True)
         ]
         tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], history)
-        want_logprobs = any(p.logprobs for p in params)
-        top_n = max(p.top_logprobs for p in params)
-        chosen, tops = token_logprobs(logits, tokens, top_n) if want_logprobs else (None, None)
-        now = time.monotonic()
-        for i, seq in enumerate(seqs):
-            token = int(tokens[i])
-            p = params[i]
-            seq.output.append(token)
-            seq.first_token_at = seq.first_token_at or now
-            is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
-            text = "" if is_eos else seq.detok.add(token)
-            event = TokenEvent(len(seq.output) - 1, token, text)
-            if p.logprobs:
-                event.logprob = chosen[i]
-                event.top_logprobs = {k: v for k, v in list(tops[i].items())[: p.top_logprobs]} if tops else None
-            seq.handle._push(event)
-            if is_eos or seq.detok.stopped:
-                self._finish(seq, "stop")
-            elif len(seq.output) >= p.max_new_tokens or seq.length + 1 >= self.runner.max_len:
-                self._finish(seq, "length")
+        chosen: list[float | None] = [None] * len(seqs)
+        tops: list[dict[int, float] | None] = [None] * len(seqs)
+        if any(p.logprobs for p in params):
+            # A row without a token (NO_TOKEN) fails in `_take_token`; 0 just keeps the gather valid.
+            logprobs, top = token_logprobs(logits, tokens.clamp(min=0), max(p.top_logprobs for p in params))
+            chosen = list(logprobs)
+            tops = list(top) if top else tops
+        return [_Sampled(*row) for row in zip(tokens.tolist(), chosen, tops, strict=True)]
+
+    def _take_token(self, seq: _Sequence, sampled: _Sampled, now: float) -> str | None:
+        """Append and stream `seq`'s new token; the finish reason if it ends here."""
+        if sampled.token == NO_TOKEN:
+            raise RequestFailedError("engine", "the next-token distribution was not finite")
+        p = seq.request.sampling
+        token = sampled.token
+        seq.output.append(token)
+        seq.first_token_at = seq.first_token_at or now
+        is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        text = "" if is_eos else seq.detok.add(token)
+        event = TokenEvent(len(seq.output) - 1, token, text)
+        if p.logprobs:
+            event.logprob = sampled.logprob
+            event.top_logprobs = (
+                dict(list(sampled.top_logprobs.items())[: p.top_logprobs]) if sampled.top_logprobs else None
+            )
+        seq.handle._push(event)
+        if is_eos or seq.detok.stopped:
+            return "stop"
+        if len(seq.output) >= p.max_new_tokens or seq.length + 1 >= self.runner.max_len:
+            return "length"
+        return None
 
     def _finish(self, seq: _Sequence, reason: str, error: EngineError | None = None) -> None:
         if seq in self._waiting:
             self._waiting.remove(seq)
             with self._pending_lock:
                 self._pending -= 1
+            if seq.adapter_key is not None:
+                self.adapters.unwant(seq.adapter_key)
         elif seq in self._running:
             self._release_row(seq)
         elif seq is self._chunked:  # its row is outside the dense range: nothing to compact
@@ -360,7 +421,8 @@ class Engine:
         if seq.slot >= 0:
             self.adapters.release_slot(seq.slot)
             seq.slot = -1
-        tail = seq.detok.flush() if reason != "stop" or not seq.detok.stopped else ""
+        # A stop string is never streamed, and a failed request's held-back text is not final.
+        tail = seq.detok.flush() if reason != "error" and not (reason == "stop" and seq.detok.stopped) else ""
         if tail:
             seq.handle._push(TokenEvent(len(seq.output), -1, tail))
         req = seq.request
@@ -390,6 +452,15 @@ class Engine:
         if seq.row != row:
             self.runner.cache.move_row(seq.row, row, seq.length)
             seq.row = row
+
+
+def _row_error(seq: _Sequence, exc: Exception) -> EngineError:
+    """The error that ends `seq` alone. An unexpected exception is logged here, once."""
+    if isinstance(exc, EngineError):
+        log.warning("request %s failed: %s", seq.request.request_id, exc)
+        return exc
+    log.error("request %s failed; the rest of its batch goes on", seq.request.request_id, exc_info=exc)
+    return RequestFailedError("engine", "internal error while generating this request")
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:

@@ -3,6 +3,10 @@
 Everything but the final draw is vectorized over rows; the draw loops over rows because
 each seeded request owns a `torch.Generator` (same seed + request -> same tokens,
 whatever else shares the batch).
+
+A row whose distribution is not finite (NaN logits, or settings the float32 math cannot
+hold; `SamplingParams.validate` refuses those) gets NO_TOKEN instead of failing the batch:
+the engine ends that request alone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from .types import SamplingParams
+
+NO_TOKEN = -1  # this row has no valid distribution to draw from
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -41,6 +47,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # Keep a token while the mass before it is below top_p (so the top token always stays).
     drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+    drop[:, 0] = False  # even when float32 rounding makes the comparison above drop it
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
@@ -51,10 +58,16 @@ def sample_next_tokens(
     generators: list[torch.Generator | None],
     history: list[list[int]],
 ) -> torch.Tensor:
-    """Next token of every row. logits: (N, V) float32 -> (N,) long on CPU."""
+    """Next token of every row, NO_TOKEN for a row with no valid distribution.
+    logits: (N, V) float32 -> (N,) long on CPU."""
     logits = apply_repetition_penalty(logits.float(), history, [p.repetition_penalty for p in params])
     greedy = torch.tensor([p.temperature == 0 for p in params])
-    next_tokens = logits.argmax(-1).cpu()
+    best = logits.argmax(-1, keepdim=True)
+    # argmax picks a NaN when a row has one: checking the N picked logits finds NaN rows
+    # in 4 us, where another pass over (N, V) takes as long as the argmax (1.4 vs 1.9 ms,
+    # 32 x 49152 on 2 cores).
+    next_tokens = best.flatten().cpu()
+    next_tokens[logits.gather(-1, best).flatten().isnan().cpu()] = NO_TOKEN
     if greedy.all():
         return next_tokens
     # Only the sampled rows are filtered and copied to the CPU, where each request's own
@@ -64,10 +77,20 @@ def sample_next_tokens(
     temperature = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(-1)
     top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
     top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
-    sampled = logits[torch.tensor(rows, device=dev)] / temperature
+    sampled = logits[torch.tensor(rows, device=dev)]
+    # Shifted so each row's top logit is 0 before dividing: the others become <= 0 (or
+    # -inf, which softmax maps to 0) for any temperature, so a small one cannot overflow.
+    sampled = (sampled - sampled.max(-1, keepdim=True).values) / temperature
     probs = filter_top_k_top_p(sampled, top_k, top_p).softmax(-1).cpu()
+    # Softmax gives values in [0, 1] or NaN, so a row sums to > 0 exactly when it is a
+    # distribution (NaN > 0 is false): a sum (0.16 ms at 32 x 49152) instead of
+    # isfinite().all() (3.3 ms).
+    drawable = (probs.sum(-1) > 0).tolist()
     for j, i in enumerate(rows):
-        next_tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+        if drawable[j]:
+            next_tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+        else:  # its generator does not advance: a row that fails draws nothing
+            next_tokens[i] = NO_TOKEN
     return next_tokens
 
 

@@ -7,9 +7,23 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_TOP_LOGPROBS = 20
+
+# Bounds of the sampling settings, from what the float32 sampler (`sampling.py`) can
+# represent. A positive setting below the smallest normal float32 (about 1.2e-38) becomes 0
+# there (1e-50) or a denormal with few bits left: a temperature of 0 would divide the row's
+# logits by zero (NaN), a top_p of 0 would keep nothing. Refused, so what runs is what was asked.
+MIN_POSITIVE_SETTING = torch.finfo(torch.float32).tiny
+MAX_TEMPERATURE = 100.0
+# A penalty p divides a seen token's positive logit by p and multiplies a negative one by
+# p; bounded on both sides by the same factor, a finite logit grows at most tenfold, so it
+# stays finite unless it was already within a tenth of float32's largest value.
+MAX_REPETITION_PENALTY = 10.0
+MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
 
 
 class EngineError(Exception):
@@ -31,6 +45,12 @@ class OverloadedError(EngineError):
     """The waiting queue is full; retry later."""
 
     kind = "overloaded"
+
+
+class RequestFailedError(EngineError):
+    """Generating this one request failed after it was admitted (its sampling or its
+    detokenizing raised, or its distribution was not finite); the other requests of its batch
+    went on. Its input passed `validate`, so this is the server's fault: a 500 (`engine`)."""
 
 
 class AdapterUnavailableError(EngineError):
@@ -78,14 +98,19 @@ class SamplingParams:
             raise bad("max_new_tokens", "must be an integer")
         if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
             raise bad("max_new_tokens", f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
-        if not 0 <= number("temperature", self.temperature) <= 100:
-            raise bad("temperature", "must be in [0, 100]")
-        if not 0 < number("top_p", self.top_p) <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be a non-negative integer")
-        if not 0 < number("repetition_penalty", self.repetition_penalty) <= 10:
-            raise bad("repetition_penalty", "must be in (0, 10]")
+        temperature = number("temperature", self.temperature)
+        if temperature != 0 and not MIN_POSITIVE_SETTING <= temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be 0 (greedy) or in [{MIN_POSITIVE_SETTING:.3g}, {MAX_TEMPERATURE:g}]")
+        if not MIN_POSITIVE_SETTING <= number("top_p", self.top_p) <= 1:
+            raise bad("top_p", f"must be in [{MIN_POSITIVE_SETTING:.3g}, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= vocab_size:
+            raise bad("top_k", f"must be an integer in [0, {vocab_size}] (0 = off; the vocabulary has {vocab_size})")
+        if (
+            not MIN_REPETITION_PENALTY
+            <= number("repetition_penalty", self.repetition_penalty)
+            <= MAX_REPETITION_PENALTY
+        ):
+            raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", "must be an integer")
         if self.seed is not None and not 0 <= self.seed < 2**63:

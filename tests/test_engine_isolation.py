@@ -1,0 +1,352 @@
+"""No request can hurt another in the engine (issue #12, findings 1 and 2): sampling values
+the float32 sampler cannot hold are refused at submit, a request that breaks while it is
+sampled or detokenized ends alone while the rest of its batch goes on, and an adapter a
+waiting request needs is never lost from the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+import httpx
+import pytest
+import torch
+
+from adapter_store.store import SQLiteAdapterStore
+from server.app import create_app
+from server.engine import (
+    AdapterRef,
+    GenerationRequest,
+    InvalidRequestError,
+    RequestFailedError,
+    SamplingParams,
+    build_engine,
+)
+from server.engine.adapter_manager import composed_nbytes
+from server.engine.sampling import NO_TOKEN, sample_next_tokens
+from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
+from server.settings import Settings
+from tests.conftest import byte_tokenizer, tiny_llama
+from tests.test_api import api_settings, chat_tokenizer
+from tests.test_engine import TENANT, greedy, prompts, random_adapter, run
+
+VOCAB = 256  # tiny_llama's
+
+
+@pytest.fixture
+def engine(tmp_path):
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(tmp_path / "a.db")
+    for i in range(4):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=100 + i))
+    settings = Settings(max_batch_size=8, max_queue=32, max_adapter_slots=8, max_lora_rank=8, max_model_len=128)
+    engine = build_engine(model, byte_tokenizer(), store, settings)
+    yield engine
+    engine.shutdown()
+    store.close()
+
+
+# -- finding 1: bounds ---------------------------------------------------------------------
+
+TOO_SMALL = [1e-300, 1e-50, MIN_POSITIVE_SETTING / 2]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        *[(dict(temperature=t), "temperature") for t in TOO_SMALL],
+        *[(dict(temperature=1.0, top_p=p), "top_p") for p in TOO_SMALL],
+        *[(dict(repetition_penalty=p), "repetition_penalty") for p in [*TOO_SMALL, MIN_REPETITION_PENALTY / 2]],
+        (dict(repetition_penalty=MAX_REPETITION_PENALTY * 1.01), "repetition_penalty"),
+        (dict(temperature=1.0, top_k=10**30), "top_k"),
+        (dict(temperature=1.0, top_k=VOCAB + 1), "top_k"),
+    ],
+)
+async def test_sampling_values_the_sampler_cannot_hold_are_refused(engine, sampling, field):
+    running = asyncio.ensure_future(run(engine, greedy(prompts(1)[0], "ad1", n=60)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(InvalidRequestError) as info:
+        await engine.submit(GenerationRequest([1, 2, 3], SamplingParams(**sampling)))
+    assert info.value.field == field
+    result = await running
+    assert result.finish_reason == "length" and len(result.token_ids) == 60
+
+
+async def test_sampling_values_at_the_bounds_work(engine):
+    """The smallest temperature and top_p the bounds allow leave one candidate: greedy."""
+    p = prompts(1, seed=2)[0]
+    expected = (await run(engine, greedy(p, "ad0", n=30))).token_ids
+    for sampling in (
+        dict(temperature=MIN_POSITIVE_SETTING, seed=1),
+        dict(temperature=1.0, top_p=MIN_POSITIVE_SETTING, seed=1),
+        dict(temperature=1.0, top_k=1, seed=1),
+    ):
+        result = await run(engine, greedy(p, "ad0", n=30, **sampling))
+        assert result.token_ids == expected, sampling
+    for sampling in (
+        dict(temperature=100.0, top_k=VOCAB, seed=3),
+        dict(repetition_penalty=MIN_REPETITION_PENALTY),
+        dict(repetition_penalty=MAX_REPETITION_PENALTY, temperature=0.5, seed=4),
+    ):
+        result = await run(engine, greedy(p, "ad0", n=30, ignore_eos=True, **sampling))
+        assert result.finish_reason == "length" and len(result.token_ids) == 30, sampling
+
+
+@pytest.fixture
+async def api(tmp_path):
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+        yield client
+    store.close()
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": 1e-50}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "temperature": 1e-300}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 1e-50}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e-50}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "top_k": 10**30}, "top_k"),
+        ("/v1/chat/completions", {**CHAT, "temperature": 1e-300}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "top_k": VOCAB + 1}, "top_k"),
+        ("/generate", {"inputs": "x", "parameters": {"temperature": 1e-50}}, "parameters.temperature"),
+        ("/generate_stream", {"inputs": "x", "parameters": {"top_p": 1e-300}}, "parameters.top_p"),
+        ("/generate", {"inputs": "x", "parameters": {"top_k": 10**30}}, "parameters.top_k"),
+    ],
+)
+async def test_api_refuses_what_the_sampler_cannot_hold_while_others_generate(api, path, body, field):
+    """A 400 naming the field, and a greedy request running beside it is unaffected."""
+    beside = asyncio.ensure_future(
+        api.post("/v1/completions", json={"prompt": "abc", "temperature": 0, "max_tokens": 120})
+    )
+    await asyncio.sleep(0.01)
+    r = await api.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["field"]) == ("invalid_request", field)
+    done = await beside
+    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("length", "stop"), done.text
+
+
+# -- finding 1: a row that breaks ends alone ----------------------------------------------
+
+
+class ExplodingStops(list):
+    """A stop list that raises when the detokenizer reads it once `armed`: a failure in
+    one request's detokenizing, injected through that request's own object."""
+
+    armed = False
+
+    def __iter__(self):
+        if self.armed:
+            raise RuntimeError("injected detokenizer failure")
+        return super().__iter__()
+
+
+def _break_top_k(sampling: SamplingParams) -> None:
+    sampling.top_k = 10**30  # past validation: the batched tensor of top-k values overflows
+
+
+def _break_temperature(sampling: SamplingParams) -> None:
+    sampling.temperature = 1e-50  # past validation: 0 in float32, the row's probabilities NaN
+
+
+def _break_detokenizer(sampling: SamplingParams) -> None:
+    sampling.stop.armed = True
+
+
+# Beside the victim: base and adapter rows, greedy and seeded-sampled, all running.
+NEIGHBOURS = [
+    (None, {}),
+    ("ad0", {}),
+    ("ad1", {}),
+    ("ad2", dict(temperature=0.8, top_k=40, seed=7)),
+    (None, dict(temperature=1.2, seed=8)),
+]
+
+
+@pytest.mark.parametrize("inject", [_break_top_k, _break_temperature, _break_detokenizer])
+async def test_a_request_that_breaks_mid_batch_fails_alone(engine, inject, caplog):
+    ps = prompts(len(NEIGHBOURS) + 1, seed=21)
+
+    def neighbour(i: int) -> GenerationRequest:
+        adapter, sampling = NEIGHBOURS[i]
+        return greedy(ps[i], adapter, n=100, ignore_eos=True, **sampling)
+
+    alone = [(await run(engine, neighbour(i))).token_ids for i in range(len(NEIGHBOURS))]
+    caplog.set_level(logging.ERROR, logger="server.engine.batcher")
+    handles = [await engine.submit(neighbour(i)) for i in range(len(NEIGHBOURS))]
+    for handle in handles:  # all of them are running
+        await anext(aiter(handle))
+    victim = await engine.submit(
+        greedy(ps[-1], "ad3", n=100, temperature=1.0, seed=5, stop=ExplodingStops(["\x00never"]))
+    )
+    await anext(aiter(victim))  # it is running too
+    inject(victim.request.sampling)
+    failed = await asyncio.wait_for(victim.result(), timeout=30)
+    assert failed.finish_reason == "error" and isinstance(failed.error, RequestFailedError)
+    assert failed.error.field == "engine" and 1 <= len(failed.token_ids) < 100
+    results = [await asyncio.wait_for(h.result(), timeout=60) for h in handles]
+    assert [r.finish_reason for r in results] == ["length"] * len(NEIGHBOURS)
+    assert [r.token_ids for r in results] == alone
+    assert "engine step failed" not in caplog.text
+    assert engine._thread.is_alive()
+    assert (await run(engine, neighbour(1))).token_ids == alone[1]  # and it serves on
+
+
+def test_the_sampler_holds_its_bounds_with_large_logits():
+    """Real models' logits reach tens: at the smallest temperature and top_p the sampler
+    still draws the top token (an unshifted logit / temperature overflows float32 to inf)."""
+    logits = torch.tensor([[30.0, 29.5, -40.0, 0.0], [-1.0, 2.0, 1.0, 0.5]])
+    for sampling in (
+        SamplingParams(temperature=MIN_POSITIVE_SETTING),
+        SamplingParams(temperature=1.0, top_p=MIN_POSITIVE_SETTING),
+        SamplingParams(temperature=MIN_POSITIVE_SETTING, repetition_penalty=MIN_REPETITION_PENALTY),
+    ):
+        generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+        tokens = sample_next_tokens(logits, [sampling, sampling], generators, [[2], [0]])
+        assert tokens.tolist() == [0, 1], sampling
+
+
+# -- finding 2: an adapter a waiting request needs is never lost ---------------------------
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def thrash_engine(tmp_path, *, adapters: int, cached: int, on_adapter_event=None, **settings):
+    """An engine whose composed-adapter cache holds `cached` of the store's `adapters`
+    (all r=8 on every linear module, so all of one size). Returns (engine, store, bytes of one)."""
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(tmp_path / "thrash.db")
+    for i in range(adapters):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=300 + i, targets=ALL_LINEAR, r=8))
+    one = composed_nbytes(store.get(TENANT, "ad0")[1].config, torch.float32)
+    settings = Settings(max_lora_rank=8, max_model_len=128, adapter_cache_bytes=cached * one, **settings)
+    return build_engine(model, byte_tokenizer(), store, settings, on_adapter_event=on_adapter_event), store, one
+
+
+async def test_adapters_evicted_while_their_requests_wait_are_still_served(tmp_path):
+    """The batch is full of base rows, so two adapter requests wait; the cache holds one of
+    their adapters, so the second load evicted the first (before: that request waited
+    'loading' forever). Now the second is composed in turn, once the first is admitted."""
+    engine, store, _ = thrash_engine(tmp_path, adapters=2, cached=1, max_batch_size=2, max_adapter_slots=2)
+    try:
+        base = [await engine.submit(greedy(p, n=80, ignore_eos=True)) for p in prompts(2, seed=31)]
+        for handle in base:
+            await anext(aiter(handle))
+        waiting = [await engine.submit(greedy(p, f"ad{i}", n=5)) for i, p in enumerate(prompts(2, seed=32))]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in [*base, *waiting])), timeout=60)
+        assert all(r.error is None and r.token_ids for r in results)
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_an_adapter_evicted_between_resolve_and_queueing_is_loaded_again(tmp_path, monkeypatch):
+    """A hook evicts the adapter right after the request's resolve, before the engine sees
+    the request: it is loaded again (before: the request waited 'loading' forever)."""
+    engine, store, _ = thrash_engine(tmp_path, adapters=2, cached=1, max_batch_size=4, max_adapter_slots=4)
+    manager = engine.adapters
+    resolve = manager.resolve
+
+    def resolve_then_evict(ref):
+        key = resolve(ref)  # cached: the request before used it
+        resolve(AdapterRef(TENANT, "ad1"))  # its load evicts `key`: the cache holds one
+        while key in manager._cache:
+            time.sleep(0.001)
+        return key
+
+    try:
+        p = prompts(1, seed=33)[0]
+        expected = (await run(engine, greedy(p, "ad0", n=10))).token_ids
+        monkeypatch.setattr(manager, "resolve", resolve_then_evict)
+        result = await asyncio.wait_for(run(engine, greedy(p, "ad0", n=10)), timeout=30)
+        assert result.error is None and result.token_ids == expected
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_adapter_cache_thrash_every_request_finishes_and_the_cache_stays_bounded(tmp_path):
+    """The review's repro at its counts, on the tiny model (r=8): 32 base rows run while
+    31 requests for 31 distinct all-linear adapters arrive, 3 of which fit in the cache.
+    Every request finishes, in bounded time, and the composed adapters never take more than
+    the cache's bytes plus one adapter (the one just composed)."""
+    adapters = 31
+    events = collections.Counter()
+    engine, store, one = thrash_engine(
+        tmp_path,
+        adapters=adapters,
+        cached=3,
+        max_batch_size=40,
+        max_adapter_slots=8,
+        on_adapter_event=lambda kind, value: events.update({kind: value}),
+    )
+    manager = engine.adapters
+    peak = 0
+    insert = manager._insert
+
+    def watch(key, item):
+        nonlocal peak
+        insert(key, item)
+        peak = max(peak, manager.cached_bytes)
+
+    manager._insert = watch
+    try:
+        base = [await engine.submit(greedy(p, n=80, ignore_eos=True)) for p in prompts(32, seed=34)]
+        for handle in base:
+            await anext(aiter(handle))
+        start = time.monotonic()
+
+        async def timed(i, p):
+            result = await run(engine, greedy(p, f"ad{i}", n=8, ignore_eos=True))
+            return result, time.monotonic() - start
+
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(timed(i, p) for i, p in enumerate(prompts(adapters, seed=35)))), timeout=60
+        )
+        assert all(r.error is None and len(r.token_ids) == 8 for r, _ in outcomes)
+        assert all(r.finish_reason == "length" for r in await asyncio.gather(*(h.result() for h in base)))
+        latency = max(t for _, t in outcomes)
+        print(f"thrash: {adapters} adapter requests, all finished; max latency {latency:.2f} s; {dict(events)}")
+        assert events["eviction"] >= adapters - 3  # the cache did thrash
+        assert peak <= 3 * one + one
+        assert not manager._wanted and not manager._fetched  # nothing left waiting
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+def test_the_sampler_gives_no_token_to_a_row_without_a_distribution_only():
+    """A row whose logits hold a NaN (greedy or sampled) gets NO_TOKEN, the others their
+    usual token, and the broken row's generator does not advance."""
+    logits = torch.tensor([[0.0, 4.0, 1.0, 2.0]] * 4)
+    logits[1, 2] = logits[3, 0] = float("nan")
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1e-3), SamplingParams(temperature=1.0)]
+    generators = [None, None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    tokens = sample_next_tokens(logits, params, generators, [[]] * 4)
+    assert tokens.tolist() == [1, NO_TOKEN, 1, NO_TOKEN]
+    assert torch.equal(generators[3].get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+async def test_adapters_larger_than_the_whole_cache_are_served_in_turns(tmp_path):
+    """A cache smaller than one adapter: each waiting request's adapter is composed alone,
+    in turn, and every request finishes."""
+    engine, store, one = thrash_engine(tmp_path, adapters=4, cached=0, max_batch_size=4, max_adapter_slots=4)
+    try:
+        ps = prompts(4, seed=36)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(run(engine, greedy(p, f"ad{i}", n=6, ignore_eos=True)) for i, p in enumerate(ps))), 30
+        )
+        assert all(r.error is None and len(r.token_ids) == 6 for r in results)
+        assert engine.adapters.cached_bytes <= one
+    finally:
+        engine.shutdown()
+        store.close()
