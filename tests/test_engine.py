@@ -184,6 +184,20 @@ async def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(set
         assert (await run(engine, greedy(p, "ad2"))).token_ids == expected  # slot and row were freed
 
 
+async def test_a_failing_step_observer_fails_no_request(setup, monkeypatch):
+    """The metrics callback runs after every step; its bug is logged, the requests finish."""
+    engine, _, _ = setup
+    p = prompts(1, seed=9)[0]
+    expected = (await run(engine, greedy(p, "ad3"))).token_ids
+
+    def broken(stats):
+        raise RuntimeError("observer bug")
+
+    monkeypatch.setattr(engine, "on_step", broken)
+    result = await asyncio.wait_for(run(engine, greedy(p, "ad3")), timeout=30)
+    assert result.finish_reason == "length" and result.token_ids == expected
+
+
 async def test_cancel_frees_slot_and_timeout(setup):
     engine, _, _ = setup
     handle = await engine.submit(greedy(prompts(1)[0], "ad2", n=100))

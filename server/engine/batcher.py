@@ -237,14 +237,16 @@ class Engine:
             self._decode()
         elif self._waiting and not prefill:
             time.sleep(0.002)  # only requests whose adapters are still loading: don't spin
-        self.on_step(
-            {
-                "running": self.running_count,
-                "waiting": self._pending,
-                "running_adapters": _adapter_names(self._holding_rows()),
-                "waiting_adapters": _adapter_names(self._waiting),
-            }
-        )
+        stats = {
+            "running": self.running_count,
+            "waiting": self._pending,
+            "running_adapters": _adapter_names(self._holding_rows()),
+            "waiting_adapters": _adapter_names(self._waiting),
+        }
+        try:
+            self.on_step(stats)
+        except Exception:  # an observer's bug must not fail the requests it observes
+            log.exception("engine on_step callback failed")
 
     def _holding_rows(self) -> list[_Sequence]:
         return [*self._running, *([self._chunked] if self._chunked else [])]
