@@ -4,6 +4,7 @@ streaming, overload, cancellation and bad input."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from server.engine import (
     SamplingParams,
     build_engine,
 )
+from server.engine.batcher import Engine
 from server.settings import Settings
 from tests.conftest import byte_tokenizer, tiny_llama
 
@@ -32,6 +34,17 @@ def random_adapter(model, seed: int, targets=("q_proj", "v_proj"), r=4, b=16, h=
     gen = torch.Generator().manual_seed(seed)
     bank = (torch.rand(h, b, generator=gen) - 0.5) * bank_scale
     return VBLoRAAdapter.from_logits(cfg, bank, torch.randn(cfg.num_subvectors, h, generator=gen))
+
+
+def engine_with_adapters(db: Path, *, count: int, first_seed: int, **limits: int) -> tuple[Engine, SQLiteAdapterStore]:
+    """An engine on the tiny model (seed 7) whose store holds `count` random q,v adapters
+    `ad0`.. (seeds from `first_seed`); `limits` are Settings fields. Shut down and close both."""
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(db)
+    for i in range(count):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=first_seed + i))
+    settings = Settings(max_lora_rank=8, max_model_len=128, **limits)
+    return build_engine(model, byte_tokenizer(), store, settings), store
 
 
 @pytest.fixture
