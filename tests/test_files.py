@@ -1,6 +1,8 @@
 """The uploaded-files store (server/training/files): one contract, run against SQLite, one
 Redis server and a Redis Cluster. Uploads are scoped by tenant, the per-tenant file and
-byte quotas hold under concurrent uploads, and a refused upload stores nothing."""
+byte quotas hold under concurrent uploads, and a refused upload stores nothing. Then the
+routes' size limits and quota in process (the openai package drives the routes in
+tests/test_openai_finetune.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,16 @@ from pathlib import Path
 import pytest
 
 from adapter_store import QuotaExceededError
+from adapter_store.store import SQLiteAdapterStore
+from server.app import create_app
 from server.training import TrainingError
 from server.training.errors import DatasetTooLargeError, UnknownFileError
 from server.training.files import FileLimits, FileStore, RedisFileStore, SQLiteFileStore
 from tests.redis_cluster import redis_under_test
+from tests.test_api import BASE, chat_tokenizer, error_of
+from tests.test_jobs_api import MAX_FILE_BYTES, served
+from tests.test_jobs_api import settings as jobs_settings
+from tests.test_training import TASK_FILE, task_model
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
@@ -131,3 +139,54 @@ def test_concurrent_uploads_never_overshoot_the_quota(open_files) -> None:
     with ThreadPoolExecutor(8) as pool:
         assert sum(pool.map(upload, range(20))) == 5
     assert len(files.list("acme")) == 5
+
+
+# -- the routes' limits, in process ------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(tmp_path: Path):
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    limits = {"files_max_per_tenant": 2, "max_request_bytes": 4096}
+    app = create_app(jobs_settings(tmp_path, **limits), model=task_model(), tokenizer=chat_tokenizer(), store=store)
+    async with served(app) as client:
+        yield client
+    store.close()
+
+
+async def test_uploads_past_the_size_limit_or_the_quota_are_refused(api) -> None:
+    """The files route has its own body limit (a file plus multipart slack), a file is cut
+    off as it streams past VBSERVE_TRAINING_MAX_FILE_BYTES, and a tenant's third file is
+    over its quota of two: each refused naming the field, nothing stored."""
+    boundary = "vbserve-test-boundary"
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    r = await api.post("/v1/files", content=b"x" * (4 * MAX_FILE_BYTES), headers=headers)
+    assert r.status_code == 413 and error_of(r)["type"] == "too_large", r.text
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'.encode()
+
+    async def endless_file():  # chunked, no Content-Length
+        yield head
+        while True:
+            yield TASK_FILE * 100
+
+    r = await api.post("/v1/files", content=endless_file(), headers=headers)
+    assert r.status_code == 413 and error_of(r)["field"] == "file", r.text
+
+    larger_than_a_json_body = b"\n".join([TASK_FILE] * 50)  # 8.5 kB: the JSON limit is 4096 bytes
+    for _ in range(2):
+        r = await api.post(
+            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", larger_than_a_json_body)}
+        )
+        assert r.status_code == 200 and r.json()["bytes"] == len(larger_than_a_json_body), r.text
+    r = await api.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", TASK_FILE)})
+    assert r.status_code == 429 and error_of(r)["field"] == "file" and "limit of 2 files" in error_of(r)["message"]
+    assert len((await api.get("/v1/files")).json()["data"]) == 2
+
+
+async def test_a_json_job_request_is_held_to_the_json_body_limit(api) -> None:
+    """The jobs route takes multipart uploads of two files, so its body limit is theirs; a
+    JSON request is held to VBSERVE_MAX_REQUEST_BYTES instead."""
+    body = {"model": BASE, "training_file": "file-x", "metadata": {"note": "x" * 8192}}
+    r = await api.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 413 and error_of(r)["field"] == "body", r.text
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
