@@ -134,7 +134,7 @@ async def create_job(
             upload.validation_file,
             training_file_id=upload.training_file_id,
             validation_file_id=upload.validation_file_id,
-            trained_tokens=None if hp.max_steps else hp.epochs * sum(len(e.input_ids) for e in prepared.train),
+            trained_tokens=prepared.trained_tokens(hp),
         )
     )
     if not await asyncio.to_thread(still_current, services, caller):  # deleted while the upload streamed in
@@ -252,28 +252,7 @@ async def read_openai_request(request: Request, services: Services, tenant: str)
         raise APIError("invalid_request", f"the base model is {services.model_name!r}, not {job.model!r}", "model")
     if job.integrations:
         raise APIError("invalid_request", "no integrations are supported here", "integrations")
-    hyperparameters, where = job.hyperparameters, "hyperparameters"
-    if job.method is not None:
-        if job.method.type != "supervised":
-            raise APIError(
-                "invalid_request", f"only 'supervised' fine-tuning runs here, not {job.method.type!r}", "method.type"
-            )
-        for other in ("dpo", "reinforcement"):
-            if getattr(job.method, other) is not None:
-                raise APIError(
-                    "invalid_request", "only method.supervised applies to supervised jobs", f"method.{other}"
-                )
-        if job.method.supervised is not None:
-            if hyperparameters is not None:
-                raise APIError("invalid_request", "give them here or in method.supervised, not both", where)
-            hyperparameters, where = job.method.supervised.hyperparameters, "method.supervised.hyperparameters"
-    hyperparameters = hyperparameters or OpenAIHyperparameters()
-    hp, request_fields = from_openai(
-        **{name: hyperparameters.value(name) for name in OpenAIHyperparameters.model_fields},
-        seed=job.seed,
-        vblora=job.vblora,
-        where={"seed": "seed", **{name: f"{where}.{name}" for name in OpenAIHyperparameters.model_fields}},
-    )
+    hp, request_fields = _trainer_hyperparameters(job)
     try:
         suffix = "" if job.suffix is None else validate_key("suffix", job.suffix) + "-"
     except AdapterError as exc:
@@ -292,6 +271,33 @@ async def read_openai_request(request: Request, services: Services, tenant: str)
         training_file_id=job.training_file,
         validation_file_id=job.validation_file,
         request_fields=request_fields,
+    )
+
+
+def _trainer_hyperparameters(job: CreateJobRequest) -> tuple[TrainingHyperparameters, dict[str, str]]:
+    """The trainer's hyperparameters from OpenAI's (top-level or under `method`) and
+    `vblora`, with the request field behind each (see `from_openai`)."""
+    hyperparameters, where = job.hyperparameters, "hyperparameters"
+    if job.method is not None:
+        if job.method.type != "supervised":
+            raise APIError(
+                "invalid_request", f"only 'supervised' fine-tuning runs here, not {job.method.type!r}", "method.type"
+            )
+        for other in ("dpo", "reinforcement"):
+            if getattr(job.method, other) is not None:
+                raise APIError(
+                    "invalid_request", "only method.supervised applies to supervised jobs", f"method.{other}"
+                )
+        if job.method.supervised is not None:
+            if hyperparameters is not None:
+                raise APIError("invalid_request", "give them here or in method.supervised, not both", where)
+            hyperparameters, where = job.method.supervised.hyperparameters, "method.supervised.hyperparameters"
+    hyperparameters = hyperparameters or OpenAIHyperparameters()
+    return from_openai(
+        **{name: hyperparameters.value(name) for name in OpenAIHyperparameters.model_fields},
+        seed=job.seed,
+        vblora=job.vblora,
+        where={"seed": "seed", **{name: f"{where}.{name}" for name in OpenAIHyperparameters.model_fields}},
     )
 
 
