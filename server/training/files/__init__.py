@@ -9,12 +9,11 @@ from adapter_store.store import is_redis_url
 from server.settings import Settings
 
 from ..jobs import jobs_url
-from .base import FILE_ID_PREFIX, FileLimits, FileRecord, FileStore
+from .base import FileLimits, FileRecord, FileStore
 from .redis_files import RedisFileStore
 from .sqlite_files import SQLiteFileStore
 
 __all__ = [
-    "FILE_ID_PREFIX",
     "FileLimits",
     "FileRecord",
     "FileStore",
