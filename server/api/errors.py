@@ -8,7 +8,7 @@ Routes raise `APIError`, or let adapter-store and engine errors propagate: their
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -144,15 +144,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
     if first["type"] == "json_invalid":
         return APIError("invalid_request", f"body is not valid JSON: {first['msg']}", "body").response()
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    return APIError("invalid_request", message, field_of(errors), status=422).response()
+
+
+def field_of(errors: Sequence[Mapping]) -> str:
+    """The dotted field (`messages.0.content`) that pydantic's first error is about."""
+    if not errors:
+        return "body"
     # A value that fits no member of a union (`prompt: str | list[str]`) gives one error
     # per member, each loc ending in the member's name; the field is their common prefix.
-    loc = tuple(first["loc"])
+    loc = tuple(errors[0]["loc"])
     for e in errors[1:]:
         if tuple(e["loc"][:2]) == loc[:2]:
             loc = _common_prefix(loc, tuple(e["loc"]))
     parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-    return APIError("invalid_request", message, ".".join(map(str, parts)) or "body", status=422).response()
+    return ".".join(map(str, parts)) or "body"
 
 
 def _common_prefix(a: tuple, b: tuple) -> tuple:

@@ -43,3 +43,9 @@ class JobStateError(TrainingError):
 
 class TrainingCancelled(Exception):
     """Raised inside the trainer when `should_stop()` answers True."""
+
+
+class UnknownFileError(TrainingError):
+    """No uploaded file of the tenant's has this id (another tenant's is as unknown)."""
+
+    kind = "not_found"

@@ -76,6 +76,12 @@ class JobRecord:
     cancel_requested: bool = False
     created: float = 0.0
     updated: float = 0.0
+    # What OpenAI's job object shows beside the trainer's inputs: the ids of the uploaded
+    # files the job was made from (None for a multipart upload), and the tokens it trains
+    # on (its rows' tokens times its epochs; None with max_steps).
+    training_file_id: str | None = None
+    validation_file_id: str | None = None
+    trained_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}
@@ -175,9 +181,14 @@ class JobQueue(ABC):
         hyperparameters: TrainingHyperparameters | dict[str, Any] | None,
         training_file: bytes,
         validation_file: bytes | None = None,
+        *,
+        training_file_id: str | None = None,
+        validation_file_id: str | None = None,
+        trained_tokens: int | None = None,
     ) -> JobRecord:
         """Queue a job that will publish its adapter as the next version of
-        (tenant, adapter_name). Raises `TooManyJobsError` past the tenant's limit.
+        (tenant, adapter_name). Raises `TooManyJobsError` past the tenant's limit. The
+        job keeps its own copy of the files; their ids (`POST /v1/files`) are shown only.
 
         The files are checked for size only here; the caller validates their rows with
         `prepare_job` before submitting (it has the tokenizer), the worker again."""
@@ -207,6 +218,9 @@ class JobQueue(ABC):
             hyperparameters=hp.model_dump(mode="json"),
             created=now,
             updated=now,
+            training_file_id=training_file_id,
+            validation_file_id=validation_file_id,
+            trained_tokens=trained_tokens,
         )
         with self._guard():
             self._submit(record, bytes(training_file), None if validation_file is None else bytes(validation_file))
