@@ -22,7 +22,7 @@ from adapter_store import AdapterValidationError, QuotaExceededError, StoreUnava
 from adapter_store.breaker import CircuitBreaker
 from adapter_store.store import validate_key
 
-from ..errors import DatasetError, DatasetTooLargeError, TrainingError, UnknownFileError
+from ..errors import DatasetError, DatasetTooLargeError, TrainingError, UnknownFileError, check_key
 
 FILE_ID_PREFIX = "file-"
 MAX_LIST_LIMIT = 100
@@ -90,7 +90,7 @@ class FileStore(ABC):
     def put(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:
         """Store `content` as a new file of `tenant`. Raises `QuotaExceededError` on `file`
         past the tenant's file count or byte quota; nothing is stored then."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         if purpose not in PURPOSES:
             raise TrainingError("purpose", f"must be one of {', '.join(PURPOSES)}, got {purpose!r}")
         if not isinstance(content, bytes):
@@ -106,7 +106,7 @@ class FileStore(ABC):
 
     def get(self, tenant: str, file_id: str) -> FileRecord:
         """The file, if it belongs to `tenant` (else `UnknownFileError`, as if absent)."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         validate_file_id(file_id)
         with self._guard():
             record = self._get(tenant, file_id)
@@ -115,7 +115,7 @@ class FileStore(ABC):
         return record
 
     def content(self, tenant: str, file_id: str) -> bytes:
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         validate_file_id(file_id)
         with self._guard():
             content = self._content(tenant, file_id)
@@ -127,7 +127,7 @@ class FileStore(ABC):
         """The tenant's files, newest first; with `after` (the last id of the previous
         page) the ones older than it. `TrainingError` on `after` if it is no file of the
         tenant's."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise TrainingError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
         cursor = None
@@ -142,7 +142,7 @@ class FileStore(ABC):
     def delete(self, tenant: str, file_id: str) -> None:
         """Delete the file (`UnknownFileError` if absent). Jobs made from it keep their
         own copy of its content."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         validate_file_id(file_id)
         with self._guard():
             deleted = self._delete(tenant, file_id)
@@ -151,7 +151,7 @@ class FileStore(ABC):
 
     def remove(self, tenant: str) -> int:
         """Delete every file of the tenant (a deleted tenant's); returns how many."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         removed = 0
         while page := self.list(tenant, limit=MAX_LIST_LIMIT):
             for record in page:
@@ -207,13 +207,6 @@ class FileStore(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
-
-
-def _check_key(field_name: str, value: object) -> str:
-    try:
-        return validate_key(field_name, value)
-    except AdapterValidationError as exc:
-        raise TrainingError(exc.field, exc.reason) from None
 
 
 def _check_filename(filename: object) -> str:
