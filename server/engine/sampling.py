@@ -41,6 +41,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # Keep a token while the mass before it is below top_p (so the top token always stays).
     drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+    # Also when top_p rounds to 0 in float32 (a valid 1e-300 does): the top token was then
+    # dropped too, every logit was -inf, and the NaN softmax failed the whole batch's step.
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
