@@ -219,6 +219,11 @@ def test_openai_unknown_field_is_a_400_naming_it(openai_client: openai.OpenAI) -
             model=ADAPTER, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body={"bogus": 1}
         )
     assert caught.value.body["field"] == "bogus"
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(
+            model=ADAPTER, messages=[{"role": "user", "content": "Hi", "name": "ann"}], max_tokens=4
+        )
+    assert caught.value.body["field"] == "messages.0.name"
 
 
 def test_openai_bookkeeping_fields_are_accepted(openai_client: openai.OpenAI) -> None:

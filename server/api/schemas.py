@@ -125,6 +125,10 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    # A message's `name`, `tool_calls`, `tool_call_id` would change what the model should
+    # see: refused (a 400 naming `messages.N.name`), not dropped.
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart]
 
