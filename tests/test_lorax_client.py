@@ -7,8 +7,10 @@ is a 400 naming it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import lorax
@@ -17,8 +19,10 @@ import openai
 import pytest
 
 from adapter_store import encode_adapter
-from tests.conftest import tiny_llama
-from tests.test_api import chat_tokenizer, random_adapter
+from adapter_store.store import SQLiteAdapterStore
+from server.app import create_app
+from tests.conftest import serve_in_thread, tiny_llama
+from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
 
 PROMPT = "Hello there, general"
@@ -258,3 +262,28 @@ def test_openai_unimplemented_fields_are_a_400_naming_them(openai_client: openai
             model=ADAPTER, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **{field: value}
         )
     assert caught.value.body["field"] == field
+
+
+def test_a_failure_after_the_first_token_raises_the_clients_generation_error(tmp_path: Path) -> None:
+    """Once streaming began the status line is sent: the failure travels as an event, with
+    TGI's `error_type` beside our error body so lorax-client raises its GenerationError
+    (not an UnknownError for "status 200"). The fault is injected in the model runner of
+    an in-process server: the fourth forward pass (a decode step) raises."""
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    with serve_in_thread(app) as url:
+        runner = app.state.services.engine.runner
+        forward, calls = runner.forward, itertools.count(1)
+
+        def failing_forward(*args, **kwargs):
+            if next(calls) == 4:
+                raise RuntimeError("injected fault")
+            return forward(*args, **kwargs)
+
+        runner.forward = failing_forward
+        events = lorax.Client(url, timeout=60).generate_stream(PROMPT, max_new_tokens=8)
+        assert next(events).token.logprob <= 0  # the first token arrived
+        with pytest.raises(lorax.errors.GenerationError) as caught:
+            list(events)
+    store.close()
+    assert refusal(caught.value)["type"] == "internal_error"
