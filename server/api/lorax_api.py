@@ -87,7 +87,7 @@ def _check_stream_matches(body: GenerateRequest, streaming: bool) -> None:
 
 
 async def _generate(services: Services, request: Request, tenant: str, body: GenerateRequest) -> GenerateResponse:
-    engine_request = await _engine_request(services, tenant, body)
+    engine_request = await _engine_request(services, tenant, body, streaming=False)
     handle = await submit(services, engine_request, FIELDS)
     outcome = await run_to_end(services, request, handle, FIELDS)
     result = outcome.result
@@ -105,13 +105,13 @@ async def _generate(services: Services, request: Request, tenant: str, body: Gen
 
 
 async def _stream(services: Services, request: Request, tenant: str, body: GenerateRequest) -> StreamingResponse:
-    engine_request = await _engine_request(services, tenant, body)
+    engine_request = await _engine_request(services, tenant, body, streaming=True)
     handle = await submit(services, engine_request, FIELDS)
     events = await open_stream(services, request, handle, FIELDS)
     return sse_response(_stream_events(services, body, events))
 
 
-async def _engine_request(services: Services, tenant: str, body: GenerateRequest) -> GenerationRequest:
+async def _engine_request(services: Services, tenant: str, body: GenerateRequest, streaming: bool) -> GenerationRequest:
     p = body.parameters
     ids = await encode_prompt(services, body.inputs, "inputs")
     if p.truncate is not None:
@@ -128,9 +128,11 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
         seed=p.seed,
         stop=stop_list(p.stop),
         ignore_eos=p.ignore_eos_token,
-        # Always: every TGI token carries its logprob (lorax-client's `Token.logprob` is
-        # required, also in a stream without details).
-        logprobs=True,
+        # Every streamed TGI token carries its logprob, with details or without
+        # (lorax-client's `Token.logprob` is required). Not asked for otherwise: a batch
+        # with one row that wants logprobs computes them for every row (7.9 ms a step at
+        # 32 rows of SmolLM2's 49,152-token vocabulary, measured on 2 CPU cores).
+        logprobs=streaming or p.details,
         top_logprobs=p.return_k_alternatives or 0,
     )
     return GenerationRequest(ids, sampling, adapter_ref(services, tenant, p.adapter_id))
