@@ -21,6 +21,7 @@ from server.engine import (
     build_engine,
 )
 from server.engine.batcher import Engine
+from server.engine.sampling import sample_next_tokens
 from server.settings import Settings
 from tests.conftest import byte_tokenizer, tiny_llama
 
@@ -375,3 +376,13 @@ async def test_chunked_prefill_interleaves_decode_and_is_batch_invariant(tmp_pat
         for engine in engines.values():
             engine.shutdown()
         store.close()
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
+    """top_p=1e-300 is 0 in float32: it masked every token, and the NaN softmax failed the
+    engine step of every request in the batch (a 500; schemathesis found it with
+    top_p=4e-249). The API now refuses such values; the sampler still keeps the top token."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=1.0, top_p=4e-249, top_k=2)]
+    tokens = sample_next_tokens(logits, params, [torch.Generator().manual_seed(0)] * 2, [[], []])
+    assert tokens.tolist() == [1, 0]

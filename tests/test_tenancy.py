@@ -205,6 +205,8 @@ async def test_a_tenant_cannot_touch_another_tenants_adapter(deployment) -> None
         ("POST", "/v1/completions", {"json": {"model": "bot", "prompt": "hi", **GREEDY}}),
         ("POST", "/v1/chat/completions", {"json": {"model": "bot", "messages": [{"role": "user", "content": "x"}]}}),
         ("POST", "/generate", {"json": {"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 4}}}),
+        ("POST", "/", {"json": {"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 4}}}),
+        ("POST", "/", {"json": {"inputs": "hi", "stream": True, "parameters": {"adapter_id": "bot"}}}),
     ]:
         r = await api.request(method, path, headers=bearer(b), **kwargs)
         assert r.status_code == 404, (method, path, r.status_code, r.text)
@@ -314,6 +316,7 @@ async def test_concurrent_generations_per_tenant(deployment) -> None:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **GREEDY}),
         ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
         ("/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
+        ("/", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
     ]:
         r = await api.post(path, json=body, headers=bearer(key))
         assert r.status_code == 429 and error_of(r)["type"] == "rate_limited", (path, r.text)
