@@ -347,3 +347,66 @@ async def test_adapters_larger_than_the_whole_cache_are_served_in_turns(tmp_path
     finally:
         engine.shutdown()
         store.close()
+
+
+# -- an adapter whose numbers overflow harms only its own requests --------------------------------
+# Found by a hostile review: a finite adapter with a huge bank (accepted at upload) overflows in
+# its own rows, and that inf/NaN reached other tenants' rows through memory they share with it.
+
+
+def overflowing_engine(tmp_path, targets: tuple[str, ...], bank_scale: float):
+    """A fresh engine whose store also holds `boom`, an adapter on `targets` with a bank of
+    about `bank_scale` / 2 (finite, but its products overflow float32)."""
+    engine, store = engine_with_adapters(
+        tmp_path / "a.db", count=2, first_seed=100, max_batch_size=8, max_queue=32, max_adapter_slots=4
+    )
+    store.put(TENANT, "boom", random_adapter(tiny_llama(seed=7), seed=9, targets=targets, bank_scale=bank_scale))
+    return engine, store
+
+
+def long_prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def test_an_overflowing_adapter_leaves_no_nan_in_the_rows_others_reuse(tmp_path):
+    """Its keys and values are inf/NaN in the rows its requests held. A later request in
+    such a row attends (masked) over positions past its own length, up to the longest row's:
+    weight 0 times NaN is NaN, so before rows were zeroed on release, a short base request
+    beside a long one failed after the adapter's tenant had come and gone."""
+    engine, store = overflowing_engine(tmp_path, ("k_proj", "v_proj"), bank_scale=2e30)
+    try:
+        short = greedy(long_prompt(1, 5), n=10, ignore_eos=True)
+        expected = (await run(engine, short)).token_ids
+        poisoned = await asyncio.gather(*(run(engine, greedy(long_prompt(10 + i, 40), "boom", n=1)) for i in range(8)))
+        assert all(r.finish_reason == "error" for r in poisoned)  # its own requests fail, alone
+        # The long request runs first: prefilled together, the short one would have been
+        # padded to its width, overwriting the stale positions.
+        long = await engine.submit(greedy(long_prompt(2, 60), n=30, ignore_eos=True))
+        async for _ in long:
+            break
+        again = await run(engine, greedy(long_prompt(1, 5), n=10, ignore_eos=True))
+        assert (await long.result()).finish_reason == "length"
+        assert again.finish_reason == "length" and again.token_ids == expected
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_a_base_row_is_untouched_by_the_adapter_left_in_slot_0(tmp_path):
+    """Base-only rows share a forward with adapter rows; they used to go through slot 0's
+    matrices and be multiplied by 0, and inf * 0 is NaN. `boom` (A x overflows) is the first
+    adapter of a fresh engine, so it lands in slot 0 and stays there after its request."""
+    engine, store = overflowing_engine(tmp_path, ("q_proj",), bank_scale=3e38)
+    try:
+        base = greedy(long_prompt(3, 12), n=30, ignore_eos=True)
+        expected = (await run(engine, base)).token_ids
+        await run(engine, greedy(long_prompt(4, 12), "boom", n=2))
+        beside, alone = await asyncio.gather(
+            run(engine, greedy(long_prompt(5, 12), "ad1", n=30, ignore_eos=True)),
+            run(engine, greedy(long_prompt(3, 12), n=30, ignore_eos=True)),
+        )
+        assert beside.finish_reason == "length"
+        assert alone.finish_reason == "length" and alone.token_ids == expected
+    finally:
+        engine.shutdown()
+        store.close()

@@ -420,6 +420,9 @@ class Engine:
             self._release_row(seq)
         elif seq is self._chunked:  # its row is outside the dense range: nothing to compact
             self._chunked = None
+            self.runner.cache.clear_row(seq.row)
+        elif seq.row >= 0:  # admitted, but its prefill failed: it wrote into its row
+            self.runner.cache.clear_row(seq.row)
         if seq.slot >= 0:
             self.adapters.release_slot(seq.slot)
             seq.slot = -1
@@ -448,11 +451,18 @@ class Engine:
         if last is not seq:
             self._move_row(last, seq.row)
             self._running[idx] = last
+        else:
+            self.runner.cache.clear_row(seq.row)
         self._running.pop()
 
     def _move_row(self, seq: _Sequence, row: int) -> None:
+        """Move `seq`'s keys and values to `row`; both rows keep nothing of earlier requests
+        (see `SlotKVCache.clear_row`)."""
         if seq.row != row:
-            self.runner.cache.move_row(seq.row, row, seq.length)
+            cache = self.runner.cache
+            cache.clear_row(row)
+            cache.move_row(seq.row, row, seq.length)
+            cache.clear_row(seq.row)
             seq.row = row
 
 

@@ -3,6 +3,13 @@ forward (the model calls `update(keys, values, layer_idx)` in every attention la
 
 Rows of running requests are kept contiguous (0..n-1) by the batcher, so a forward over a
 row range returns a view of the buffer, never a copy.
+
+A row attends over [0, kv_len), the longest row's length, with the positions past its own
+length masked out. Masked is not enough: softmax gives them weight 0, but 0 * NaN is NaN,
+so a stale inf/NaN left there by an earlier request (one tenant's adapter can make its own
+keys overflow) would turn another request's output into NaN. Rows are therefore zeroed
+when their request leaves (`clear_row`), as far as anything was written (`_written`): one
+memset of what the request wrote, 0.7 ms for 64 positions of SmolLM2 on the 2-core CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class SlotKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
+        self._written = [0] * max_rows  # per row: positions [0, n) may hold a request's keys/values
         self._rows = slice(0, 0)
         self._write_pos = torch.zeros(0, 1, dtype=torch.long)
         self._kv_len = 0
@@ -38,6 +46,8 @@ class SlotKVCache:
         self._write_pos = positions
         self._row_idx = torch.arange(first_row, first_row + n, device=positions.device).view(n, 1)
         self._kv_len = kv_len
+        for i, end in enumerate((positions[:, -1] + 1).tolist()):
+            self._written[first_row + i] = max(self._written[first_row + i], end)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
@@ -56,6 +66,14 @@ class SlotKVCache:
         (compaction after a request leaves)."""
         for buf in (*self.keys, *self.values):
             buf[dst, :, :length] = buf[src, :, :length]
+        self._written[dst] = max(self._written[dst], length)
+
+    def clear_row(self, row: int) -> None:
+        """Zero what requests wrote into `row`, so the next one finds only zeros there."""
+        end, self._written[row] = self._written[row], 0
+        if end:
+            for buf in (*self.keys, *self.values):
+                buf[row, :, :end] = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len

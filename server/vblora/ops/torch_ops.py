@@ -29,9 +29,10 @@ def compose_subvectors(bank: torch.Tensor, indices: torch.Tensor, weights: torch
 
 def route_rows(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-forward preparation shared by every layer: slots (N,) with -1 = base only ->
-    (gather index (N,), row mask (N, 1, 1) or None when every row has an adapter)."""
-    use = slots >= 0
-    return slots.clamp(min=0), None if bool(use.all()) else use.view(-1, 1, 1)
+    (gather index (N,), base-row mask (N, 1, 1), True where a row has no adapter, or None
+    when every row has one)."""
+    base_only = slots < 0
+    return slots.clamp(min=0), base_only.view(-1, 1, 1) if bool(base_only.any()) else None
 
 
 def add_multi_adapter_lora_(
@@ -57,7 +58,8 @@ def add_routed_lora_(
     index: torch.Tensor,
     row_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`add_multi_adapter_lora_` with the routing from `route_rows` computed once per forward.
+    """`add_multi_adapter_lora_` with the routing from `route_rows` computed once per forward
+    (`row_mask`: True for base-only rows).
 
     B is kept transposed so the gathered (N, r, out) block is contiguous for `baddbmm`, and
     rows are gathered with `index_select`: on CPU both are several times faster than
@@ -66,5 +68,8 @@ def add_routed_lora_(
     """
     xa = torch.bmm(x, lora_a.index_select(0, index).transpose(1, 2))  # (N, L, r)
     if row_mask is not None:
-        xa = xa * row_mask.to(xa.dtype)
+        # Base-only rows went through slot 0's A: set, not multiplied, to 0, since A x of
+        # whatever adapter sits there may be inf (a tenant's bank of 3e38 is finite), and
+        # inf * 0 is NaN in another tenant's row.
+        xa.masked_fill_(row_mask, 0)
     return base_out.baddbmm_(xa, lora_b_t.index_select(0, index))
