@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -67,14 +68,14 @@ GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
 def settings(tmp_path: Path, **overrides):
-    return api_settings(
+    defaults = dict(
         jobs_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         training_max_file_bytes=MAX_FILE_BYTES,
         training_max_jobs_per_tenant=2,
         training_max_num_vectors=256,
         training_max_batch_tokens=128,
-        **overrides,
     )
+    return api_settings(**(defaults | overrides))
 
 
 @asynccontextmanager
@@ -335,6 +336,47 @@ async def test_a_job_over_the_tenants_quota_is_refused_at_creation(tmp_path):
         small = {**TASK_FORM, "adapter": "old", "num_vectors": "16", "target_modules": "q_proj"}
         job = await submit(api, {**small, "max_steps": "1000000"})  # fits: replaces "old"
         await api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    store.close()
+
+
+async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path, monkeypatch):
+    """Checking an upload tokenizes every row (minutes of CPU for a 32 MB file): uploads are
+    checked by one thread at nice 10, so serving keeps the other cores and the scheduler's
+    preference, and a flood beyond a few waiting is a 429 before any work."""
+    import server.api.jobs_api as jobs_api
+
+    checking, seen = 0, []
+    prepare = jobs_api.prepare_job
+
+    def observed(*args, **kwargs):
+        nonlocal checking
+        checking += 1
+        seen.append((checking, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        try:
+            time.sleep(0.3)
+            return prepare(*args, **kwargs)
+        finally:
+            checking -= 1
+
+    monkeypatch.setattr(jobs_api, "prepare_job", observed)
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(
+        settings(tmp_path, training_max_jobs_per_tenant=100),
+        model=task_model(),
+        tokenizer=chat_tokenizer(),
+        store=store,
+    )
+    async with served(app) as api:
+        uploads = [api.post("/v1/fine_tuning/jobs", data={**LONG, "adapter": f"a{i}"}, files=files()) for i in range(8)]
+        answers = await asyncio.gather(*uploads)
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses.count(201) == 5 and statuses.count(429) == 3, statuses  # 1 checked + 4 waiting
+        assert all(error_of(r)["type"] == "overloaded" for r in answers if r.status_code == 429)
+        assert seen and all(at_once == 1 for at_once, _ in seen), seen
+        assert all(nice == 10 for _, nice in seen), seen
+        for r in answers:
+            if r.status_code == 201:
+                await api.post(f"/v1/fine_tuning/jobs/{r.json()['id']}/cancel")
     store.close()
 
 

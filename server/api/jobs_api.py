@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from adapter_store import AdapterError, AdapterNotFoundError, QuotaExceededError
 from adapter_store.store import AdapterStore, StoreQuota, validate_key
@@ -116,7 +117,7 @@ async def create_job(
     if upload.adapter == services.model_name:
         raise APIError("conflict", f"{upload.adapter!r} is the base model's name", "adapter")
     try:
-        prepared = await asyncio.to_thread(check_upload, services, upload)
+        prepared = await services.dataset_checks.run(lambda tokenizer: check_upload(services, upload, tokenizer))
     except HyperparameterError as exc:  # `check_fits` names the trainer's field; name the request's
         if upload.request_fields is None:
             raise
@@ -319,14 +320,14 @@ def _uploaded(files: FileStore, tenant: str, file_id: str, field: str) -> bytes:
         raise APIError("invalid_request", f"no uploaded file {file_id!r} of yours (POST /v1/files)", field) from None
 
 
-def check_upload(services: Services, upload: JobUpload) -> PreparedJob:
+def check_upload(services: Services, upload: JobUpload, tokenizer: PreTrainedTokenizerBase) -> PreparedJob:
     """Refuse what the worker would refuse (hyperparameters that do not fit the model, any
-    bad row), now rather than after the job waited in the queue. Tokenizes every row: call
-    it in a worker thread."""
+    bad row), now rather than after the job waited in the queue. Tokenizes every row with
+    `tokenizer`: call it in `services.dataset_checks`."""
     runner = services.engine.runner
     return prepare_job(
         runner.base_module_shapes,
-        services.tokenizer,
+        tokenizer,
         upload.hyperparameters,
         upload.training_file,
         upload.validation_file,

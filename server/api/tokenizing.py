@@ -18,7 +18,9 @@ message's `<|im_end|>` would then be read as the control token, the injection th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +35,13 @@ T = TypeVar("T")
 _this_thread = threading.local()
 
 
-def _own_copy(tokenizer: PreTrainedTokenizerBase) -> None:
+def _own_copy(tokenizer: PreTrainedTokenizerBase, nice: int) -> None:
     _this_thread.tokenizer = copy.deepcopy(tokenizer)  # SmolLM2's: 0.2 s, once per thread
+    if nice:
+        # Linux schedules threads one by one: this thread alone yields to the engine and to
+        # prompt tokenizing (elsewhere the call fails and the thread runs at normal priority).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _with_own_tokenizer(work: Callable[[PreTrainedTokenizerBase], T]) -> T:
@@ -42,11 +49,22 @@ def _with_own_tokenizer(work: Callable[[PreTrainedTokenizerBase], T]) -> T:
 
 
 class TokenizerPool:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, threads: int, max_waiting: int) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        threads: int,
+        max_waiting: int,
+        *,
+        nice: int = 0,
+        what: str = "prompts",
+    ) -> None:
+        """`nice`: the threads' scheduling priority, as `nice(1)` (Linux); `what` names the
+        work in the 429 when the pool is full."""
         # Idle threads end when the pool is garbage collected (ThreadPoolExecutor does it).
         self._executor = ThreadPoolExecutor(
-            threads, thread_name_prefix="vbserve-tokenize", initializer=_own_copy, initargs=(tokenizer,)
+            threads, thread_name_prefix="vbserve-tokenize", initializer=_own_copy, initargs=(tokenizer, nice)
         )
+        self._what = what
         self._capacity = threads + max_waiting
         self._admitted = 0  # running or waiting; only touched on the event loop
 
@@ -55,7 +73,7 @@ class TokenizerPool:
         caller cancelled while its work waits for a thread drops the work (asyncio cancels
         the pool's future)."""
         if self._admitted >= self._capacity:
-            raise APIError("overloaded", "too many prompts are being tokenized; retry later")
+            raise APIError("overloaded", f"too many {self._what} are being tokenized; retry later")
         self._admitted += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, _with_own_tokenizer, work)
