@@ -7,7 +7,9 @@ server."""
 from __future__ import annotations
 
 import collections
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -189,3 +191,30 @@ def test_openai_package(server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model=BASE, prompt="Hello", n=17)
     assert refused.value.response.json()["error"]["field"] == "n"
+
+
+def test_n_counts_towards_the_tenants_concurrent_generations(tmp_path):
+    """Each choice is a generation (a batch row): a tenant limited to 3 at once gets n=3,
+    not n=4 (a 400: it can never run), and nothing beside a running n=2 but one more."""
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    settings = api_settings(tenant_max_concurrent_generations=3)
+    app = create_app(settings, model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    short = {"prompt": "Hi", "max_tokens": 2}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        generations = app.state.services.generations
+        r = client.post("/v1/completions", json={**short, "n": 4})
+        assert r.status_code == 400 and error_of(r)["field"] == "n"
+        assert len(client.post("/v1/completions", json={**short, "n": 3}).json()["choices"]) == 3
+        long = {"prompt": "Go on", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True, "n": 2}
+        with client.stream("POST", "/v1/completions", json=long) as streaming:
+            lines = streaming.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # both choices run
+            assert generations.active("default") == 2
+            busy = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "n": 2})
+            assert busy.status_code == 429 and error_of(busy)["field"] == "n"
+            assert client.post("/v1/completions", json={**short, "n": 1}).status_code == 200
+        deadline = time.monotonic() + 10
+        while generations.active("default"):  # the abandoned stream gives its 2 back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    store.close()

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
 from .adapter_io import iter_records
-from .deps import GenerationSlot, Services, ServicesDep, TenantDep
+from .deps import GenerationsDep, Services, ServicesDep, TenantDep
 from .errors import APIError
 from .generation import (
     Event,
@@ -63,10 +63,11 @@ COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 CHAT_FIELDS = {"max_new_tokens": "max_tokens", "prompt": "messages"}
 
 
-@router.post("/completions", response_model=CompletionResponse, dependencies=[GenerationSlot])
+@router.post("/completions", response_model=CompletionResponse)
 async def completions(
-    body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> CompletionResponse | StreamingResponse:
+    generations.hold(body.n, "n")
     prompt = _single_prompt(body.prompt)
     if body.echo and body.logprobs is not None:
         # OpenAI would score the prompt's tokens too: the engine keeps only the last position's logits.
@@ -96,10 +97,11 @@ async def completions(
     )
 
 
-@router.post("/chat/completions", response_model=ChatResponse, dependencies=[GenerationSlot])
+@router.post("/chat/completions", response_model=ChatResponse)
 async def chat_completions(
-    body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> ChatResponse | StreamingResponse:
+    generations.hold(body.n, "n")
     _check_chat_size(services, body.messages)
     ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
