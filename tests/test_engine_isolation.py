@@ -30,19 +30,16 @@ from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MI
 from server.settings import Settings
 from tests.conftest import byte_tokenizer, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer
-from tests.test_engine import TENANT, greedy, prompts, random_adapter, run
+from tests.test_engine import TENANT, engine_with_adapters, greedy, prompts, random_adapter, run
 
 VOCAB = 256  # tiny_llama's
 
 
 @pytest.fixture
 def engine(tmp_path):
-    model = tiny_llama(seed=7)
-    store = SQLiteAdapterStore(tmp_path / "a.db")
-    for i in range(4):
-        store.put(TENANT, f"ad{i}", random_adapter(model, seed=100 + i))
-    settings = Settings(max_batch_size=8, max_queue=32, max_adapter_slots=8, max_lora_rank=8, max_model_len=128)
-    engine = build_engine(model, byte_tokenizer(), store, settings)
+    engine, store = engine_with_adapters(
+        tmp_path / "a.db", count=4, first_seed=100, max_batch_size=8, max_queue=32, max_adapter_slots=8
+    )
     yield engine
     engine.shutdown()
     store.close()

@@ -17,8 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import GenerationRequest, InvalidRequestError, SamplingParams, build_engine
+from server.engine import GenerationRequest, InvalidRequestError, SamplingParams
 from server.engine.types import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
@@ -29,9 +28,7 @@ from server.engine.types import (
     MIN_POSITIVE_SETTING,
     MIN_REPETITION_PENALTY,
 )
-from server.settings import Settings
-from tests.conftest import byte_tokenizer, tiny_llama
-from tests.test_engine import TENANT, greedy, prompts, random_adapter
+from tests.test_engine import engine_with_adapters, greedy, prompts
 
 VOCAB = 256
 ADAPTERS = [None, "ad0", "ad1", "ad2"]
@@ -41,12 +38,14 @@ GREEDY_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    model = tiny_llama(seed=7)
-    store = SQLiteAdapterStore(tmp_path_factory.mktemp("props") / "a.db")
-    for i in range(3):
-        store.put(TENANT, f"ad{i}", random_adapter(model, seed=500 + i))
-    settings = Settings(max_batch_size=12, max_queue=32, max_adapter_slots=4, max_lora_rank=8, max_model_len=128)
-    engine = build_engine(model, byte_tokenizer(), store, settings)
+    engine, store = engine_with_adapters(
+        tmp_path_factory.mktemp("props") / "a.db",
+        count=3,
+        first_seed=500,
+        max_batch_size=12,
+        max_queue=32,
+        max_adapter_slots=4,
+    )
     yield engine
     engine.shutdown()
     store.close()

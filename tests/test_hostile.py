@@ -16,7 +16,8 @@ import json
 import socket
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapter_store import encode_adapter
+from adapter_store import VBLoRAAdapter, encode_adapter
 from adapter_store.adapter import bank_id_of
 from adapter_store.codec import read_metadata
 from adapter_store.store import SQLiteAdapterStore
@@ -493,34 +494,47 @@ class Live:
     key: str
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile")
+@contextmanager
+def sqlite_server(
+    folder: Path, adapters: dict[tuple[str, str], VBLoRAAdapter], **settings: object
+) -> Iterator[tuple[str, str]]:
+    """A live multi-tenant server on SQLite files in `folder` (so tests can hash them),
+    holding `adapters` ({(tenant, name): adapter}); yields its URL and a key of `acme`."""
     store = SQLiteAdapterStore(folder / "adapters.db")
     registry = SQLiteTenantRegistry(folder / "tenants.db")
-    registry.create_tenant("acme")
-    registry.create_tenant("other")
+    for tenant in sorted({"acme"} | {tenant for tenant, _ in adapters}):
+        registry.create_tenant(tenant)
     _, key = registry.create_key("acme")
-    store.put("acme", "good", GOOD)
-    other = random_adapter(BASE, 2)
-    store.put("other", "secret", other)
-    settings = api_settings(
+    for (tenant, name), adapter in adapters.items():
+        store.put(tenant, name, adapter)
+    app_settings = api_settings(
         admin_key=ADMIN_KEY,
         store_url=f"sqlite:///{folder / 'adapters.db'}",
         jobs_url=f"sqlite:///{folder / 'jobs.db'}",
         embedded_worker=False,
-        max_request_bytes=MAX_REQUEST_BYTES,
-        training_max_file_bytes=MAX_FILE_BYTES,
-        training_max_rows=MAX_ROWS,
         training_max_num_vectors=256,
+        **settings,
     )
     app = create_app(
-        settings, model=tiny_llama(seed=7, vocab=258), tokenizer=chatml_tokenizer(), store=store, tenants=registry
+        app_settings, model=tiny_llama(seed=7, vocab=258), tokenizer=chatml_tokenizer(), store=store, tenants=registry
     )
-    with serve_in_thread(app) as url:
+    try:
+        with serve_in_thread(app) as url:
+            yield url, key
+    finally:
+        registry.close()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    other = random_adapter(BASE, 2)
+    limits = dict(
+        max_request_bytes=MAX_REQUEST_BYTES, training_max_file_bytes=MAX_FILE_BYTES, training_max_rows=MAX_ROWS
+    )
+    with sqlite_server(folder, {("acme", "good"): GOOD, ("other", "secret"): other}, **limits) as (url, key):
         yield Live(Ctx(url, key, other.bank_id), folder, key)
-    registry.close()
-    store.close()
 
 
 def snapshot(folder: Path) -> dict[str, str]:

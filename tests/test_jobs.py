@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ from server.training.jobs import (
     jobs_url,
     open_job_queue,
 )
+from server.training.jobs.sqlite_queue import SCHEMA
 from server.training.worker import Worker, start_embedded_worker
 from tests.conftest import byte_tokenizer, tiny_llama
 from tests.redis_cluster import redis_under_test
@@ -346,6 +348,42 @@ def test_retry_requeues_and_a_shutdown_does_not_count(queue: JobQueue) -> None:
     assert not queue.retry(again, "twice")  # no longer running
     third = queue.claim("w1", 2)
     assert third.record.attempts == 2 and third.record.error == "store unreachable"
+
+
+def test_a_job_keeps_the_ids_of_its_uploaded_files_and_its_token_count(backend: Backend) -> None:
+    queue = backend.open()
+    made = queue.submit(
+        "acme", "bot", HP, ROWS, ROWS, training_file_id="file-a", validation_file_id="file-b", trained_tokens=96
+    )
+    plain = queue.submit("acme", "bot2", HP, ROWS)
+    queue.close()
+    queue = backend.open()
+    got = queue.get("acme", made.id)
+    assert (got.training_file_id, got.validation_file_id, got.trained_tokens) == ("file-a", "file-b", 96)
+    assert got == made and queue.list("acme")[1] == made
+    assert queue.get("acme", plain.id).training_file_id is None and queue.get("acme", plain.id).trained_tokens is None
+    queue.close()
+
+
+def test_a_jobs_db_written_before_the_file_ids_opens_with_its_jobs(tmp_path: Path) -> None:
+    """A jobs.db from before `ADDED_COLUMNS` (the table as SCHEMA creates it) gets them on open."""
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT INTO jobs (id, tenant, adapter_name, state, hyperparameters, training, created, updated) "
+            "VALUES ('ftjob-old', 'acme', 'bot', 'queued', ?, ?, 1.0, 1.0)",
+            (json.dumps(HP.model_dump(mode="json")), ROWS),
+        )
+    conn.close()
+    queue = SQLiteJobQueue(path)
+    old = queue.get("acme", "ftjob-old")
+    assert old.state is JobState.QUEUED and old.training_file_id is None and old.trained_tokens is None
+    new = queue.submit("acme", "bot2", HP, ROWS, training_file_id="file-a")
+    assert queue.get("acme", new.id).training_file_id == "file-a"
+    assert queue.claim("w1", 2).training_file == ROWS  # the old job runs
+    queue.close()
+    SQLiteJobQueue(path).close()  # opening it again adds nothing twice
 
 
 def test_jobs_survive_a_restart(backend: Backend) -> None:

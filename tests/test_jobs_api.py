@@ -41,7 +41,7 @@ from server.api import current_tenant
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
 from tests.conftest import serve_in_thread
-from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter, sse_events
+from tests.test_api import BASE, api_settings, chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
 
@@ -230,8 +230,12 @@ async def test_bad_uploads_are_refused_and_queue_nothing(api):
 
 
 async def test_oversized_and_non_multipart_bodies(api):
-    r = await api.post("/v1/fine_tuning/jobs", json={"adapter": "x"})
+    r = await api.post("/v1/fine_tuning/jobs", content=b"adapter=x", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and error_of(r)["field"] == "content-type"
+    r = await api.post(
+        "/v1/fine_tuning/jobs", json={"model": BASE, "training_file": "file-x", "adapter": "x"}
+    )  # OpenAI's request has no `adapter`
+    assert r.status_code == 400 and error_of(r)["field"] == "adapter", r.text
     boundary = "vbserve-test-boundary"
     headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
     # More than both files may hold, refused from its Content-Length before it is read.

@@ -28,12 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from adapter_store.codec import read_metadata
-from adapter_store.store import SQLiteAdapterStore
 from adapter_store.untrusted_json import MAX_DEPTH, load_untrusted_json
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry
-from tests.conftest import random_peft_vblora, serve_in_thread, tiny_llama
-from tests.test_api import api_settings
+from tests.conftest import random_peft_vblora, tiny_llama
 from tests.test_hostile import (
     BOUNDARY,
     GOOD,
@@ -42,10 +38,10 @@ from tests.test_hostile import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     ROW,
-    chatml_tokenizer,
     multipart_body,
     snapshot,
     split_blob,
+    sqlite_server,
 )
 
 DEPTH = 30_000  # fits every entry point's size limit (the smallest is 64 KiB)
@@ -195,25 +191,8 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     folder = tmp_path_factory.mktemp("malformed")
-    store = SQLiteAdapterStore(folder / "adapters.db")
-    registry = SQLiteTenantRegistry(folder / "tenants.db")
-    registry.create_tenant("acme")
-    _, key = registry.create_key("acme")
-    store.put("acme", "good", GOOD)
-    settings = api_settings(
-        admin_key="malformed-admin-key-0123456789abcdef",
-        store_url=f"sqlite:///{folder / 'adapters.db'}",
-        jobs_url=f"sqlite:///{folder / 'jobs.db'}",
-        embedded_worker=False,
-        training_max_num_vectors=256,
-    )
-    app = create_app(
-        settings, model=tiny_llama(seed=7, vocab=258), tokenizer=chatml_tokenizer(), store=store, tenants=registry
-    )
-    with serve_in_thread(app) as url:
+    with sqlite_server(folder, {("acme", "good"): GOOD}) as (url, key):
         yield Live(url, key, folder)
-    registry.close()
-    store.close()
 
 
 def test_every_entry_point_meets_every_payload_class() -> None:

@@ -13,11 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import httpx
 import pytest
@@ -57,8 +58,11 @@ class Replica:
 
 
 @contextmanager
-def replica(model_dir: Path, store_url: str, prefix: str, log: Path) -> Iterator[Replica]:
-    """A `vbserve serve` process on the tiny model over `store_url`; stopped on exit."""
+def replica(
+    model_dir: Path, store_url: str, prefix: str, log: Path, settings: Mapping[str, str] = MappingProxyType({})
+) -> Iterator[Replica]:
+    """A `vbserve serve` process on the tiny model over `store_url`; stopped on exit.
+    `settings`: more `VBSERVE_*` variables, over these."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -67,6 +71,7 @@ def replica(model_dir: Path, store_url: str, prefix: str, log: Path) -> Iterator
         "VBSERVE_TRAINING_ENABLED": "false",  # jobs are not what this test is about
         "VBSERVE_DEVICE": "cpu",
         "VBSERVE_MAX_MODEL_LEN": "256",
+        **settings,
     }
     port = _free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store-url", store_url]

@@ -205,6 +205,8 @@ async def test_a_tenant_cannot_touch_another_tenants_adapter(deployment) -> None
         ("POST", "/v1/completions", {"json": {"model": "bot", "prompt": "hi", **GREEDY}}),
         ("POST", "/v1/chat/completions", {"json": {"model": "bot", "messages": [{"role": "user", "content": "x"}]}}),
         ("POST", "/generate", {"json": {"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 4}}}),
+        ("POST", "/", {"json": {"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 4}}}),
+        ("POST", "/", {"json": {"inputs": "hi", "stream": True, "parameters": {"adapter_id": "bot"}}}),
     ]:
         r = await api.request(method, path, headers=bearer(b), **kwargs)
         assert r.status_code == 404, (method, path, r.status_code, r.text)
@@ -314,6 +316,7 @@ async def test_concurrent_generations_per_tenant(deployment) -> None:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **GREEDY}),
         ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
         ("/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
+        ("/", {"inputs": "x", "parameters": {"max_new_tokens": 4}}),
     ]:
         r = await api.post(path, json=body, headers=bearer(key))
         assert r.status_code == 429 and error_of(r)["type"] == "rate_limited", (path, r.text)
@@ -453,9 +456,13 @@ async def test_an_upload_that_authenticated_before_the_delete_does_not_land(full
     # A job submission racing the delete in the same way: its form, encoded by httpx.
     form = httpx.Request("POST", "http://test", data=LONG, files=files())
     job_body, job_type = form.read(), form.headers["content-type"]
+    upload = httpx.Request(
+        "POST", "http://test", data={"purpose": "fine-tune"}, files={"file": files()["training_file"]}
+    )
     requests = [
         ("PUT", "/v1/adapters/bot", blob, {}),
         ("POST", "/v1/fine_tuning/jobs", job_body, {"content-type": job_type}),
+        ("POST", "/v1/files", upload.read(), {"content-type": upload.headers["content-type"]}),
     ]
     half_sent, deleted = asyncio.Event(), asyncio.Event()
 
@@ -480,6 +487,7 @@ async def test_an_upload_that_authenticated_before_the_delete_does_not_land(full
     key = await full_deployment.tenant("acme")
     assert (await api.get("/v1/adapters", headers=bearer(key))).json()["data"] == []
     assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).json()["data"] == []
+    assert (await api.get("/v1/files", headers=bearer(key))).json()["data"] == []
 
 
 async def test_deleting_a_tenant_stops_its_jobs_and_a_new_tenant_of_the_name_sees_nothing(full_deployment) -> None:
@@ -487,6 +495,10 @@ async def test_deleting_a_tenant_stops_its_jobs_and_a_new_tenant_of_the_name_see
     key = await full_deployment.tenant("acme")
     blob = encode_adapter(random_adapter(full_deployment.model, seed=1))
     assert (await api.put("/v1/adapters/kept", content=blob, headers=bearer(key))).status_code == 201
+    r = await api.post(
+        "/v1/files", data={"purpose": "fine-tune"}, files={"file": files()["training_file"]}, headers=bearer(key)
+    )
+    uploaded = r.json()
     r = await api.post("/v1/fine_tuning/jobs", data=LONG, files=files(), headers=bearer(key))
     running = r.json()
     r = await api.post("/v1/fine_tuning/jobs", data={**LONG, "adapter": "next"}, files=files(), headers=bearer(key))
@@ -500,9 +512,17 @@ async def test_deleting_a_tenant_stops_its_jobs_and_a_new_tenant_of_the_name_see
     key = await full_deployment.tenant("acme")  # the same name, a new tenant: it sees nothing of the old one
     assert (await api.get("/v1/adapters", headers=bearer(key))).json()["data"] == []
     assert (await api.get("/v1/fine_tuning/jobs", headers=bearer(key))).json()["data"] == []
-    for job_id in (running["id"], queued["id"]):
-        for path in (f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events"):
-            assert (await api.get(path, headers=bearer(key))).status_code == 404, path
+    assert (await api.get("/v1/files", headers=bearer(key))).json()["data"] == []
+    for path in (
+        f"/v1/files/{uploaded['id']}",
+        f"/v1/files/{uploaded['id']}/content",
+        *(
+            f"/v1/fine_tuning/jobs/{job_id}{part}"
+            for job_id in (running["id"], queued["id"])
+            for part in ("", "/events")
+        ),
+    ):
+        assert (await api.get(path, headers=bearer(key))).status_code == 404, path
     assert len((await full_deployment.admin("GET", "/v1/admin/tenants/acme/keys")).json()["data"]) == 1
     # The worker let the old running job go (it had a million steps to run) and runs the
     # new tenant's job; neither old job ever published.

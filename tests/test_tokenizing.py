@@ -105,25 +105,25 @@ def test_the_issues_1_mb_chat_is_refused_before_any_templating(tmp_path) -> None
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 5}, "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 9}] * 2}, "messages"),
-        ("/v1/completions", {"prompt": "a" * 17}, "prompt"),
-        ("/v1/completions", {"prompt": ["a" * 17]}, "prompt"),
-        ("/generate", {"inputs": "a" * 17}, "inputs"),
-        ("/generate_stream", {"inputs": "a" * 17}, "inputs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 5, "max_tokens": 1}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 9}] * 2, "max_tokens": 1}, "messages"),
+        ("/v1/completions", {"prompt": "a" * 17, "max_tokens": 1}, "prompt"),
+        ("/v1/completions", {"prompt": ["a" * 17], "max_tokens": 1}, "prompt"),
+        ("/generate", {"inputs": "a" * 17, "parameters": {"max_new_tokens": 1}}, "inputs"),
+        ("/generate_stream", {"inputs": "a" * 17, "parameters": {"max_new_tokens": 1}}, "inputs"),
     ],
 )
 async def test_prompts_over_the_limits_are_refused_before_tokenizing(api, path, body, field) -> None:  # noqa: F811
     services = api.app.state.services
     services.settings = services.settings.model_copy(update={"max_chat_messages": 4, "max_prompt_chars": 16})
     # Well within the model's context: only the limits refuse these.
-    r = await api.post(path, json={**body, "max_tokens": 1})
+    r = await api.post(path, json=body)
     error = error_of(r)
     assert r.status_code == 400 and (error["type"], error["field"]) == ("invalid_request", field)
     assert "at most" in error["message"]
     # At the limits, accepted.
     services.settings = services.settings.model_copy(update={"max_chat_messages": 5, "max_prompt_chars": 18})
-    assert (await api.post(path, json={**body, "max_tokens": 1})).status_code == 200
+    assert (await api.post(path, json=body)).status_code == 200
 
 
 def test_chat_tokenizing_time_is_linear_in_the_messages() -> None:

@@ -91,7 +91,7 @@ async def set_limits(name: str, limits: LimitsBody, registry: AdminDep, services
 async def delete_tenant(name: str, registry: AdminDep, services: ServicesDep) -> Response:
     """Delete the tenant with its keys, adapters and jobs (a running job stops and publishes
     nothing); a tenant created again under the name starts empty."""
-    await run_in_threadpool(deletion.delete_tenant, registry, services.store, services.jobs, name)
+    await run_in_threadpool(deletion.delete_tenant, registry, services.store, services.jobs, services.files, name)
     return Response(status_code=204)
 
 

@@ -28,6 +28,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.tenancy import ConcurrencyLimiter, Limits, RateLimiter, TenantLimits, TenantRegistry, effective_limits
 from server.tenancy.keys import secret_matches
+from server.training.files import FileStore
 from server.training.jobs import JobQueue
 
 from .errors import APIError
@@ -45,6 +46,7 @@ class Services:
     model_name: str  # what clients pass as `model` for the base model without an adapter
     metrics: Metrics
     jobs: JobQueue | None = None  # None: fine-tuning disabled
+    files: FileStore | None = None  # uploaded training files, beside the queue; None with it
     tenants: TenantRegistry | None = None  # None: single-tenant (no admin key configured)
     # In this process by default; the app's lifespan puts the one beside the registry here
     # (`open_rate_limiter`: shared by every replica when that is Redis).

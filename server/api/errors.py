@@ -8,7 +8,7 @@ Routes raise `APIError`, or let adapter-store and engine errors propagate: their
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store.errors import FieldError
 from server.engine import EngineError
+
+from .schemas import NOT_SUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -137,22 +139,51 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """Malformed JSON is a 400; well-formed JSON with wrong types or values is a 422 that
-    names the first offending field by its dotted path (`messages.0.content`)."""
+    """Malformed JSON is a 400; so is a field the schema does not know or a value it
+    does not implement, naming that field by its dotted path (`parameters.best_of`).
+    Well-formed JSON with wrong types or values is a 422 that names the first offending
+    field (`messages.0.content`)."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
     if first["type"] == "json_invalid":
         return APIError("invalid_request", f"body is not valid JSON: {first['msg']}", "body").response()
+    refused = next((e for e in errors if e["type"] in _REFUSED_FIELD_TYPES), None)
+    if refused is not None:
+        field = _dotted(tuple(refused["loc"]))
+        if refused["type"] == "extra_forbidden":
+            message = (
+                f"unknown field {field}: this server does not implement it (unknown fields are refused, not ignored)"
+            )
+        else:
+            message = f"{field}: {refused['msg']}"
+        return APIError("invalid_request", message, field).response()
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    return APIError("invalid_request", message, field_of(errors), status=422).response()
+
+
+# Pydantic error types that refuse a field rather than its type: a field the schema does
+# not know (`extra="forbid"`), a value it does not implement (`schemas.NOT_SUPPORTED`).
+_REFUSED_FIELD_TYPES = ("extra_forbidden", NOT_SUPPORTED)
+
+
+def field_of(errors: Sequence[Mapping]) -> str:
+    """The dotted field (`messages.0.content`) that pydantic's first error is about."""
+    if not errors:
+        return "body"
     # A value that fits no member of a union (`prompt: str | list[str]`) gives one error
     # per member, each loc ending in the member's name; the field is their common prefix.
-    loc = tuple(first["loc"])
+    loc = tuple(errors[0]["loc"])
     for e in errors[1:]:
         if tuple(e["loc"][:2]) == loc[:2]:
             loc = _common_prefix(loc, tuple(e["loc"]))
+    return _dotted(loc)
+
+
+def _dotted(loc: tuple) -> str:
+    """`("body", "parameters", "best_of")` -> `parameters.best_of`."""
     parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-    return APIError("invalid_request", message, ".".join(map(str, parts)) or "body", status=422).response()
+    return ".".join(map(str, parts)) or "body"
 
 
 def _common_prefix(a: tuple, b: tuple) -> tuple:

@@ -1,18 +1,20 @@
-"""The HTTP contract of fine-tuning jobs: the upload form and the response bodies.
+"""The HTTP contract of fine-tuning jobs: the upload form, OpenAI's JSON request, and
+the response bodies.
 
-Shapes follow OpenAI's fine-tuning API where it has one (`object`, `status`,
-`created_at`, `finished_at`, `fine_tuned_model`, `hyperparameters`, `error`, lists with
-`has_more`), plus what a VB-LoRA job has beyond it: the adapter it publishes and its
-version, live progress, and per-step metrics as events.
+Shapes follow OpenAI's fine-tuning API (the job, its events and checkpoints as the
+official `openai` package reads them), plus what a VB-LoRA job has beyond it: the adapter
+it publishes and its version, live progress, the trainer's own hyperparameters, and
+per-step metrics on each event.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.training import JobEvent, JobRecord, TrainingHyperparameters
+from server.training import JobEvent, JobRecord, JobState, TrainingHyperparameters
+from server.training.hyperparams import openai_view
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -46,14 +48,76 @@ class JobProgress(BaseModel):
     tokens_per_s: float | None
 
 
+class OpenAIHyperparameters(BaseModel):
+    """OpenAI's hyperparameters; "auto" (or absent) keeps the trainer's default. How each
+    maps to the VB-LoRA trainer: `server.training.hyperparams.from_openai`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+    def value(self, name: str) -> int | float | None:
+        """The value, None for "auto"."""
+        value = getattr(self, name)
+        return None if value == "auto" else value
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
+
+
+class Method(BaseModel):
+    """Only "supervised" trains here; "dpo" and "reinforcement" are refused (400 naming
+    `method.type`), their settings with them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class CreateJobRequest(BaseModel):
+    """The `application/json` body of `POST /v1/fine_tuning/jobs`, as `openai`'s
+    `client.fine_tuning.jobs.create(...)` sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The served base model's name (`GET /v1/models`)")
+    training_file: str = Field(description="The id of a file uploaded with `POST /v1/files`")
+    validation_file: str | None = Field(None, description="Another file id; its loss is reported per epoch")
+    suffix: str | None = Field(
+        None, max_length=64, description="Part of the adapter's name: `ft-<suffix>-<8 hex digits>`"
+    )
+    seed: int | None = None
+    hyperparameters: OpenAIHyperparameters | None = Field(None, description="Deprecated by OpenAI for `method`")
+    method: Method | None = None
+    vblora: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The VB-LoRA trainer's own hyperparameters by name (r, num_vectors, target_modules, "
+        "max_steps, ...); with the openai package, pass them as `extra_body={'vblora': {...}}`",
+    )
+    metadata: dict[str, str] | None = Field(None, description="Accepted and not kept")
+    integrations: list[Any] | None = Field(None, description="None are supported: must be empty")
+
+
 class JobError(BaseModel):
+    code: Literal["training_failed"] = "training_failed"
     message: str = Field(description="`field: reason` for bad input, or what went wrong")
+    param: str | None = Field(None, description="Always null: the message names the field")
 
 
 class FineTuningJob(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     status: JobStatus
+    model: str = Field(description="The base model the adapter is trained on")
+    organization_id: str = Field(description="The tenant")
     created_at: int = Field(description="Unix seconds")
     finished_at: int | None = Field(description="Unix seconds; null until the job ends")
     adapter: str = Field(description="The adapter the job publishes")
@@ -61,23 +125,44 @@ class FineTuningJob(BaseModel):
         description="The adapter name once the job succeeded (pass it as `model`), else null"
     )
     adapter_version: int | None = Field(description="The adapter version the job published")
-    hyperparameters: dict[str, Any]
+    training_file: str | None = Field(description="The file id it was made from; null for a multipart upload")
+    validation_file: str | None
+    trained_tokens: int | None = Field(description="Once succeeded: its rows' tokens times its epochs")
+    seed: int
+    hyperparameters: dict[str, Any] = Field(
+        description="OpenAI's n_epochs, batch_size and learning_rate_multiplier (lr_bank / 1e-3), "
+        "and every hyperparameter of the VB-LoRA trainer by its own name"
+    )
+    method: dict[str, Any]
+    result_files: list[str] = Field(default_factory=list, description="Always empty: the result is the adapter")
+    integrations: list[Any] = Field(default_factory=list)
+    estimated_finish: int | None = None
     progress: JobProgress
     error: JobError | None
     attempts: int = Field(description="Workers that took the job (more than one after a worker died)")
     cancel_requested: bool
 
     @classmethod
-    def of(cls, record: JobRecord) -> FineTuningJob:
+    def of(cls, record: JobRecord, model: str) -> FineTuningJob:
+        """`model`: the served base model's name."""
+        openai = openai_view(record.hyperparameters)
+        succeeded = record.state is JobState.SUCCEEDED
         return cls(
             id=record.id,
             status=record.state.value,
+            model=model,
+            organization_id=record.tenant,
             created_at=int(record.created),
             finished_at=int(record.updated) if record.state.terminal else None,
             adapter=record.adapter_name,
             fine_tuned_model=record.adapter_name if record.adapter_version is not None else None,
             adapter_version=record.adapter_version,
-            hyperparameters=record.hyperparameters,
+            training_file=record.training_file_id,
+            validation_file=record.validation_file_id,
+            trained_tokens=record.trained_tokens if succeeded else None,
+            seed=record.hyperparameters.get("seed", 0),
+            hyperparameters={**record.hyperparameters, **openai},
+            method={"type": "supervised", "supervised": {"hyperparameters": openai}},
             progress=JobProgress(
                 step=record.step,
                 total_steps=record.total_steps,
@@ -98,10 +183,16 @@ class JobList(BaseModel):
 
 
 class FineTuningJobEvent(BaseModel):
-    """One progress report of a running job."""
+    """One progress report of a running job: OpenAI's event (`level`, `message`, `type`
+    "metrics", `data`) with the metrics also as fields of their own."""
 
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
     created_at: float = Field(description="Unix seconds")
+    level: Literal["info"] = "info"
+    type: Literal["metrics"] = "metrics"
+    message: str
+    data: dict[str, Any] = Field(description="step, total_steps, train_loss, valid_loss, tokens_per_s")
     step: int
     total_steps: int
     loss: float
@@ -109,9 +200,20 @@ class FineTuningJobEvent(BaseModel):
     tokens_per_s: float
 
     @classmethod
-    def of(cls, event: JobEvent) -> FineTuningJobEvent:
+    def of(cls, job_id: str, event: JobEvent) -> FineTuningJobEvent:
+        val = "" if event.val_loss is None else f", validation loss={event.val_loss:.4f}"
         return cls(
+            # A worker that re-runs the job restarts at step 1, later: the time tells them apart.
+            id=f"ftevent-{job_id.removeprefix('ftjob-')}-{round(event.time * 1000)}-{event.step}",
             created_at=event.time,
+            message=f"Step {event.step}/{event.total_steps}: training loss={event.loss:.4f}{val}",
+            data={
+                "step": event.step,
+                "total_steps": event.total_steps,
+                "train_loss": event.loss,
+                "valid_loss": event.val_loss,
+                "tokens_per_s": event.tokens_per_s,
+            },
             step=event.step,
             total_steps=event.total_steps,
             loss=event.loss,
@@ -123,3 +225,35 @@ class FineTuningJobEvent(BaseModel):
 class JobEventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FineTuningJobEvent] = Field(description="Oldest first; the newest events are kept")
+    has_more: Literal[False] = Field(False, description="Every kept event is in the one page")
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    """The adapter a succeeded job published: its one checkpoint."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str = Field(description="The adapter's name: pass it as `model`")
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float | None] = Field(description="step, train_loss, valid_loss at the last step")
+
+    @classmethod
+    def of(cls, record: JobRecord) -> FineTuningJobCheckpoint:
+        return cls(
+            id=f"ftckpt-{record.id.removeprefix('ftjob-')}",
+            created_at=int(record.updated),
+            fine_tuned_model_checkpoint=record.adapter_name,
+            fine_tuning_job_id=record.id,
+            step_number=record.step,
+            metrics={"step": record.step, "train_loss": record.loss, "valid_loss": record.val_loss},
+        )
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint] = Field(description="The final checkpoint of a succeeded job, else none")
+    has_more: Literal[False] = False
+    first_id: str | None
+    last_id: str | None

@@ -1,4 +1,5 @@
-"""Fine-tuning jobs: upload a dataset, follow the job, cancel it.
+"""Fine-tuning jobs: upload a dataset (or name files uploaded with `POST /v1/files`, as
+OpenAI's API does), follow the job, cancel it.
 
 The upload is checked in full before anything is queued: the body's size (by the app's
 body-limit middleware, from Content-Length or as it streams), each file's size while it
@@ -13,15 +14,16 @@ training errors propagate and are mapped in `errors`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from pydantic import ValidationError
 
 from adapter_store import AdapterError, AdapterNotFoundError, QuotaExceededError
 from adapter_store.store import AdapterStore, StoreQuota, validate_key
@@ -29,10 +31,10 @@ from adapter_store.store.base import quota_exceeded
 from adapter_store.untrusted_json import load_untrusted_json
 from server.training import (
     DatasetError,
-    DatasetTooLargeError,
     HyperparameterError,
     JobQueue,
     JobRecord,
+    JobState,
     PreparedJob,
     TrainingError,
     TrainingHyperparameters,
@@ -41,18 +43,31 @@ from server.training import (
     prepare_job,
     published_bytes,
 )
+from server.training.errors import UnknownFileError
+from server.training.files import FileStore
+from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
 
 from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError, from_typed_error
+from .errors import APIError, field_of, from_typed_error
 from .generation import sse, sse_response
-from .job_schemas import CreateJobForm, FineTuningJob, FineTuningJobEvent, JobEventList, JobList
+from .job_schemas import (
+    CheckpointList,
+    CreateJobForm,
+    CreateJobRequest,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobEventList,
+    JobList,
+    OpenAIHyperparameters,
+)
+from .multipart import read_form
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 FILE_FIELDS = ("training_file", "validation_file")
 HYPERPARAMETER_FIELDS = frozenset(TrainingHyperparameters.model_fields)
-MAX_FIELD_BYTES = 64 << 10  # one form field other than a file (the hyperparameters JSON is the largest)
 MAX_PAGE = MAX_LIST_LIMIT - 1  # one more job is fetched to learn `has_more`
 FOLLOW_POLL_S = 0.5  # how often a followed job is read again
 KEEPALIVE_S = 15.0  # an SSE comment when nothing else was sent, so proxies keep the stream
@@ -76,34 +91,61 @@ JobsDep = Annotated[JobQueue, Depends(job_queue)]
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"multipart/form-data": {"schema": CreateJobForm.openapi_schema()}},
+            "content": {
+                "multipart/form-data": {"schema": CreateJobForm.openapi_schema()},
+                "application/json": {"schema": CreateJobRequest.model_json_schema()},
+            },
         }
     },
 )
 async def create_job(
     request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, jobs: JobsDep
 ) -> FineTuningJob:
-    """Queue a job that trains a VB-LoRA adapter on the uploaded JSONL file(s) and
-    publishes it as the next version of `adapter`. Refused now (429 `quota_exceeded` on
-    `adapter`) if that adapter would not fit the tenant's adapter or byte quota as things
-    stand; the publish checks the quota again, atomically with the write."""
-    upload = await read_upload(request, services.settings.training_max_file_bytes)
+    """Queue a job that trains a VB-LoRA adapter and publishes it. Two bodies:
+    `multipart/form-data` with the JSONL files themselves, publishing the next version of
+    `adapter`; or `application/json` as OpenAI's API has it (`CreateJobRequest`: file ids
+    from `POST /v1/files`), publishing a new adapter `ft-<suffix>-<8 hex digits>`. Refused
+    now (429 `quota_exceeded` on `adapter`) if that adapter would not fit the tenant's
+    adapter or byte quota as things stand; the publish checks the quota again, atomically
+    with the write."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json":
+        upload = await read_openai_request(request, services, tenant)
+    else:
+        upload = await read_upload(request, services.settings.training_max_file_bytes)
     if upload.adapter == services.model_name:
         raise APIError("conflict", f"{upload.adapter!r} is the base model's name", "adapter")
-    prepared = await asyncio.to_thread(check_upload, services, upload)
-    size = published_bytes(prepared.config, upload.hyperparameters.torch_save_dtype)
+    try:
+        prepared = await asyncio.to_thread(check_upload, services, upload)
+    except HyperparameterError as exc:  # `check_fits` names the trainer's field; name the request's
+        if upload.request_fields is None:
+            raise
+        raise HyperparameterError(request_field(exc.field, upload.request_fields), exc.reason) from None
+    hp = upload.hyperparameters
+    size = published_bytes(prepared.config, hp.torch_save_dtype)
     await asyncio.to_thread(check_quota, services.store, tenant, caller.quota, upload.adapter, size)
     record = await asyncio.to_thread(
-        jobs.submit, tenant, upload.adapter, upload.hyperparameters, upload.training_file, upload.validation_file
+        functools.partial(
+            jobs.submit,
+            tenant,
+            upload.adapter,
+            hp,
+            upload.training_file,
+            upload.validation_file,
+            training_file_id=upload.training_file_id,
+            validation_file_id=upload.validation_file_id,
+            trained_tokens=prepared.trained_tokens(hp),
+        )
     )
     if not await asyncio.to_thread(still_current, services, caller):  # deleted while the upload streamed in
         await asyncio.to_thread(jobs.remove, tenant, record.id)
         raise tenant_deleted()
-    return FineTuningJob.of(record)
+    return FineTuningJob.of(record, services.model_name)
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
+    services: ServicesDep,
     tenant: TenantDep,
     jobs: JobsDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
@@ -113,12 +155,14 @@ def list_jobs(
 ) -> JobList:
     """The newest jobs first (finished ones are kept for `VBSERVE_TRAINING_JOB_RETENTION_S`)."""
     records = jobs.list(tenant, limit=limit + 1, after=after)
-    return JobList(data=[FineTuningJob.of(r) for r in records[:limit]], has_more=len(records) > limit)
+    return JobList(
+        data=[FineTuningJob.of(r, services.model_name) for r in records[:limit]], has_more=len(records) > limit
+    )
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
-def get_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
-    return FineTuningJob.of(jobs.get(tenant, job_id))
+def get_job(job_id: str, services: ServicesDep, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
+    return FineTuningJob.of(jobs.get(tenant, job_id), services.model_name)
 
 
 @router.get(
@@ -128,6 +172,7 @@ def get_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
 )
 async def job_events(
     job_id: str,
+    services: ServicesDep,
     tenant: TenantDep,
     jobs: JobsDep,
     stream: Annotated[bool, Query(description="Follow the job as server-sent events until it ends")] = False,
@@ -139,16 +184,24 @@ async def job_events(
     once the job has ended."""
     if stream or "text/event-stream" in (accept or ""):
         first = await asyncio.to_thread(jobs.get, tenant, job_id)  # a 404 before the stream starts
-        return sse_response(follow(jobs, tenant, first))
+        return sse_response(follow(jobs, tenant, first, services.model_name))
     events = await asyncio.to_thread(jobs.events, tenant, job_id)
-    return JobEventList(data=[FineTuningJobEvent.of(e) for e in events])
+    return JobEventList(data=[FineTuningJobEvent.of(job_id, e) for e in events])
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def job_checkpoints(job_id: str, tenant: TenantDep, jobs: JobsDep) -> CheckpointList:
+    """The adapter a succeeded job published, as its one (final) checkpoint; none before."""
+    record = jobs.get(tenant, job_id)
+    data = [FineTuningJobCheckpoint.of(record)] if record.state is JobState.SUCCEEDED else []
+    return CheckpointList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_job(job_id: str, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
+def cancel_job(job_id: str, services: ServicesDep, tenant: TenantDep, jobs: JobsDep) -> FineTuningJob:
     """A queued job ends at once; a running one within a training step (its status stays
     `running` with `cancel_requested` until then). Nothing is published either way."""
-    return FineTuningJob.of(jobs.cancel(tenant, job_id))
+    return FineTuningJob.of(jobs.cancel(tenant, job_id), services.model_name)
 
 
 # -- the upload ---------------------------------------------------------------------------
@@ -160,48 +213,110 @@ class JobUpload:
     hyperparameters: TrainingHyperparameters
     training_file: bytes
     validation_file: bytes | None
+    training_file_id: str | None = None  # an OpenAI request's file ids
+    validation_file_id: str | None = None
+    # An OpenAI request's field behind each trainer hyperparameter (`from_openai`); None
+    # for the form, whose fields are the trainer's own.
+    request_fields: dict[str, str] | None = None
 
 
 async def read_upload(request: Request, max_file_bytes: int) -> JobUpload:
-    """The form's files and fields, refusing a file over its limit before it is read in
-    full (starlette's parser bounds fields, not files: `_BoundedParser` does)."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-        raise APIError("unsupported_media_type", "send multipart/form-data", "content-type")
-    parser = _BoundedParser(
-        request.headers,
-        request.stream(),
-        max_file_bytes=max_file_bytes,
-        max_files=len(FILE_FIELDS),
-        max_fields=len(HYPERPARAMETER_FIELDS) + 2,
-        max_part_size=MAX_FIELD_BYTES,
+    """The form's files and fields, each file refused as soon as it streams past its limit."""
+    form = await read_form(
+        request, file_fields=FILE_FIELDS, max_file_bytes=max_file_bytes, max_fields=len(HYPERPARAMETER_FIELDS) + 2
     )
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise APIError("invalid_request", f"malformed multipart body: {exc.message}", "body") from None
-    try:
-        files: dict[str, bytes] = {}
-        fields: dict[str, list[str]] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key not in FILE_FIELDS:
-                    raise APIError("invalid_request", f"unexpected file {key!r}: send {' and '.join(FILE_FIELDS)}", key)
-                files[key] = await value.read()
-            elif key in FILE_FIELDS:
-                files[key] = value.encode()  # pasted as text (`curl -F 'training_file=<data.jsonl'`)
-            else:
-                fields.setdefault(key, []).append(value)
-    finally:
-        await form.close()
-    if "training_file" not in files:
+    if "training_file" not in form.files:
         raise DatasetError("training_file", "is required: a JSONL file of training rows")
+    validation = form.files.get("validation_file")
     return JobUpload(
-        adapter=_adapter_name(fields.pop("adapter", [])),
-        hyperparameters=_hyperparameters(fields),
-        training_file=files["training_file"],
-        validation_file=files.get("validation_file"),
+        adapter=_adapter_name(form.fields.pop("adapter", [])),
+        hyperparameters=_hyperparameters(form.fields),
+        training_file=form.files["training_file"].content,
+        validation_file=None if validation is None else validation.content,
     )
+
+
+async def read_openai_request(request: Request, services: Services, tenant: str) -> JobUpload:
+    """An OpenAI job request: its fields checked (each refusal a 400 naming the field),
+    its files read from the tenant's uploads."""
+    body = load_untrusted_json(
+        await read_body(request, services.settings.max_request_bytes), "body", error=TrainingError
+    )
+    try:
+        job = CreateJobRequest.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        field = field_of([{**e, "loc": ("body", *e["loc"])} for e in errors])
+        raise APIError("invalid_request", f"{field}: {errors[0]['msg']}", field) from None
+    if job.model != services.model_name:
+        raise APIError("invalid_request", f"the base model is {services.model_name!r}, not {job.model!r}", "model")
+    if job.integrations:
+        raise APIError("invalid_request", "no integrations are supported here", "integrations")
+    hp, request_fields = _trainer_hyperparameters(job)
+    try:
+        suffix = "" if job.suffix is None else validate_key("suffix", job.suffix) + "-"
+    except AdapterError as exc:
+        raise from_typed_error(exc) from None
+    if services.files is None:
+        raise APIError("unavailable", "uploaded files are not available on this server", "training_file")
+    training = await asyncio.to_thread(_uploaded, services.files, tenant, job.training_file, "training_file")
+    validation = None
+    if job.validation_file is not None:
+        validation = await asyncio.to_thread(_uploaded, services.files, tenant, job.validation_file, "validation_file")
+    return JobUpload(
+        adapter=f"ft-{suffix}{uuid.uuid4().hex[:8]}",
+        hyperparameters=hp,
+        training_file=training,
+        validation_file=validation,
+        training_file_id=job.training_file,
+        validation_file_id=job.validation_file,
+        request_fields=request_fields,
+    )
+
+
+def _trainer_hyperparameters(job: CreateJobRequest) -> tuple[TrainingHyperparameters, dict[str, str]]:
+    """The trainer's hyperparameters from OpenAI's (top-level or under `method`) and
+    `vblora`, with the request field behind each (see `from_openai`)."""
+    hyperparameters, where = job.hyperparameters, "hyperparameters"
+    if job.method is not None:
+        if job.method.type != "supervised":
+            raise APIError(
+                "invalid_request", f"only 'supervised' fine-tuning runs here, not {job.method.type!r}", "method.type"
+            )
+        for other in ("dpo", "reinforcement"):
+            if getattr(job.method, other) is not None:
+                raise APIError(
+                    "invalid_request", "only method.supervised applies to supervised jobs", f"method.{other}"
+                )
+        if job.method.supervised is not None:
+            if hyperparameters is not None:
+                raise APIError("invalid_request", "give them here or in method.supervised, not both", where)
+            hyperparameters, where = job.method.supervised.hyperparameters, "method.supervised.hyperparameters"
+    hyperparameters = hyperparameters or OpenAIHyperparameters()
+    return from_openai(
+        **{name: hyperparameters.value(name) for name in OpenAIHyperparameters.model_fields},
+        seed=job.seed,
+        vblora=job.vblora,
+        where={"seed": "seed", **{name: f"{where}.{name}" for name in OpenAIHyperparameters.model_fields}},
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes (this route's body limit is
+    the multipart upload's; a JSON request gets the JSON limit)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError("too_large", f"a JSON body is limited to {limit} bytes", "body")
+    return bytes(body)
+
+
+def _uploaded(files: FileStore, tenant: str, file_id: str, field: str) -> bytes:
+    try:
+        return files.content(tenant, file_id)
+    except UnknownFileError:
+        raise APIError("invalid_request", f"no uploaded file {file_id!r} of yours (POST /v1/files)", field) from None
 
 
 def check_upload(services: Services, upload: JobUpload) -> PreparedJob:
@@ -271,34 +386,13 @@ def _hyperparameters(fields: dict[str, list[str]]) -> TrainingHyperparameters:
     return TrainingHyperparameters.parse(data)
 
 
-class _BoundedParser(MultiPartParser):
-    """Starlette's multipart parser, refusing a file part as soon as it streams past
-    `max_file_bytes` (starlette bounds only the non-file parts)."""
-
-    def __init__(self, *args: Any, max_file_bytes: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_file_bytes = max_file_bytes
-        self._part_bytes = 0
-
-    def on_part_begin(self) -> None:
-        super().on_part_begin()
-        self._part_bytes = 0
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._part_bytes += end - start
-        if self._current_part.file is not None and self._part_bytes > self.max_file_bytes:
-            raise DatasetTooLargeError(
-                self._current_part.field_name, f"more than the limit of {self.max_file_bytes} bytes"
-            )
-        super().on_part_data(data, start, end)
-
-
 # -- following a job -----------------------------------------------------------------------
 
 
-async def follow(jobs: JobQueue, tenant: str, first: JobRecord) -> AsyncIterator[str]:
-    """SSE lines: the job, then new events and status changes until it ends."""
-    yield sse(FineTuningJob.of(first))
+async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> AsyncIterator[str]:
+    """SSE lines: the job, then new events and status changes until it ends. `model`: the
+    served base model's name."""
+    yield sse(FineTuningJob.of(first, model))
     status = _status(first)
     last_event: tuple[float, int] | None = None  # (time, step): a re-run restarts at step 1, later
     last_sent = time.monotonic()
@@ -314,11 +408,11 @@ async def follow(jobs: JobQueue, tenant: str, first: JobRecord) -> AsyncIterator
             return
         for event in events:
             if last_event is None or (event.time, event.step) > last_event:
-                yield sse(FineTuningJobEvent.of(event))
+                yield sse(FineTuningJobEvent.of(first.id, event))
                 last_event, last_sent = (event.time, event.step), time.monotonic()
         if _status(record) != status:
             status = _status(record)
-            yield sse(FineTuningJob.of(record))
+            yield sse(FineTuningJob.of(record, model))
             last_sent = time.monotonic()
         if record.state.terminal:
             yield sse("[DONE]")

@@ -1,7 +1,10 @@
-"""LoRAX/TGI-compatible routes: `POST /generate` and `POST /generate_stream`.
+"""LoRAX/TGI-compatible routes: `POST /generate`, `POST /generate_stream`, and `POST /`
+(where LoRAX's and TGI's Python clients post; `stream` in the body picks which of the two).
 
 `parameters.adapter_id` selects the adapter. As in TGI, decoding is greedy unless
-`do_sample` is true or a `temperature` is given.
+`do_sample` is true or a `temperature` is given. Every parameter `lorax-client` sends is
+implemented or, set to anything but its default, refused with a 400 naming it
+(`schemas.GenerateParameters`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from fastapi.responses import StreamingResponse
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
 from .deps import GenerationSlot, Services, ServicesDep, TenantDep
+from .errors import APIError, from_engine_error
 from .generation import (
     Event,
     adapter_ref,
     encode_prompt,
-    error_event,
     open_stream,
     output_limit,
     run_to_end,
@@ -29,9 +32,9 @@ from .generation import (
     submit,
 )
 from .schemas import (
+    AlternativeToken,
     GenerateDetails,
     GeneratedToken,
-    GenerateParameters,
     GenerateRequest,
     GenerateResponse,
     GenerateStreamEvent,
@@ -40,18 +43,51 @@ from .schemas import (
 
 router = APIRouter(tags=["lorax"])
 
-# Engine field names -> TGI's: sampling fields live under `parameters`.
+# Engine field names -> TGI's: sampling fields live under `parameters`, some renamed.
 FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {
     "prompt": "inputs",
     "model": "parameters.adapter_id",
+    "ignore_eos": "parameters.ignore_eos_token",
+    "top_logprobs": "parameters.return_k_alternatives",
 }
+
+
+@router.post("/", response_model=list[GenerateResponse], dependencies=[GenerationSlot])
+async def compat_generate(
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> list[GenerateResponse] | StreamingResponse:
+    """TGI's and LoRAX's compatibility route, where their Python clients post: `stream`
+    in the body picks a stream of events as from /generate_stream, else a list of one
+    response as from /generate."""
+    if body.stream:
+        return await _stream(services, request, tenant, body)
+    return [await _generate(services, request, tenant, body)]
 
 
 @router.post("/generate", response_model=GenerateResponse, dependencies=[GenerationSlot])
 async def generate(
     body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
 ) -> GenerateResponse:
-    engine_request = await _engine_request(services, tenant, body)
+    _check_stream_matches(body, streaming=False)
+    return await _generate(services, request, tenant, body)
+
+
+@router.post("/generate_stream", dependencies=[GenerationSlot])
+async def generate_stream(
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+) -> StreamingResponse:
+    _check_stream_matches(body, streaming=True)
+    return await _stream(services, request, tenant, body)
+
+
+def _check_stream_matches(body: GenerateRequest, streaming: bool) -> None:
+    if body.stream is not None and body.stream != streaming:
+        route = "/generate_stream" if streaming else "/generate"
+        raise APIError("invalid_request", f"stream={body.stream} contradicts {route}; POST / picks by stream", "stream")
+
+
+async def _generate(services: Services, request: Request, tenant: str, body: GenerateRequest) -> GenerateResponse:
+    engine_request = await _engine_request(services, tenant, body, streaming=False)
     handle = await submit(services, engine_request, FIELDS)
     outcome = await run_to_end(services, request, handle, FIELDS)
     result = outcome.result
@@ -65,22 +101,23 @@ async def generate(
             seed=body.parameters.seed,
             tokens=[token(t) for t in _merge_held_text(outcome.tokens)],
         )
-    return GenerateResponse(generated_text=result.text, details=details)
+    return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
 
 
-@router.post("/generate_stream", dependencies=[GenerationSlot])
-async def generate_stream(
-    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
-) -> StreamingResponse:
-    engine_request = await _engine_request(services, tenant, body)
+async def _stream(services: Services, request: Request, tenant: str, body: GenerateRequest) -> StreamingResponse:
+    engine_request = await _engine_request(services, tenant, body, streaming=True)
     handle = await submit(services, engine_request, FIELDS)
     events = await open_stream(services, request, handle, FIELDS)
-    return sse_response(_stream_events(services, body.parameters, events))
+    return sse_response(_stream_events(services, body, events))
 
 
-async def _engine_request(services: Services, tenant: str, body: GenerateRequest) -> GenerationRequest:
+async def _engine_request(services: Services, tenant: str, body: GenerateRequest, streaming: bool) -> GenerationRequest:
     p = body.parameters
     ids = await encode_prompt(services, body.inputs, "inputs")
+    if p.truncate is not None:
+        if p.truncate < 1:
+            raise APIError("invalid_request", f"must be at least 1, got {p.truncate}", "parameters.truncate")
+        ids = ids[-p.truncate :]  # as TGI: the prompt's last tokens are kept
     sampled = p.do_sample or p.temperature is not None
     sampling = SamplingParams(
         max_new_tokens=output_limit(services, p.max_new_tokens, len(ids)),
@@ -90,9 +127,19 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
         repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
         seed=p.seed,
         stop=stop_list(p.stop),
-        logprobs=p.details,
+        ignore_eos=p.ignore_eos_token,
+        # Every streamed TGI token carries its logprob, with details or without
+        # (lorax-client's `Token.logprob` is required). Not asked for otherwise: a batch
+        # with one row that wants logprobs computes them for every row (7.9 ms a step at
+        # 32 rows of SmolLM2's 49,152-token vocabulary, measured on 2 CPU cores).
+        logprobs=streaming or p.details,
+        top_logprobs=p.return_k_alternatives or 0,
     )
     return GenerationRequest(ids, sampling, adapter_ref(services, tenant, p.adapter_id))
+
+
+def _full_text(body: GenerateRequest, generated: str) -> str:
+    return body.inputs + generated if body.parameters.return_full_text else generated
 
 
 def _finish_reason(services: Services, result: FinalResult) -> str:
@@ -104,9 +151,21 @@ def _finish_reason(services: Services, result: FinalResult) -> str:
 
 def _token_maker(services: Services) -> Callable[[TokenEvent], GeneratedToken]:
     eos = services.engine.eos_ids
+    tokenizer = services.tokenizer
 
     def token(event: TokenEvent) -> GeneratedToken:
-        return GeneratedToken(id=event.token_id, text=event.text, logprob=event.logprob, special=event.token_id in eos)
+        alternatives = None
+        if event.top_logprobs is not None:  # asked for by return_k_alternatives
+            alternatives = [
+                AlternativeToken(id=i, text=tokenizer.decode([i]), logprob=lp) for i, lp in event.top_logprobs.items()
+            ]
+        return GeneratedToken(
+            id=event.token_id,
+            text=event.text,
+            logprob=event.logprob,
+            special=event.token_id in eos,
+            alternative_tokens=alternatives,
+        )
 
     return token
 
@@ -125,9 +184,7 @@ def _merge_held_text(tokens: list[TokenEvent]) -> list[TokenEvent]:
     return merged
 
 
-async def _stream_events(
-    services: Services, params: GenerateParameters, events: AsyncIterator[Event]
-) -> AsyncIterator[str]:
+async def _stream_events(services: Services, body: GenerateRequest, events: AsyncIterator[Event]) -> AsyncIterator[str]:
     """Each token is sent when the next event arrives: the last token's event must carry
     `generated_text` and `details`, and whether a token is the last is known only then."""
     token = _token_maker(services)
@@ -142,13 +199,15 @@ async def _stream_events(
             held = event
             continue
         if event.error is not None:
-            yield error_event(event.error, FIELDS)
+            # TGI's `error_type` beside our error body: lorax-client raises its GenerationError.
+            yield sse({**from_engine_error(event.error, FIELDS).body(), "error_type": "generation"})
             return
         if held is None:  # cancelled or timed out before the first token: nothing to report
             return
         details = StreamDetails(
             finish_reason=_finish_reason(services, event),
             generated_tokens=event.usage.completion_tokens,
-            seed=params.seed,
+            prompt_tokens=event.usage.prompt_tokens,
+            seed=body.parameters.seed,
         )
-        yield sse(GenerateStreamEvent(token=token(held), generated_text=event.text, details=details))
+        yield sse(GenerateStreamEvent(token=token(held), generated_text=_full_text(body, event.text), details=details))

@@ -2,8 +2,14 @@
 
 OpenAI-compatible bodies follow OpenAI's field names and shapes (so the official `openai`
 package works against us) plus two non-OpenAI sampling fields, `top_k` and
-`repetition_penalty`. LoRAX/TGI bodies follow TGI's `inputs` + `parameters`. Unknown
-fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
+`repetition_penalty`. LoRAX/TGI bodies follow TGI's `inputs` + `parameters`.
+
+No field is silently ignored: an answer that dropped `logit_bias` or `response_format`
+would look right and not be. A field this server does not know is a 400 naming it
+(pydantic's `extra="forbid"`); a known field set to a value this server does not
+implement is a 400 naming it too (`not_supported`); `errors.py` maps both. The only
+fields accepted and ignored are the OpenAI ones that change nothing here (`user`,
+`metadata`, `store`, `service_tier`).
 
 Types are checked here (a wrong type is a 422); value ranges are the engine's
 (`SamplingParams.validate`), checked once there and reported as a 400.
@@ -11,9 +17,11 @@ Types are checked here (a wrong type is a 422); value ranges are the engine's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 def _unicode(value: str) -> str:
@@ -28,14 +36,68 @@ def _unicode(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 
+# The pydantic error type of a known field set to a value this server does not implement
+# (errors.py answers it, like an unknown field, with a 400 naming the field).
+NOT_SUPPORTED = "not_supported"
+
+
+def not_supported(why: str) -> PydanticCustomError:
+    return PydanticCustomError(NOT_SUPPORTED, why)
+
+
 # -- OpenAI: completions and chat ----------------------------------------------------------
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class OpenAIRequest(BaseModel):
+    """What every OpenAI request body shares: the unknown-field policy (a 400 naming the
+    field), the fields that change nothing here, and `response_format`, refused unless
+    plain text until structured generation is implemented."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI's bookkeeping fields: they change nothing in the generated text.
+    user: str | None = Field(None, description="Accepted and ignored")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored")
+    store: bool | None = Field(None, description="Accepted and ignored")
+    service_tier: str | None = Field(None, description="Accepted and ignored")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} (the default)')
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value != {"type": "text"}:
+            raise not_supported('only {"type": "text"} is supported; structured output is not implemented yet')
+        return value
+
+
+class ChatToolFields(BaseModel):
+    """Tool calling, not implemented: refused unless it asks for no tool."""
+
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only omitted or empty")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Not supported: only "none"')
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise not_supported("tool calling is not implemented")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value is not None and value != "none":
+            raise not_supported('tool calling is not implemented; only "none" is accepted')
+        return value
+
+
+class SamplingFields(OpenAIRequest):
     """Sampling fields that completions and chat share."""
 
     model: str | None = Field(None, description="An adapter name, or the base model's name (or omitted) for none")
@@ -73,6 +135,10 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    # A message's `name`, `tool_calls`, `tool_call_id` would change what the model should
+    # see: refused (a 400 naming `messages.N.name`), not dropped.
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart]
 
@@ -81,7 +147,7 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(SamplingFields):
+class ChatRequest(SamplingFields, ChatToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="Newer OpenAI name of max_tokens")
     logprobs: bool = False
@@ -188,7 +254,34 @@ class ModelList(BaseModel):
 # -- LoRAX / TGI ---------------------------------------------------------------------------
 
 
+# Parameters that `lorax-client` sends (each with its default unless the caller sets it)
+# and this server does not implement: a value other than these defaults is a 400 naming
+# the parameter, why, and what to do instead.
+_REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "best_of": (
+        lambda v: v not in (None, 1),
+        "only best_of=1 is supported; send several requests with do_sample to compare samples",
+    ),
+    "decoder_input_details": (lambda v: v, "prompt token logprobs (decoder_input_details) are not implemented"),
+    "typical_p": (lambda v: v is not None, "typical decoding (typical_p) is not implemented; use top_p or top_k"),
+    "watermark": (lambda v: v, "watermarking is not implemented"),
+    "adapter_source": (
+        lambda v: v is not None,
+        "adapters come from this server's own store (upload with PUT /v1/adapters/{name}); leave adapter_source unset",
+    ),
+    "api_token": (
+        lambda v: v is not None,
+        "this server takes its API key in the Authorization header (`Authorization: Bearer <key>`; "
+        "lorax.Client(url, headers=...)), not in the body",
+    ),
+    "response_format": (lambda v: v is not None, "structured output (response_format) is not implemented yet"),
+    "merged_adapters": (lambda v: v is not None, "per-request adapter merges (merged_adapters) are not implemented"),
+}
+
+
 class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     adapter_id: str | None = Field(None, description="Adapter name; omitted or empty: the base model")
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -199,18 +292,55 @@ class GenerateParameters(BaseModel):
     repetition_penalty: float | None = None
     do_sample: bool = False
     details: bool = False
+    ignore_eos_token: bool = False
+    return_full_text: bool = Field(False, description="Prepend the prompt to generated_text")
+    truncate: int | None = Field(None, description="Keep only the last N prompt tokens")
+    return_k_alternatives: int | None = Field(None, description="Each token's k most likely alternatives (0..20)")
+    # Not implemented: refused unless omitted or the default (see _REFUSED_PARAMETERS).
+    best_of: int | None = Field(None, description="Only 1")
+    decoder_input_details: bool = Field(False, description="Only false")
+    typical_p: float | None = Field(None, description="Not supported")
+    watermark: bool = Field(False, description="Only false")
+    adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
+    api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
+    response_format: dict[str, Any] | None = Field(None, description="Not supported yet")
+    merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
+
+    @field_validator(*_REFUSED_PARAMETERS)
+    @classmethod
+    def _refuse_unimplemented(cls, value: Any, info: ValidationInfo) -> Any:
+        refused, why = _REFUSED_PARAMETERS[info.field_name]
+        if refused(value):
+            raise not_supported(why)
+        return value
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     inputs: Text
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool | None = Field(None, description="On POST /: stream (as /generate_stream) or not (as /generate)")
+
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
 
 
 class GeneratedToken(BaseModel):
     id: int
     text: str
-    logprob: float | None
+    logprob: float
     special: bool
+    alternative_tokens: list[AlternativeToken] | None = None
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
 
 
 class GenerateDetails(BaseModel):
@@ -218,6 +348,9 @@ class GenerateDetails(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     seed: int | None
+    prefill: list[PrefillToken] = Field(
+        default_factory=list, description="Always empty: decoder_input_details is not supported"
+    )
     tokens: list[GeneratedToken]
 
 
@@ -229,6 +362,7 @@ class GenerateResponse(BaseModel):
 class StreamDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int
     seed: int | None
 
 

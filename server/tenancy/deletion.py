@@ -9,7 +9,8 @@ The delete runs in this order (`delete_tenant`):
 
     1. remove the registry entry (and its keys): from here on `is_current` is False for
        the old incarnation, and no request authenticates as it;
-    2. remove the tenant's jobs (`JobQueue.remove`);
+    2. remove the tenant's jobs (`JobQueue.remove`), then its uploaded files
+       (`FileStore.remove`; an upload re-checks as a job submission does);
     3. sweep the tenant's adapters.
 
 Every in-flight write re-checks after it wrote, and undoes its own write if the check
@@ -45,15 +46,21 @@ from adapter_store.store import AdapterRecord, AdapterStore
 from .registry import TenantRegistry
 
 if TYPE_CHECKING:
+    from server.training.files import FileStore
     from server.training.jobs import JobQueue
 
 
-def delete_tenant(registry: TenantRegistry, store: AdapterStore, jobs: JobQueue | None, name: str) -> None:
-    """Delete the tenant, its keys, jobs (a running one stops and publishes nothing) and
-    adapters, in the order the module doc argues. `TenantNotFoundError` if absent."""
+def delete_tenant(
+    registry: TenantRegistry, store: AdapterStore, jobs: JobQueue | None, files: FileStore | None, name: str
+) -> None:
+    """Delete the tenant, its keys, jobs (a running one stops and publishes nothing),
+    uploaded files and adapters, in the order the module doc argues. `TenantNotFoundError`
+    if absent."""
     registry.delete_tenant(name)
     if jobs is not None:
         jobs.remove(name)
+    if files is not None:
+        files.remove(name)
     while page := store.list(name, limit=1000):
         for record in page:
             with contextlib.suppress(AdapterNotFoundError):  # deleted meanwhile by another request

@@ -4,7 +4,8 @@ parses messages."""
 
 from __future__ import annotations
 
-from adapter_store.errors import FieldError
+from adapter_store.errors import AdapterValidationError, FieldError
+from adapter_store.store import validate_key
 
 
 class TrainingError(FieldError):
@@ -43,3 +44,18 @@ class JobStateError(TrainingError):
 
 class TrainingCancelled(Exception):
     """Raised inside the trainer when `should_stop()` answers True."""
+
+
+class UnknownFileError(TrainingError):
+    """No uploaded file of the tenant's has this id (another tenant's is as unknown)."""
+
+    kind = "not_found"
+
+
+def check_key(field_name: str, value: object) -> str:
+    """`validate_key` (a tenant, adapter or worker name that is safe as a storage key),
+    refusing with a `TrainingError` naming the field."""
+    try:
+        return validate_key(field_name, value)
+    except AdapterValidationError as exc:
+        raise TrainingError(exc.field, exc.reason) from None

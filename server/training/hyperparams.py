@@ -24,6 +24,7 @@ from .errors import HyperparameterError
 # One (S, h) float32 logits tensor plus its gradient and two AdamW moments: 2^27 elements
 # is 2 GiB in all, the most a job may hold beside the model.
 MAX_LOGITS = 1 << 27
+MAX_SEQ_LEN = 32768
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
@@ -47,7 +48,7 @@ class TrainingHyperparameters(BaseModel):
     lr_logits: float = Field(1e-2, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decay of the logits (never of the bank)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_seq_len: int = Field(512, ge=2, le=32768)
+    max_seq_len: int = Field(512, ge=2, le=MAX_SEQ_LEN)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     truncation: Literal["refuse", "truncate"] = "refuse"
@@ -162,3 +163,73 @@ class TrainingHyperparameters(BaseModel):
                 "use fewer vectors, a smaller rank, a longer vector_length or fewer target modules",
             )
         return config
+
+
+# -- OpenAI's fine-tuning hyperparameters --------------------------------------------------
+
+DEFAULT_LR_BANK: float = TrainingHyperparameters.model_fields["lr_bank"].default
+DEFAULT_LR_LOGITS: float = TrainingHyperparameters.model_fields["lr_logits"].default
+
+
+def from_openai(
+    *,
+    n_epochs: int | None,
+    batch_size: int | None,
+    learning_rate_multiplier: float | None,
+    seed: int | None,
+    vblora: Mapping[str, object],
+    where: Mapping[str, str],
+) -> tuple[TrainingHyperparameters, dict[str, str]]:
+    """The trainer's hyperparameters for an OpenAI-style job request, and where in the
+    request each one came from ({trainer field: request field}), to name the request's
+    field in a later error (`check_fits`). None is "auto": the trainer's default.
+
+    n_epochs -> epochs; batch_size -> batch_size; learning_rate_multiplier m -> both
+    learning rates scaled: lr_bank = m x 1e-3, lr_logits = m x 1e-2 (the paper's rates,
+    which "auto" keeps); seed -> seed; `vblora` sets any other trainer field by its own
+    name (r, num_vectors, target_modules, max_steps...). A trainer field set two ways is
+    refused rather than one silently winning. `where` names the request fields of the
+    first four (`method.supervised.hyperparameters.n_epochs`)."""
+    data: dict[str, object] = {}
+    source: dict[str, str] = {}
+
+    def put(name: str, value: object, field: str) -> None:
+        if name in data:
+            raise HyperparameterError(field, f"sets {name}, which {source[name]} sets already")
+        data[name], source[name] = value, field
+
+    if n_epochs is not None:
+        put("epochs", n_epochs, where["n_epochs"])
+    if batch_size is not None:
+        put("batch_size", batch_size, where["batch_size"])
+    if learning_rate_multiplier is not None:
+        put("lr_bank", DEFAULT_LR_BANK * learning_rate_multiplier, where["learning_rate_multiplier"])
+        put("lr_logits", DEFAULT_LR_LOGITS * learning_rate_multiplier, where["learning_rate_multiplier"])
+    if seed is not None:
+        put("seed", seed, where["seed"])
+    for name, value in vblora.items():
+        put(name, value, f"vblora.{name}")
+    try:
+        return TrainingHyperparameters.parse(data), source
+    except HyperparameterError as exc:
+        raise HyperparameterError(request_field(exc.field, source), exc.reason) from None
+
+
+def request_field(field: str, source: Mapping[str, str]) -> str:
+    """The request field behind a trainer's error field (`hyperparameters.lr_bank` ->
+    `hyperparameters.learning_rate_multiplier`); a field left at its default is named as
+    the `vblora` field that would set it."""
+    if not field.startswith("hyperparameters."):
+        return field
+    name = field.removeprefix("hyperparameters.")
+    return source.get(name.split(".")[0], f"vblora.{name}")
+
+
+def openai_view(hyperparameters: Mapping[str, object]) -> dict[str, object]:
+    """OpenAI's names for a job's hyperparameters, beside the trainer's own."""
+    lr_bank = hyperparameters.get("lr_bank", DEFAULT_LR_BANK)
+    return {
+        "n_epochs": hyperparameters.get("epochs"),
+        "batch_size": hyperparameters.get("batch_size"),
+        "learning_rate_multiplier": lr_bank / DEFAULT_LR_BANK if isinstance(lr_bank, int | float) else None,
+    }

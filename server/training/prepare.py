@@ -49,6 +49,13 @@ class PreparedJob:
     train: list[Example]
     validation: list[Example] | None
 
+    def trained_tokens(self, hp: TrainingHyperparameters) -> int | None:
+        """The tokens a job trains on (OpenAI's `trained_tokens`): every training row's
+        tokens, once per epoch. None with `max_steps`, which need not end on an epoch."""
+        if hp.max_steps is not None:
+            return None
+        return hp.epochs * sum(len(example.input_ids) for example in self.train)
+
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{dotted name: (in_features, out_features)} of every linear an adapter may target

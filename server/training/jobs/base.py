@@ -37,7 +37,7 @@ from typing import Any
 from adapter_store import AdapterValidationError, StoreUnavailableError
 from adapter_store.store import validate_key
 
-from ..errors import DatasetError, DatasetTooLargeError, JobNotFoundError, TrainingError
+from ..errors import DatasetError, DatasetTooLargeError, JobNotFoundError, TrainingError, check_key
 from ..hyperparams import TrainingHyperparameters
 
 MAX_LIST_LIMIT = 100
@@ -76,6 +76,12 @@ class JobRecord:
     cancel_requested: bool = False
     created: float = 0.0
     updated: float = 0.0
+    # What OpenAI's job object shows beside the trainer's inputs: the ids of the uploaded
+    # files the job was made from (None for a multipart upload), and the tokens it trains
+    # on (its rows' tokens times its epochs; None with max_steps).
+    training_file_id: str | None = None
+    validation_file_id: str | None = None
+    trained_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}
@@ -175,14 +181,19 @@ class JobQueue(ABC):
         hyperparameters: TrainingHyperparameters | dict[str, Any] | None,
         training_file: bytes,
         validation_file: bytes | None = None,
+        *,
+        training_file_id: str | None = None,
+        validation_file_id: str | None = None,
+        trained_tokens: int | None = None,
     ) -> JobRecord:
         """Queue a job that will publish its adapter as the next version of
-        (tenant, adapter_name). Raises `TooManyJobsError` past the tenant's limit.
+        (tenant, adapter_name). Raises `TooManyJobsError` past the tenant's limit. The
+        job keeps its own copy of the files; their ids (`POST /v1/files`) are shown only.
 
         The files are checked for size only here; the caller validates their rows with
         `prepare_job` before submitting (it has the tokenizer), the worker again."""
-        _check_key("tenant", tenant)
-        _check_key("adapter_name", adapter_name)
+        check_key("tenant", tenant)
+        check_key("adapter_name", adapter_name)
         hp = (
             hyperparameters
             if isinstance(hyperparameters, TrainingHyperparameters)
@@ -207,6 +218,9 @@ class JobQueue(ABC):
             hyperparameters=hp.model_dump(mode="json"),
             created=now,
             updated=now,
+            training_file_id=training_file_id,
+            validation_file_id=validation_file_id,
+            trained_tokens=trained_tokens,
         )
         with self._guard():
             self._submit(record, bytes(training_file), None if validation_file is None else bytes(validation_file))
@@ -214,7 +228,7 @@ class JobQueue(ABC):
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The job, if it belongs to `tenant` (else `JobNotFoundError`, as if absent)."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         validate_job_id(job_id)
         with self._guard():
             record = self._get(job_id)
@@ -226,7 +240,7 @@ class JobQueue(ABC):
         """The tenant's jobs, newest first (finished ones until their retention ends). With
         `after` (a page cursor: the last job id of the previous page), the jobs older than
         that one; `TrainingError` on `after` if it is no job of the tenant's (any more)."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise TrainingError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
         if after is not None:
@@ -259,7 +273,7 @@ class JobQueue(ABC):
         heartbeat (within `CANCEL_POLL_S`) that the job is no longer its own and stops;
         every worker-side write answers False for a removed job, so it publishes nothing
         (or withdraws what it published: see `Worker`). Returns how many were removed."""
-        _check_key("tenant", tenant)
+        check_key("tenant", tenant)
         if job_id is not None:
             validate_job_id(job_id)
         with self._guard():
@@ -271,7 +285,7 @@ class JobQueue(ABC):
         """The next job for `worker_id` to run, waiting up to `timeout_s` for one: a queued
         job, or a running one whose worker stopped renewing its lease (then this is a new
         attempt, and past `max_attempts` the job ends failed instead)."""
-        _check_key("worker_id", worker_id)
+        check_key("worker_id", worker_id)
         deadline = time.monotonic() + max(0.0, timeout_s)
         with self._guard():
             return self._claim(worker_id, deadline)
@@ -382,13 +396,6 @@ class JobQueue(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
-
-
-def _check_key(field_name: str, value: object) -> str:
-    try:
-        return validate_key(field_name, value)
-    except AdapterValidationError as exc:
-        raise TrainingError(exc.field, exc.reason) from None
 
 
 def event_json(event: JobEvent) -> str:

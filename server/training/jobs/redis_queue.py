@@ -526,6 +526,9 @@ def _record_fields(record: JobRecord) -> dict[str, str | int]:
         "attempts": 0,
         "created": repr(record.created),
         "updated": repr(record.updated),
+        "training_file_id": record.training_file_id or "",
+        "validation_file_id": record.validation_file_id or "",
+        "trained_tokens": "" if record.trained_tokens is None else record.trained_tokens,
     }
 
 
@@ -555,4 +558,7 @@ def _record(raw: dict[bytes, bytes]) -> JobRecord:
         cancel_requested=text("cancel") == "1",
         created=number("created", float) or 0.0,
         updated=number("updated", float) or 0.0,
+        training_file_id=text("training_file_id"),
+        validation_file_id=text("validation_file_id"),
+        trained_tokens=number("trained_tokens", int),
     )

@@ -73,9 +73,13 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 """
 
+# Columns added since the table was first released: `SQLiteJobQueue` adds them to a
+# jobs.db written before them when it opens it.
+ADDED_COLUMNS = {"training_file_id": "TEXT", "validation_file_id": "TEXT", "trained_tokens": "INTEGER"}
 _RECORD_COLUMNS = (
     "id, tenant, adapter_name, state, hyperparameters, step, total_steps, loss, val_loss, tokens_per_s, "
-    "error, adapter_version, attempts, cancel_requested, created, updated"
+    "error, adapter_version, attempts, cancel_requested, created, updated, "
+    "training_file_id, validation_file_id, trained_tokens"
 )
 _ACTIVE = "state IN ('queued', 'running')"
 
@@ -93,6 +97,11 @@ class SQLiteJobQueue(JobQueue):
         self._submitted = threading.Condition()
         with self._guard():
             self._db = SQLiteDatabase(self.path, SCHEMA, timeout=timeout)
+            with self._db.write() as conn:
+                present = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+                for name, kind in ADDED_COLUMNS.items():
+                    if name not in present:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def __repr__(self) -> str:
         return f"SQLiteJobQueue({str(self.path)!r})"
@@ -111,7 +120,8 @@ class SQLiteJobQueue(JobQueue):
                 )
             conn.execute(
                 "INSERT INTO jobs (id, tenant, adapter_name, state, hyperparameters, training, validation, created, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated, training_file_id, validation_file_id, trained_tokens) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.tenant,
@@ -122,6 +132,9 @@ class SQLiteJobQueue(JobQueue):
                     validation_file,
                     record.created,
                     record.updated,
+                    record.training_file_id,
+                    record.validation_file_id,
+                    record.trained_tokens,
                 ),
             )
         with self._submitted:
@@ -318,6 +331,9 @@ def _record(row: tuple) -> JobRecord:
         cancel,
         created,
         updated,
+        training_file_id,
+        validation_file_id,
+        trained_tokens,
     ) = row
     return JobRecord(
         id=job_id,
@@ -336,4 +352,7 @@ def _record(row: tuple) -> JobRecord:
         cancel_requested=bool(cancel),
         created=created,
         updated=updated,
+        training_file_id=training_file_id,
+        validation_file_id=validation_file_id,
+        trained_tokens=trained_tokens,
     )
