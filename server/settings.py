@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_model_len: int = 2048  # context per request; sizes the KV cache (rows x len)
     prefill_chunk_tokens: int = 512  # prompt tokens admitted per iteration (one long prompt may exceed it)
     default_max_tokens: int = 256  # when a request names no max_tokens / max_new_tokens (capped by the context left)
+    # OpenAI's `n`: samples one request may ask for. Each is a batch row, and counts as one
+    # request towards max_queue and the tenant's concurrent generations.
+    max_n: int = Field(16, ge=1)
 
     # Fine-tuning jobs. jobs_url: redis://, redis+cluster:// or a SQLite path; empty = the store's Redis
     # when store_url is Redis, else a jobs.db beside the SQLite store.

@@ -355,7 +355,7 @@ async def test_generation_with_uploaded_adapter(api, peft_dir):
         ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "invalid_request", "max_tokens"),
         ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "invalid_request", "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "invalid_request", "top_p"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "invalid_request", "n"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_request", "n"),
         ("/v1/completions", {"prompt": ""}, 400, "invalid_request", "prompt"),
         ("/v1/completions", {"prompt": ["a", "b"]}, 400, "invalid_request", "prompt"),
         ("/v1/completions", {"prompt": "x" * 300}, 400, "invalid_request", "prompt"),

@@ -208,7 +208,7 @@ def test_the_sampler_holds_its_bounds_with_large_logits():
         SamplingParams(temperature=MIN_POSITIVE_SETTING, repetition_penalty=MIN_REPETITION_PENALTY),
     ):
         generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-        tokens = sample_next_tokens(logits, [sampling, sampling], generators, [[2], [0]])
+        tokens = sample_next_tokens(logits, [sampling, sampling], generators, [[2], [0]], [[], []])
         assert tokens.tolist() == [0, 1], sampling
 
 
@@ -328,7 +328,7 @@ def test_the_sampler_gives_no_token_to_a_row_without_a_distribution_only():
     logits[1, 2] = logits[3, 0] = float("nan")
     params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1e-3), SamplingParams(temperature=1.0)]
     generators = [None, None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    tokens = sample_next_tokens(logits, params, generators, [[]] * 4)
+    tokens = sample_next_tokens(logits, params, generators, [[]] * 4, [[]] * 4)
     assert tokens.tolist() == [1, NO_TOKEN, 1, NO_TOKEN]
     assert torch.equal(generators[3].get_state(), torch.Generator().manual_seed(1).get_state())
 

@@ -1,7 +1,8 @@
 """Property: whatever sampling values a request carries, no other request is affected.
 
 Hypothesis draws batches of requests with random sampling values within and at the edges
-of `SamplingParams.validate`'s bounds (with and without adapters), beside fixed greedy
+of `SamplingParams.validate`'s bounds (with and without adapters, 1 to 3 samples each: `n`,
+issue #13's settings included), beside fixed greedy
 requests, plus values just outside the bounds, which must be refused at submit naming the
 field. The greedy requests' tokens must equal their solo run, every valid request must
 finish without error, and nothing may escape the engine loop (issue #12)."""
@@ -18,6 +19,9 @@ from hypothesis import strategies as st
 
 from server.engine import GenerationRequest, InvalidRequestError, SamplingParams
 from server.engine.types import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_PRESENCE_FREQUENCY_PENALTY,
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
     MAX_TOP_LOGPROBS,
@@ -56,9 +60,8 @@ def edges_and_between(low: float, high: float) -> st.SearchStrategy[float]:
     return st.one_of(st.sampled_from([low, high]), st.floats(low, high))
 
 
-valid_sampling = st.builds(
-    SamplingParams,
-    max_new_tokens=st.integers(1, 16),
+# Every setting but max_new_tokens and min_tokens (bounded by it): valid values, edges included.
+SAMPLING_VALUES = dict(
     temperature=st.one_of(st.just(0.0), edges_and_between(MIN_POSITIVE_SETTING, MAX_TEMPERATURE)),
     top_p=edges_and_between(MIN_POSITIVE_SETTING, 1.0),
     top_k=st.one_of(st.sampled_from([0, 1, VOCAB]), st.integers(0, VOCAB)),
@@ -68,7 +71,28 @@ valid_sampling = st.builds(
     ignore_eos=st.booleans(),
     logprobs=st.booleans(),
     top_logprobs=st.integers(0, MAX_TOP_LOGPROBS),
+    stop_token_ids=st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    presence_penalty=edges_and_between(-MAX_PRESENCE_FREQUENCY_PENALTY, MAX_PRESENCE_FREQUENCY_PENALTY),
+    frequency_penalty=edges_and_between(-MAX_PRESENCE_FREQUENCY_PENALTY, MAX_PRESENCE_FREQUENCY_PENALTY),
+    logit_bias=st.dictionaries(
+        st.integers(0, VOCAB - 1), edges_and_between(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS), max_size=MAX_LOGIT_BIAS_ENTRIES
+    ),
+    min_p=edges_and_between(0.0, 1.0),
 )
+
+
+@st.composite
+def valid_sampling(draw: st.DrawFn) -> SamplingParams:
+    max_new_tokens = draw(st.integers(1, 16))
+    return draw(
+        st.builds(
+            SamplingParams,
+            max_new_tokens=st.just(max_new_tokens),
+            min_tokens=st.integers(0, max_new_tokens),
+            **SAMPLING_VALUES,
+        )
+    )
+
 
 # (field, a value just outside its bounds)
 just_outside = st.sampled_from(
@@ -86,6 +110,19 @@ just_outside = st.sampled_from(
         ("repetition_penalty", math.nextafter(MIN_REPETITION_PENALTY, 0)),
         ("repetition_penalty", 1e-50),
         ("repetition_penalty", math.nextafter(MAX_REPETITION_PENALTY, math.inf)),
+        ("presence_penalty", math.nextafter(MAX_PRESENCE_FREQUENCY_PENALTY, math.inf)),
+        ("presence_penalty", -math.inf),
+        ("frequency_penalty", math.nextafter(-MAX_PRESENCE_FREQUENCY_PENALTY, -math.inf)),
+        ("frequency_penalty", math.nan),
+        ("logit_bias", {VOCAB: 1.0}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {0: math.nextafter(MAX_LOGIT_BIAS, math.inf)}),
+        ("logit_bias", {0: -math.inf}),
+        ("logit_bias", dict.fromkeys(range(MAX_LOGIT_BIAS_ENTRIES + 1), 1.0)),
+        ("min_p", math.nextafter(1.0, math.inf)),
+        ("min_p", -MIN_POSITIVE_SETTING),
+        ("min_tokens", 21),  # the refused request asks for 20 tokens
+        ("min_tokens", -1),
     ]
 )
 
@@ -100,7 +137,7 @@ def solo(engine) -> list[list[int]]:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    batch=st.lists(st.tuples(st.sampled_from(ADAPTERS), valid_sampling), min_size=1, max_size=6),
+    batch=st.lists(st.tuples(st.sampled_from(ADAPTERS), valid_sampling(), st.integers(1, 3)), min_size=1, max_size=6),
     bad=st.one_of(st.none(), st.tuples(st.sampled_from(ADAPTERS), just_outside)),
 )
 def test_random_sampling_values_never_affect_another_request(engine, solo, caplog, batch, bad):
@@ -110,9 +147,10 @@ def test_random_sampling_values_never_affect_another_request(engine, solo, caplo
 
     async def scenario() -> None:
         fixed = [await engine.submit(fixed_request(i)) for i in range(len(FIXED))]
-        drawn = [
-            await engine.submit(GenerationRequest(p, sampling, greedy(p, adapter).adapter))
-            for p, (adapter, sampling) in zip(ps, batch, strict=True)
+        drawn = [  # n samples of each drawn request (OpenAI's `n`), one row each
+            handle
+            for p, (adapter, sampling, n) in zip(ps, batch, strict=True)
+            for handle in await engine.submit_n(GenerationRequest(p, sampling, greedy(p, adapter).adapter), n)
         ]
         if bad is not None:
             adapter, (field, value) = bad
@@ -121,9 +159,12 @@ def test_random_sampling_values_never_affect_another_request(engine, solo, caplo
             assert refused.value.field == field
         results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in [*fixed, *drawn])), timeout=60)
         assert [r.token_ids for r in results[: len(FIXED)]] == solo
-        for result, (_, sampling) in zip(results[len(FIXED) :], batch, strict=True):
+        settings = [sampling for _, sampling, n in batch for _ in range(n)]
+        for result, sampling in zip(results[len(FIXED) :], settings, strict=True):
             assert result.error is None and result.finish_reason in ("length", "stop"), result
             assert 1 <= len(result.token_ids) <= sampling.max_new_tokens
+            if not sampling.stop:  # min_tokens holds back EOS and stop_token_ids, not stop strings
+                assert len(result.token_ids) >= sampling.min_tokens
 
     asyncio.run(scenario())
     assert engine._thread.is_alive()

@@ -160,19 +160,47 @@ def current_tenant(caller: CallerDep) -> str:
 TenantDep = Annotated[str, Depends(current_tenant)]
 
 
-async def generation_slot(caller: CallerDep, services: ServicesDep) -> AsyncIterator[None]:
-    """Hold one of the tenant's concurrent generations for the whole response, streamed
-    or not (FastAPI runs the code after `yield` once the response is sent or abandoned)."""
-    limit = caller.limits.max_concurrent_generations
-    if not services.generations.acquire(caller.tenant, limit):
-        raise APIError("rate_limited", f"the tenant already runs its limit of {limit} concurrent generations", "model")
+class HeldGenerations:
+    """The tenant's concurrent generations that one request holds until its response ends."""
+
+    def __init__(self, services: Services, caller: Caller) -> None:
+        self._services = services
+        self._caller = caller
+        self.count = 0
+
+    def hold(self, count: int, field: str) -> None:
+        """Hold `count` in all: a request for OpenAI's `n` choices runs n generations, each
+        a batch row, so it counts n towards the tenant's limit (all taken or none)."""
+        limit = self._caller.limits.max_concurrent_generations
+        if limit is not None and count > limit:
+            raise APIError("invalid_request", f"the tenant may run at most {limit} generations at once", field)
+        extra = count - self.count
+        if extra > 0 and not self._services.generations.acquire(self._caller.tenant, limit, extra):
+            raise APIError(
+                "rate_limited", f"the tenant already runs its limit of {limit} concurrent generations", field
+            )
+        self.count = max(self.count, count)
+
+    def release(self) -> None:
+        if self.count:
+            self._services.generations.release(self._caller.tenant, self.count)
+            self.count = 0
+
+
+async def generation_slot(caller: CallerDep, services: ServicesDep) -> AsyncIterator[HeldGenerations]:
+    """Hold one of the tenant's concurrent generations (more with `HeldGenerations.hold`) for
+    the whole response, streamed or not (FastAPI runs the code after `yield` once the
+    response is sent or abandoned)."""
+    held = HeldGenerations(services, caller)
+    held.hold(1, "model")
     try:
-        yield
+        yield held
     finally:
-        services.generations.release(caller.tenant)
+        held.release()
 
 
 GenerationSlot = Depends(generation_slot)
+GenerationsDep = Annotated[HeldGenerations, GenerationSlot]
 
 
 async def require_admin(request: Request, services: ServicesDep) -> TenantRegistry:

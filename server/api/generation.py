@@ -70,8 +70,15 @@ def output_limit(services: Services, requested: int | None, prompt_len: int) -> 
 async def submit(services: Services, request: GenerationRequest, field_names: Mapping[str, str]) -> RequestHandle:
     """Queue the request; a refusal becomes an API error that names the field as the
     caller's dialect spells it (`field_names` maps engine names to those)."""
+    return (await submit_n(services, request, 1, field_names))[0]
+
+
+async def submit_n(
+    services: Services, request: GenerationRequest, n: int, field_names: Mapping[str, str]
+) -> list[RequestHandle]:
+    """`submit` for `n` independent samples of the request (`Engine.submit_n`)."""
     try:
-        return await services.engine.submit(request)
+        return await services.engine.submit_n(request, n)
     except EngineError as exc:
         raise from_engine_error(exc, field_names) from None
 
@@ -79,65 +86,127 @@ async def submit(services: Services, request: GenerationRequest, field_names: Ma
 async def run_to_end(
     services: Services, http_request: Request, handle: RequestHandle, field_names: Mapping[str, str]
 ) -> Outcome:
-    """Wait for the whole generation. A client that hangs up meanwhile cancels it, so an
-    abandoned request stops taking a batch row."""
-    tokens: list[TokenEvent] = []
-    result: FinalResult | None = None
-    watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handle))
+    """Wait for the whole generation (see `run_all`)."""
+    return (await run_all(services, http_request, [handle], field_names))[0]
+
+
+async def run_all(
+    services: Services, http_request: Request, handles: list[RequestHandle], field_names: Mapping[str, str]
+) -> list[Outcome]:
+    """Wait for every handle's whole generation. A client that hangs up meanwhile cancels
+    them, so an abandoned request stops taking batch rows; so does one of them failing
+    (the response is that failure)."""
+    tokens: list[list[TokenEvent]] = [[] for _ in handles]
+    results: list[FinalResult | None] = [None] * len(handles)
+    watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handles))
     try:
-        async for event in handle:
+        async for i, event in _tagged(handles):
             if isinstance(event, FinalResult):
-                result = event
+                results[i] = event
+                if event.error is not None:
+                    _cancel(handles)
             else:
-                tokens.append(event)
+                tokens[i].append(event)
     finally:
         watcher.cancel()
-        if result is None:  # this handler was cancelled: stop the engine work too
-            handle.cancel()
-    _observe(services, result, field_names)
-    return Outcome(result, tokens)
+        if None in results:  # this handler was cancelled: stop the engine work too
+            _cancel(handles)
+    _observe(services, results, field_names)
+    return [Outcome(result, events) for result, events in zip(results, tokens, strict=True)]
 
 
 async def open_stream(
     services: Services, http_request: Request, handle: RequestHandle, field_names: Mapping[str, str]
 ) -> AsyncIterator[Event]:
-    """Token events then the FinalResult, as an async iterator.
+    """Token events then the FinalResult, as an async iterator (see `open_streams`)."""
+    events = await open_streams(services, http_request, [handle], field_names)
 
-    The first event is awaited here, before any response byte is sent: a generation that
-    fails before its first token (its adapter failed to load) still gets a proper error
-    status. Later failures arrive as a FinalResult with `error` set, for the dialect to
-    send as an error event. A client that hangs up cancels the engine request: seen by a
-    watcher from now on (also while waiting for the first token, or if the response is
-    dropped before it starts streaming), and by the iterator being closed early."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handle))
+    async def untagged() -> AsyncIterator[Event]:
+        async for _, event in events:
+            yield event
+
+    return untagged()
+
+
+async def open_streams(
+    services: Services, http_request: Request, handles: list[RequestHandle], field_names: Mapping[str, str]
+) -> AsyncIterator[tuple[int, Event]]:
+    """Every handle's token events then its FinalResult, tagged with the handle's index, as
+    one async iterator that ends when all have finished.
+
+    Each handle's first event is awaited here, before any response byte is sent: a
+    generation that fails before its first token (its adapter failed to load) still gets a
+    proper error status. Later failures arrive as a FinalResult with `error` set, for the
+    dialect to send as an error event. A client that hangs up cancels the engine requests:
+    seen by a watcher from now on (also while waiting for the first tokens, or if the
+    response is dropped before it starts streaming), and by the iterator being closed early."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handles))
+    events = _tagged(handles)
+    first: list[tuple[int, Event]] = []
     try:
-        first = await anext(aiter(handle))
+        while len({i for i, _ in first}) < len(handles):
+            first.append(await anext(events))
     except BaseException:
         watcher.cancel()
-        handle.cancel()
+        _cancel(handles)
         raise
-    if isinstance(first, FinalResult):
+    finals = [event for _, event in first if isinstance(event, FinalResult)]
+    failed = any(f.error is not None for f in finals)
+    if failed or len(finals) == len(handles):
         watcher.cancel()
-        _observe(services, first, field_names)
+    if failed:
+        _cancel(handles)  # the response is this failure: the others stop too
+    _observe(services, finals, field_names)
 
-    async def events() -> AsyncIterator[Event]:
-        finished = isinstance(first, FinalResult)
+    async def stream() -> AsyncIterator[tuple[int, Event]]:
+        finished = len(finals)
         try:
-            yield first
-            if finished:
+            for tagged in first:
+                yield tagged
+            if finished == len(handles):
                 return
-            async for event in handle:
+            async for i, event in events:
                 if isinstance(event, FinalResult):
-                    finished = True
+                    finished += 1
                     services.metrics.observe_result(event)
-                yield event
+                yield i, event
         finally:
             watcher.cancel()
-            if not finished:
-                handle.cancel()
+            if finished < len(handles):
+                _cancel(handles)
                 services.metrics.observe_abandoned()
 
-    return events()
+    return stream()
+
+
+async def _tagged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
+    """The handles' events as (index, event) in the order they arrive, until every handle
+    has sent its FinalResult."""
+    if len(handles) == 1:  # no merging to do
+        async for event in handles[0]:
+            yield 0, event
+        return
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def forward(i: int, handle: RequestHandle) -> None:
+        async for event in handle:
+            merged.put_nowait((i, event))
+
+    forwarders = [asyncio.create_task(forward(i, handle)) for i, handle in enumerate(handles)]
+    try:
+        finished = 0
+        while finished < len(handles):
+            i, event = await merged.get()
+            finished += isinstance(event, FinalResult)
+            yield i, event
+    finally:
+        for task in forwarders:
+            task.cancel()
+
+
+def _cancel(handles: list[RequestHandle]) -> None:
+    for handle in handles:
+        handle.cancel()
 
 
 def sse_response(lines: AsyncIterator[str]) -> StreamingResponse:
@@ -163,15 +232,18 @@ def error_event(error: EngineError, field_names: Mapping[str, str]) -> str:
     return sse(from_engine_error(error, field_names).body())
 
 
-def _observe(services: Services, result: FinalResult, field_names: Mapping[str, str]) -> None:
-    services.metrics.observe_result(result)
-    if result.error is not None:
-        raise from_engine_error(result.error, field_names)
+def _observe(services: Services, results: list[FinalResult], field_names: Mapping[str, str]) -> None:
+    """Count the results in the metrics, then raise the first one's error, if any failed."""
+    for result in results:
+        services.metrics.observe_result(result)
+    for result in results:
+        if result.error is not None:
+            raise from_engine_error(result.error, field_names)
 
 
-async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+async def _cancel_on_disconnect(request: Request, handles: list[RequestHandle]) -> None:
     # The body has been read, so the next ASGI message is the disconnect (or nothing,
     # until the response is complete and this task is cancelled).
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    handle.cancel()
+    _cancel(handles)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
 from .adapter_io import iter_records
-from .deps import GenerationSlot, Services, ServicesDep, TenantDep
+from .deps import GenerationsDep, Services, ServicesDep, TenantDep
 from .errors import APIError
 from .generation import (
     Event,
@@ -26,13 +26,13 @@ from .generation import (
     check_prompt_chars,
     encode_prompt,
     error_event,
-    open_stream,
+    open_streams,
     output_limit,
-    run_to_end,
+    run_all,
     sse,
     sse_response,
     stop_list,
-    submit,
+    submit_n,
 )
 from .schemas import (
     AssistantMessage,
@@ -63,52 +63,67 @@ COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 CHAT_FIELDS = {"max_new_tokens": "max_tokens", "prompt": "messages"}
 
 
-@router.post("/completions", response_model=CompletionResponse, dependencies=[GenerationSlot])
+@router.post("/completions", response_model=CompletionResponse)
 async def completions(
-    body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: CompletionRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> CompletionResponse | StreamingResponse:
-    ids = await encode_prompt(services, _single_prompt(body.prompt), "prompt")
+    generations.hold(body.n, "n")
+    prompt = _single_prompt(body.prompt)
+    if body.echo and body.logprobs is not None:
+        # OpenAI would score the prompt's tokens too: the engine keeps only the last position's logits.
+        raise APIError("invalid_request", "echo with logprobs (the prompt tokens' logprobs) is not supported", "echo")
+    ids = await encode_prompt(services, prompt, "prompt")
     logprobs = body.logprobs is not None
     sampling = _sampling(services, body, len(ids), body.max_tokens, logprobs, body.logprobs or 0)
     engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
-    handle = await submit(services, engine_request, COMPLETION_FIELDS)
+    handles = await submit_n(services, engine_request, body.n, COMPLETION_FIELDS)
     meta = _Meta(f"cmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
+    echo = prompt if body.echo else ""
     if body.stream:
-        events = await open_stream(services, request, handle, COMPLETION_FIELDS)
-        return sse_response(_completion_chunks(meta, events, logprobs, _include_usage(body)))
-    outcome = await run_to_end(services, request, handle, COMPLETION_FIELDS)
-    choice = CompletionChoice(
-        text=outcome.result.text,
-        finish_reason=outcome.result.finish_reason,
-        logprobs=_completion_logprobs(meta.token_text, outcome.tokens) if logprobs else None,
-    )
+        events = await open_streams(services, request, handles, COMPLETION_FIELDS)
+        return sse_response(_completion_chunks(meta, events, len(handles), echo, logprobs, _include_usage(body)))
+    outcomes = await run_all(services, request, handles, COMPLETION_FIELDS)
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=echo + outcome.result.text,
+            finish_reason=outcome.result.finish_reason,
+            logprobs=_completion_logprobs(meta.token_text, outcome.tokens) if logprobs else None,
+        )
+        for i, outcome in enumerate(outcomes)
+    ]
     return CompletionResponse(
-        id=meta.id, created=meta.created, model=meta.model, choices=[choice], usage=_usage(outcome.result)
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=_usage(o.result for o in outcomes)
     )
 
 
-@router.post("/chat/completions", response_model=ChatResponse, dependencies=[GenerationSlot])
+@router.post("/chat/completions", response_model=ChatResponse)
 async def chat_completions(
-    body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> ChatResponse | StreamingResponse:
+    generations.hold(body.n, "n")
     _check_chat_size(services, body.messages)
     ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
     engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
-    handle = await submit(services, engine_request, CHAT_FIELDS)
+    handles = await submit_n(services, engine_request, body.n, CHAT_FIELDS)
     meta = _Meta(f"chatcmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
     if body.stream:
-        events = await open_stream(services, request, handle, CHAT_FIELDS)
-        return sse_response(_chat_chunks(meta, events, body.logprobs, _include_usage(body)))
-    outcome = await run_to_end(services, request, handle, CHAT_FIELDS)
-    choice = ChatChoice(
-        message=AssistantMessage(content=outcome.result.text),
-        finish_reason=outcome.result.finish_reason,
-        logprobs=_chat_logprobs(meta.token_text, outcome.tokens) if body.logprobs else None,
-    )
+        events = await open_streams(services, request, handles, CHAT_FIELDS)
+        return sse_response(_chat_chunks(meta, events, len(handles), body.logprobs, _include_usage(body)))
+    outcomes = await run_all(services, request, handles, CHAT_FIELDS)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=outcome.result.text),
+            finish_reason=outcome.result.finish_reason,
+            logprobs=_chat_logprobs(meta.token_text, outcome.tokens) if body.logprobs else None,
+        )
+        for i, outcome in enumerate(outcomes)
+    ]
     return ChatResponse(
-        id=meta.id, created=meta.created, model=meta.model, choices=[choice], usage=_usage(outcome.result)
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=_usage(o.result for o in outcomes)
     )
 
 
@@ -191,8 +206,6 @@ def _special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 def _sampling(
     services: Services, body: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: bool, top: int
 ) -> SamplingParams:
-    if body.n != 1:
-        raise APIError("invalid_request", "only n=1 is supported", "n")
     return SamplingParams(
         max_new_tokens=output_limit(services, max_tokens, prompt_len),
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -201,8 +214,15 @@ def _sampling(
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop=stop_list(body.stop),
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         top_logprobs=top,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=body.logit_bias or {},
+        min_p=body.min_p or 0.0,
+        min_tokens=body.min_tokens or 0,
     )
 
 
@@ -223,9 +243,12 @@ class _Meta:
         self.token_text: Callable[[int], str] = lambda token_id: tokenizer.decode([token_id])
 
 
-def _usage(result: FinalResult) -> UsageInfo:
-    u = result.usage
-    return UsageInfo(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+def _usage(results: Iterable[FinalResult]) -> UsageInfo:
+    """One request's usage, over all its choices: the prompt once (as OpenAI counts it),
+    the completions' tokens summed."""
+    usages = [r.usage for r in results]
+    prompt, completion = usages[0].prompt_tokens, sum(u.completion_tokens for u in usages)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _scored(tokens: list[TokenEvent]) -> list[TokenEvent]:
@@ -259,48 +282,58 @@ def _chat_logprobs(token_text: Callable[[int], str], tokens: list[TokenEvent]) -
 
 
 async def _completion_chunks(
-    meta: _Meta, events: AsyncIterator[Event], logprobs: bool, include_usage: bool
+    meta: _Meta, events: AsyncIterator[tuple[int, Event]], n: int, echo: str, logprobs: bool, include_usage: bool
 ) -> AsyncIterator[str]:
-    def chunk(text: str, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
+    def chunk(index: int, text: str, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
         lp = _completion_logprobs(meta.token_text, tokens) if logprobs and tokens else None
-        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=lp)
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=lp)
         return sse(CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
 
-    async for event in events:
+    if echo:
+        for index in range(n):
+            yield chunk(index, echo)
+    finals: list[FinalResult] = []
+    async for index, event in events:
         if isinstance(event, TokenEvent):
             if event.text or (logprobs and event.logprob is not None):
-                yield chunk(event.text, tokens=[event])
+                yield chunk(index, event.text, tokens=[event])
             continue
         if event.error is not None:
             yield error_event(event.error, COMPLETION_FIELDS)
             return
-        yield chunk("", event.finish_reason)
-        if include_usage:
-            yield sse(
-                CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(event))
-            )
-        yield sse("[DONE]")
+        finals.append(event)
+        yield chunk(index, "", event.finish_reason)
+    if include_usage:
+        yield sse(
+            CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(finals))
+        )
+    yield sse("[DONE]")
 
 
 async def _chat_chunks(
-    meta: _Meta, events: AsyncIterator[Event], logprobs: bool, include_usage: bool
+    meta: _Meta, events: AsyncIterator[tuple[int, Event]], n: int, logprobs: bool, include_usage: bool
 ) -> AsyncIterator[str]:
-    def chunk(delta: ChatDelta, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
+    def chunk(
+        index: int, delta: ChatDelta, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None
+    ) -> str:
         lp = _chat_logprobs(meta.token_text, tokens) if logprobs and tokens else None
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=lp)
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=lp)
         return sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
 
-    # OpenAI opens every stream with the role, before any content.
-    yield chunk(ChatDelta(role="assistant", content=""))
-    async for event in events:
+    # OpenAI opens every choice's stream with the role, before any content.
+    for index in range(n):
+        yield chunk(index, ChatDelta(role="assistant", content=""))
+    finals: list[FinalResult] = []
+    async for index, event in events:
         if isinstance(event, TokenEvent):
             if event.text or (logprobs and event.logprob is not None):
-                yield chunk(ChatDelta(content=event.text), tokens=[event])
+                yield chunk(index, ChatDelta(content=event.text), tokens=[event])
             continue
         if event.error is not None:
             yield error_event(event.error, CHAT_FIELDS)
             return
-        yield chunk(ChatDelta(), event.finish_reason)
-        if include_usage:
-            yield sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(event)))
-        yield sse("[DONE]")
+        finals.append(event)
+        yield chunk(index, ChatDelta(), event.finish_reason)
+    if include_usage:
+        yield sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(finals)))
+    yield sse("[DONE]")

@@ -106,17 +106,27 @@ class SamplingFields(OpenAIRequest):
     top_p: float | None = None
     seed: int | None = None
     stop: Text | list[Text] | None = None
-    n: int = Field(1, description="Only 1 is supported")
+    n: int = Field(1, description="Independent samples (choices), at most VBSERVE_MAX_N")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Not in OpenAI's API; common in OpenAI-compatible servers.
     top_k: int | None = Field(None, description="0 or omitted: off")
     repetition_penalty: float | None = None
+    # OpenAI's, over the tokens generated so far.
+    presence_penalty: float | None = Field(None, description="In [-2, 2]")
+    frequency_penalty: float | None = Field(None, description="In [-2, 2]")
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias in [-100, 100], at most 300")
+    # vLLM's extras (the `openai` package sends them in `extra_body`).
+    min_p: float | None = Field(None, description="In [0, 1]; 0 or omitted: off")
+    min_tokens: int | None = Field(None, description="EOS and stop_token_ids are masked until this many tokens")
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text]
     logprobs: int | None = Field(None, description="Return this many most likely tokens per position (0..20)")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text (not with logprobs)")
 
 
 class TextPart(BaseModel):

@@ -82,5 +82,6 @@ def build_engine(
         max_queue=settings.max_queue,
         max_new_tokens_limit=settings.max_new_tokens_limit,
         prefill_token_budget=settings.prefill_chunk_tokens,
+        max_n=settings.max_n,
         on_step=on_step,
     )

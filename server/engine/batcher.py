@@ -15,11 +15,13 @@ reach while it is in use, and moves to row n when its prompt is complete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,6 +121,7 @@ class Engine:
         max_queue: int,
         max_new_tokens_limit: int,
         prefill_token_budget: int,
+        max_n: int = 1,
         on_step: Callable[[dict], None] | None = None,
     ) -> None:
         self.runner = runner
@@ -128,6 +131,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_new_tokens_limit = max_new_tokens_limit
         self.prefill_token_budget = prefill_token_budget
+        self.max_n = max_n  # samples one request may ask for (`submit_n`)
         self.on_step = on_step or (lambda stats: None)
         self.eos_ids = _eos_ids(tokenizer, runner.model)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
@@ -174,6 +178,15 @@ class Engine:
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate, resolve the adapter, and queue. Raises EngineError subclasses
         (InvalidRequestError, AdapterUnavailableError, OverloadedError) before any compute."""
+        return (await self.submit_n(request, 1))[0]
+
+    async def submit_n(self, request: GenerationRequest, n: int) -> list[RequestHandle]:
+        """`n` independent samples of one request (OpenAI's `n`), as `submit` does one: the
+        request itself and n-1 copies with their own ids and generators. A seeded request's
+        copy i is seeded `seed + i` (vLLM's derivation), so the choices are reproducible. All
+        n are queued or none: they count n towards the queue bound."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(self.max_n, self.max_queue):
+            raise InvalidRequestError("n", f"must be an integer in [1, {min(self.max_n, self.max_queue)}]")
         self.validate(request)
         key = None
         if request.adapter is not None:
@@ -181,23 +194,28 @@ class Engine:
                 raise InvalidRequestError("model", "this engine serves no adapters")
             key = await asyncio.to_thread(self.adapters.resolve, request.adapter)
         with self._pending_lock:
-            if self._pending >= self.max_queue:
+            if self._pending + n > self.max_queue:
                 raise OverloadedError("queue", f"{self._pending} requests already waiting; retry later")
-            self._pending += 1
-        handle = RequestHandle(request, asyncio.get_running_loop())
-        sp = request.sampling
-        generator = None
-        if sp.temperature > 0:
-            generator = torch.Generator().manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
-        seq = _Sequence(
-            handle=handle,
-            adapter_key=key,
-            detok=IncrementalDetokenizer(self.tokenizer, sp.stop, request.prompt_ids[-6:]),
-            generator=generator,
-            deadline=request.arrival + request.timeout_s if request.timeout_s else None,
-        )
-        self._inbox.put(seq)
-        return handle
+            self._pending += n
+        loop = asyncio.get_running_loop()
+        handles = []
+        for i in range(n):
+            sibling = request if i == 0 else _sibling(request, i)
+            handle = RequestHandle(sibling, loop)
+            sp = sibling.sampling
+            generator = None
+            if sp.temperature > 0:
+                generator = torch.Generator().manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+            seq = _Sequence(
+                handle=handle,
+                adapter_key=key,
+                detok=IncrementalDetokenizer(self.tokenizer, sp.stop, request.prompt_ids[-6:]),
+                generator=generator,
+                deadline=request.arrival + request.timeout_s if request.timeout_s else None,
+            )
+            self._inbox.put(seq)
+            handles.append(handle)
+        return handles
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -372,11 +390,9 @@ class Engine:
 
     def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[_Sampled]:
         params = [s.request.sampling for s in seqs]
-        history = [
-            s.request.prompt_ids + s.output if p.repetition_penalty != 1.0 else []
-            for s, p in zip(seqs, params, strict=True)
-        ]
-        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], history)
+        prompts = [s.request.prompt_ids for s in seqs]
+        outputs = [s.output for s in seqs]
+        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
         chosen: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
         if any(p.logprobs for p in params):
@@ -464,6 +480,13 @@ class Engine:
             cache.move_row(seq.row, row, seq.length)
             cache.clear_row(seq.row)
             seq.row = row
+
+
+def _sibling(request: GenerationRequest, i: int) -> GenerationRequest:
+    """Copy i of `request` for `submit_n`: same prompt, settings and arrival, its own id and seed."""
+    seed = request.sampling.seed
+    sampling = dataclasses.replace(request.sampling, seed=None if seed is None else (seed + i) % 2**63)
+    return dataclasses.replace(request, sampling=sampling, request_id=uuid.uuid4().hex)
 
 
 def _row_error(seq: _Sequence, exc: Exception) -> EngineError:

@@ -1,6 +1,7 @@
 """Turning a batch of logits into next tokens, each row with its own settings.
 
-Everything but the final draw is vectorized over rows; the draw loops over rows because
+Everything but the final draw is vectorized over rows (each setting over the rows that use
+it, so a plain greedy batch takes the fast path: one argmax); the draw loops over rows because
 each seeded request owns a `torch.Generator` (same seed + request -> same tokens,
 whatever else shares the batch).
 
@@ -11,6 +12,9 @@ the engine ends that request alone.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Collection
+
 import torch
 
 from .types import SamplingParams
@@ -18,19 +22,69 @@ from .types import SamplingParams
 NO_TOKEN = -1  # this row has no valid distribution to draw from
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalties: list[float]) -> torch.Tensor:
-    """CTRL-style penalty (as in HF): divide positive, multiply negative logits of seen tokens.
+def token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab) float: how often each token id occurs in each row's list."""
+    counts = torch.zeros(len(rows), vocab, device=device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
+    ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device)
+    return counts.index_put_((row_of, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
 
-    logits: (N, V); history[i]: token ids seen by row i (prompt + output).
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    eos_ids: Collection[int],
+) -> torch.Tensor:
+    """Every setting that changes the logits themselves, greedy rows included, in vLLM's
+    order: repetition penalty (CTRL-style, as in HF: a seen token's positive logit divided,
+    negative one multiplied, over prompt + output), presence and frequency penalties (OpenAI's,
+    over the output), logit_bias, and min_tokens' mask on EOS and stop_token_ids.
+
+    Each step is one vectorized op over the rows that use it. With no row using any, this
+    returns `logits` itself: a plain greedy batch pays only the Python checks below.
+    logits: (N, V); prompts[i], outputs[i]: row i's prompt and generated token ids.
     """
-    rows = [i for i, p in enumerate(penalties) if p != 1.0 and history[i]]
-    if not rows:
+    repeating = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    penalized = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and outputs[i]]
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    held = [i for i, p in enumerate(params) if len(outputs[i]) < p.min_tokens]
+    if not (repeating or penalized or biased or held):
         return logits
     logits = logits.clone()
-    for i in rows:
-        ids = torch.tensor(sorted(set(history[i])), device=logits.device)
-        seen = logits[i, ids]
-        logits[i, ids] = torch.where(seen > 0, seen / penalties[i], seen * penalties[i])
+    vocab, dev = logits.shape[-1], logits.device
+
+    def column(rows: list[int], value: Callable[[SamplingParams], float]) -> torch.Tensor:
+        return torch.tensor([value(params[i]) for i in rows], device=dev).unsqueeze(-1)
+
+    if repeating:
+        rows = torch.tensor(repeating, device=dev)
+        seen = token_counts([prompts[i] + outputs[i] for i in repeating], vocab, dev) > 0
+        penalty = column(repeating, lambda p: p.repetition_penalty)
+        x = logits[rows]
+        logits[rows] = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    if penalized:
+        rows = torch.tensor(penalized, device=dev)
+        counts = token_counts([outputs[i] for i in penalized], vocab, dev)
+        frequency = column(penalized, lambda p: p.frequency_penalty)
+        presence = column(penalized, lambda p: p.presence_penalty)
+        logits[rows] -= frequency * counts + presence * (counts > 0)
+    if biased:
+        entries = [(i, token, bias) for i in biased for token, bias in params[i].logit_bias.items()]
+        row_of, ids, biases = zip(*entries, strict=True)
+        index = (torch.tensor(row_of, device=dev), torch.tensor(ids, device=dev))
+        logits.index_put_(index, torch.tensor(biases, device=dev), accumulate=True)
+    if held:
+        entries = [
+            (i, token)
+            for i in held
+            for token in {*params[i].stop_token_ids, *(() if params[i].ignore_eos else eos_ids)}
+        ]
+        if entries:
+            row_of, ids = zip(*entries, strict=True)
+            logits[torch.tensor(row_of, device=dev), torch.tensor(ids, device=dev)] = float("-inf")
     return logits
 
 
@@ -56,11 +110,13 @@ def sample_next_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    history: list[list[int]],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    eos_ids: Collection[int] = (),
 ) -> torch.Tensor:
     """Next token of every row, NO_TOKEN for a row with no valid distribution.
-    logits: (N, V) float32 -> (N,) long on CPU."""
-    logits = apply_repetition_penalty(logits.float(), history, [p.repetition_penalty for p in params])
+    logits: (N, V) float32 -> (N,) long on CPU. See `adjust_logits` for the other arguments."""
+    logits = adjust_logits(logits.float(), params, prompts, outputs, eos_ids)
     greedy = torch.tensor([p.temperature == 0 for p in params])
     best = logits.argmax(-1, keepdim=True)
     # argmax picks a NaN when a row has one: checking the N picked logits finds NaN rows
@@ -81,6 +137,11 @@ def sample_next_tokens(
     # Shifted so each row's top logit is 0 before dividing: the others become <= 0 (or
     # -inf, which softmax maps to 0) for any temperature, so a small one cannot overflow.
     sampled = (sampled - sampled.max(-1, keepdim=True).values) / temperature
+    if any(params[i].min_p > 0 for i in rows):
+        # min_p keeps a token at least min_p x as likely as the top one: one whose shifted,
+        # scaled logit is at least log(min_p) (-inf for 0, keeping all; the top token, 0, stays).
+        log_min_p = [math.log(params[i].min_p) if params[i].min_p > 0 else -math.inf for i in rows]
+        sampled = sampled.masked_fill(sampled < torch.tensor(log_min_p, device=dev).unsqueeze(-1), float("-inf"))
     probs = filter_top_k_top_p(sampled, top_k, top_p).softmax(-1).cpu()
     # Softmax gives values in [0, 1] or NaN, so a row sums to > 0 exactly when it is a
     # distribution (NaN > 0 is false): a sum (0.16 ms at 32 x 49152) instead of

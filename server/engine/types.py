@@ -24,6 +24,11 @@ MAX_TEMPERATURE = 100.0
 # stays finite unless it was already within a tenth of float32's largest value.
 MAX_REPETITION_PENALTY = 10.0
 MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
+# OpenAI's ranges. A presence or frequency penalty subtracts at most 2 * (1 + the tokens
+# generated) from a logit and a bias adds at most 100: far inside float32 for any context.
+MAX_PRESENCE_FREQUENCY_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 class EngineError(Exception):
@@ -82,6 +87,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # OpenAI's penalties, over the tokens generated so far (not the prompt): a token's logit
+    # loses presence_penalty once it was generated and frequency_penalty per time.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p x the top token's probability
+    min_tokens: int = 0  # vLLM's: EOS and stop_token_ids are masked until this many tokens
 
     def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field."""
@@ -129,6 +141,23 @@ class SamplingParams:
             raise bad("top_logprobs", "must be an integer")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        limit = MAX_PRESENCE_FREQUENCY_PENALTY
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -limit <= number(name, getattr(self, name)) <= limit:
+                raise bad(name, f"must be in [{-limit:g}, {limit:g}]")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids to biases")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise bad("logit_bias", f"token ids must be integers in [0, {vocab_size}), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= number("logit_bias", bias) <= MAX_LOGIT_BIAS:
+                raise bad("logit_bias", f"each bias must be in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if not 0 <= number("min_p", self.min_p) <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise bad("min_tokens", "must be an integer")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise bad("min_tokens", f"must be in [0, max_new_tokens ({self.max_new_tokens})]")
 
 
 @dataclass

@@ -174,17 +174,18 @@ class ConcurrencyLimiter:
         self._active: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, tenant: str, limit: int | None) -> bool:
+    def acquire(self, tenant: str, limit: int | None, count: int = 1) -> bool:
+        """Take `count` more of the tenant's `limit`, all or none."""
         with self._lock:
             active = self._active.get(tenant, 0)
-            if active >= (limit if limit is not None else math.inf):
+            if active + count > (limit if limit is not None else math.inf):
                 return False
-            self._active[tenant] = active + 1
+            self._active[tenant] = active + count
             return True
 
-    def release(self, tenant: str) -> None:
+    def release(self, tenant: str, count: int = 1) -> None:
         with self._lock:
-            active = self._active[tenant] - 1
+            active = self._active[tenant] - count
             if active:
                 self._active[tenant] = active
             else:
