@@ -22,7 +22,7 @@ import pytest
 from adapter_store import RedisAdapterStore
 from server.app import create_app
 from server.training.jobs import JobState, QueueLimits, RedisJobQueue
-from server.training.worker import WorkerProcess
+from server.training.worker import TRAINING_NICE, WorkerProcess
 from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
 from tests.test_api import api_settings
 from tests.test_jobs import HP, REPO, ROWS, final, wait_for
@@ -148,6 +148,7 @@ async def test_a_killed_embedded_worker_never_takes_the_api_down(model_dir: Path
         job = await wait_for_job(api, job_id, lambda j: j["progress"]["step"] >= 1 or j["status"] != "queued")
         assert job["status"] == "running" and job["attempts"] == 1, job
         killed = worker.process.pid
+        assert os.getpriority(os.PRIO_PROCESS, killed) == TRAINING_NICE  # serving comes first
         os.kill(killed, signal.SIGKILL)
         killed_at = time.monotonic()
 
