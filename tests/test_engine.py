@@ -384,5 +384,5 @@ def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
     top_p=4e-249). The API now refuses such values; the sampler still keeps the top token."""
     logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
     params = [SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=1.0, top_p=4e-249, top_k=2)]
-    tokens = sample_next_tokens(logits, params, [torch.Generator().manual_seed(0)] * 2, [[], []])
+    tokens = sample_next_tokens(logits, params, [torch.Generator().manual_seed(0)] * 2, [[], []], [[], []])
     assert tokens.tolist() == [1, 0]
