@@ -1,0 +1,115 @@
+"""Structured generation (OpenAI's `response_format`) through xgrammar.
+
+A request's JSON Schema is compiled once, off the event loop, against the model's vocabulary
+(xgrammar's compiler keeps compiled grammars in its own byte-bounded LRU cache, keyed by the
+schema text and options). Each sequence then owns a `GrammarMatcher`; before every draw,
+`mask_logits` fills one bitmask row per constrained sequence and applies them in one call, so
+constrained rows share the batch with unconstrained ones (and other adapters), and a batch
+without constrained rows does not touch the logits at all.
+
+xgrammar was picked over llguidance by the measured cost per decoding step of 8 constrained
+rows over SmolLM2's 49152 tokens (2 CPU cores): filling the masks took 0.07 ms with xgrammar
+against 0.39 ms with llguidance; applying them with xgrammar's CPU kernel takes 1.3 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+import xgrammar
+from transformers import PreTrainedTokenizerBase
+
+from .types import InvalidRequestError
+
+# What a `json_object` request must produce: an object, with any properties.
+ANY_JSON_OBJECT = '{"type": "object"}'
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The output must be JSON text matching `schema` (JSON Schema, as text). `strict`
+    forbids properties the schema does not name (OpenAI's `strict`)."""
+
+    schema: str = ANY_JSON_OBJECT
+    strict: bool = False
+    field: str = "response_format"  # the request field that errors about the schema name
+
+
+class Grammars:
+    """Compiles response formats for one tokenizer and vocabulary, bounded in size and time."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        stop_token_ids: Collection[int],
+        *,
+        max_schema_chars: int,
+        compile_timeout_s: float,
+        cache_bytes: int,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = sorted(stop_token_ids)
+        self.max_schema_chars = max_schema_chars
+        self.compile_timeout_s = compile_timeout_s
+        self._cache_bytes = cache_bytes
+        # Built on the first structured request: reading the vocabulary takes 0.2 s for SmolLM2.
+        self._compiler: xgrammar.GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
+
+    async def compile(self, fmt: ResponseFormat) -> xgrammar.CompiledGrammar:
+        """The grammar of `fmt`, compiled in a thread. Raises InvalidRequestError naming
+        `fmt.field` for a schema that is too long, invalid, or slower than the time bound to
+        compile (that compile finishes in its thread; the size bound keeps it finite)."""
+        if len(fmt.schema) > self.max_schema_chars:
+            raise InvalidRequestError(fmt.field, f"the schema exceeds {self.max_schema_chars} characters")
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._compile, fmt), self.compile_timeout_s)
+        except TimeoutError:
+            raise InvalidRequestError(
+                fmt.field, f"the schema took more than {self.compile_timeout_s:g} s to compile"
+            ) from None
+
+    def _compile(self, fmt: ResponseFormat) -> xgrammar.CompiledGrammar:
+        try:
+            return self._get_compiler().compile_json_schema(fmt.schema, any_whitespace=False, strict_mode=fmt.strict)
+        except Exception as exc:  # xgrammar's errors for a schema it cannot use have no common type
+            raise InvalidRequestError(fmt.field, f"not a usable JSON Schema: {_reason(exc)}") from None
+
+    def _get_compiler(self) -> xgrammar.GrammarCompiler:
+        with self._compiler_lock:
+            if self._compiler is None:
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
+                )
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=self._cache_bytes)
+            return self._compiler
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of xgrammar's message, without its C++ prefix (`[time] file.cc:line: `),
+    which says nothing to the caller about their schema."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", lines[0])
+
+
+def mask_logits(logits: torch.Tensor, matchers: Sequence[xgrammar.GrammarMatcher | None]) -> torch.Tensor:
+    """`logits` (N, V) as float32, with the tokens each constrained row's grammar forbids
+    next set to -inf (EOS included until the grammar can end); rows without a matcher
+    (matchers[i] None) are untouched. With no constrained row, `logits` itself."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    logits = logits.float()  # xgrammar's kernel masks float32 rows in place
+    # One bitmask row per batch row: xgrammar's apply takes the same index into both.
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    return logits
