@@ -144,7 +144,13 @@ async def test_a_schema_xgrammar_cannot_use_is_refused_naming_the_field(tmp_path
 
 
 def grammars(**limits) -> Grammars:
-    bounds = {"max_schema_chars": 1 << 15, "compile_timeout_s": 10.0, "cache_bytes": 1 << 20, **limits}
+    bounds = {
+        "max_schema_chars": 1 << 15,
+        "max_schema_depth": 64,
+        "compile_timeout_s": 10.0,
+        "cache_bytes": 1 << 20,
+        **limits,
+    }
     return Grammars(chat_tokenizer(), 256, {2}, **bounds)
 
 
@@ -152,6 +158,11 @@ async def test_compiling_is_bounded_in_size_time_and_cache():
     with pytest.raises(InvalidRequestError, match="exceeds 100 characters") as refused:
         await grammars(max_schema_chars=100).compile(person())
     assert refused.value.field == "response_format"
+    nested: dict = {"type": "string"}
+    for _ in range(300):  # 2.8 s to compile; 6 KB
+        nested = {"type": "array", "items": nested}
+    with pytest.raises(InvalidRequestError, match="nests deeper than 64 levels"):
+        await grammars().compile(person(nested))
     with pytest.raises(InvalidRequestError, match="to compile"):
         await grammars(compile_timeout_s=1e-6).compile(person())
     cached = grammars(cache_bytes=100_000)

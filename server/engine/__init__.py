@@ -81,6 +81,7 @@ def build_engine(
         runner.vocab_size,
         eos_token_ids(tokenizer, model),
         max_schema_chars=settings.response_format_max_schema_chars,
+        max_schema_depth=settings.response_format_max_schema_depth,
         compile_timeout_s=settings.response_format_compile_timeout_s,
         cache_bytes=settings.response_format_cache_bytes,
     )

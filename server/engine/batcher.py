@@ -396,11 +396,11 @@ class Engine:
         return rows
 
     def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[_Sampled]:
-        logits = mask_logits(logits, [s.matcher for s in seqs])
         params = [s.request.sampling for s in seqs]
         prompts = [s.request.prompt_ids for s in seqs]
         outputs = [s.output for s in seqs]
-        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
+        allowed = mask_logits(logits, [s.matcher for s in seqs])  # response_format's grammars
+        tokens = sample_next_tokens(allowed, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
         chosen: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
         if any(p.logprobs for p in params):

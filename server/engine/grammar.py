@@ -15,6 +15,7 @@ against 0.39 ms with llguidance; applying them with xgrammar's CPU kernel takes 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections.abc import Collection, Sequence
@@ -50,6 +51,7 @@ class Grammars:
         stop_token_ids: Collection[int],
         *,
         max_schema_chars: int,
+        max_schema_depth: int,
         compile_timeout_s: float,
         cache_bytes: int,
     ) -> None:
@@ -57,6 +59,7 @@ class Grammars:
         self._vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self.max_schema_chars = max_schema_chars
+        self.max_schema_depth = max_schema_depth
         self.compile_timeout_s = compile_timeout_s
         self._cache_bytes = cache_bytes
         # Built on the first structured request: reading the vocabulary takes 0.2 s for SmolLM2.
@@ -65,10 +68,17 @@ class Grammars:
 
     async def compile(self, fmt: ResponseFormat) -> xgrammar.CompiledGrammar:
         """The grammar of `fmt`, compiled in a thread. Raises InvalidRequestError naming
-        `fmt.field` for a schema that is too long, invalid, or slower than the time bound to
-        compile (that compile finishes in its thread; the size bound keeps it finite)."""
+        `fmt.field` for a schema that is too long or too deeply nested, invalid, or slower
+        than the time bound to compile (that compile still finishes in its thread: the size
+        and depth bounds keep it short).
+
+        Compile time grows with nesting much faster than with size (2 cores, SmolLM2): arrays
+        nested 100 deep compile in 0.1 s, 300 deep in 2.8 s, 700 deep (30 KB) in 41 s, while
+        a flat object of 400 properties (26 KB) takes 0.9 s."""
         if len(fmt.schema) > self.max_schema_chars:
             raise InvalidRequestError(fmt.field, f"the schema exceeds {self.max_schema_chars} characters")
+        if _nesting_depth(json.loads(fmt.schema)) > self.max_schema_depth:
+            raise InvalidRequestError(fmt.field, f"the schema nests deeper than {self.max_schema_depth} levels")
         try:
             return await asyncio.wait_for(asyncio.to_thread(self._compile, fmt), self.compile_timeout_s)
         except TimeoutError:
@@ -92,6 +102,18 @@ class Grammars:
             return self._compiler
 
 
+def _nesting_depth(value: object) -> int:
+    """How many JSON objects and arrays deep `value` nests (0 for a scalar)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _reason(exc: Exception) -> str:
     """The first line of xgrammar's message, without its C++ prefix (`[time] file.cc:line: `),
     which says nothing to the caller about their schema."""
@@ -100,16 +122,17 @@ def _reason(exc: Exception) -> str:
 
 
 def mask_logits(logits: torch.Tensor, matchers: Sequence[xgrammar.GrammarMatcher | None]) -> torch.Tensor:
-    """`logits` (N, V) as float32, with the tokens each constrained row's grammar forbids
-    next set to -inf (EOS included until the grammar can end); rows without a matcher
-    (matchers[i] None) are untouched. With no constrained row, `logits` itself."""
+    """A float32 copy of `logits` (N, V) with the tokens each constrained row's grammar
+    forbids next set to -inf (EOS included until the grammar can end); rows without a
+    matcher (matchers[i] None) are untouched. With no constrained row, `logits` itself.
+    A copy, so logprobs stay the model's own and a row-by-row retry masks afresh."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
-    logits = logits.float()  # xgrammar's kernel masks float32 rows in place
+    masked = logits.to(torch.float32, copy=True)  # xgrammar's kernel masks float32 rows in place
     # One bitmask row per batch row: xgrammar's apply takes the same index into both.
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), masked.shape[-1])
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
-    return logits
+    xgrammar.apply_token_bitmask_inplace(masked, bitmask, indices=rows)
+    return masked
