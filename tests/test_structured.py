@@ -43,7 +43,7 @@ HI = [{"role": "user", "content": "Hi there"}]
 
 
 def person(schema: dict = PERSON) -> ResponseFormat:
-    return ResponseFormat(json.dumps(schema), strict=True)
+    return ResponseFormat(schema, strict=True)
 
 
 def constrained_engine(tmp_path):
@@ -133,7 +133,7 @@ async def test_a_request_whose_grammar_allows_no_token_fails_alone(tmp_path):
 async def test_a_schema_xgrammar_cannot_use_is_refused_naming_the_field(tmp_path, schema, why):
     engine, store, _adapter = constrained_engine(tmp_path)
     try:
-        fmt = ResponseFormat(json.dumps(schema), field="response_format.json_schema.schema")
+        fmt = ResponseFormat(schema, field="response_format.json_schema.schema")
         with pytest.raises(InvalidRequestError) as refused:
             await engine.submit(GenerationRequest([1, 2], SamplingParams(max_new_tokens=4), response_format=fmt))
         assert refused.value.field == "response_format.json_schema.schema" and why in refused.value.message
@@ -209,6 +209,19 @@ async def test_a_bad_response_format_is_a_400_naming_it(api, response_format, fi
     assert r.status_code == 400, r.text
     assert error_of(r)["field"].startswith("response_format") and error_of(r)["field"].endswith(field)
     assert (await api.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2})).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [65, 500, 950])
+async def test_a_deeply_nested_schema_is_a_400_naming_it(api, depth):
+    """Nesting is what makes a schema slow to compile (see grammar.py), and near the JSON
+    parser's own depth limit re-encoding the schema could exhaust Python's recursion."""
+    schema = '{"type": "string"}'
+    for _ in range(depth):
+        schema = '{"type": "array", "items": ' + schema + "}"
+    body = f'{{"messages": {json.dumps(HI)}, "response_format": {{"type": "json_schema", "json_schema": {{"name": "x", "schema": {schema}}}}}}}'
+    r = await api.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["field"] in ("response_format.json_schema.schema", "body")  # "body": past the parser's depth
 
 
 # -- the openai package, a real server, adapters in the batch ----------------------------

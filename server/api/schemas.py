@@ -17,7 +17,6 @@ Types are checked here (a wrong type is a 422); value ranges are the engine's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -108,9 +107,7 @@ class OpenAIRequest(BaseModel):
             case JsonObjectFormat():
                 return ResponseFormat()
             case JsonSchemaFormat(json_schema=spec):
-                return ResponseFormat(
-                    json.dumps(spec.schema_), bool(spec.strict), field="response_format.json_schema.schema"
-                )
+                return ResponseFormat(spec.schema_, bool(spec.strict), field="response_format.json_schema.schema")
         return None
 
 
