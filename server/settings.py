@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     # OpenAI's `n`: samples one request may ask for. Each is a batch row, and counts as one
     # request towards max_queue and the tenant's concurrent generations.
     max_n: int = Field(16, ge=1)
+    # Structured output (response_format): JSON Schemas are compiled in a thread, refused (400)
+    # beyond this size, nesting (compile time grows steeply with it: see engine/grammar.py) or
+    # time; compiled grammars are kept in an LRU cache of this many bytes.
+    response_format_max_schema_chars: int = Field(32 << 10, ge=2)
+    response_format_max_schema_depth: int = Field(64, ge=1)
+    response_format_compile_timeout_s: float = Field(10.0, gt=0)
+    response_format_cache_bytes: int = Field(64 << 20, ge=0)
 
     # Fine-tuning jobs. jobs_url: redis://, redis+cluster:// or a SQLite path; empty = the store's Redis
     # when store_url is Redis, else a jobs.db beside the SQLite store.

@@ -249,7 +249,6 @@ def test_openai_bookkeeping_fields_are_accepted(openai_client: openai.OpenAI) ->
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("response_format", {"type": "json_object"}),
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
         ("tool_choice", "auto"),
     ],

@@ -75,7 +75,9 @@ async def completions(
     ids = await encode_prompt(services, prompt, "prompt")
     logprobs = body.logprobs is not None
     sampling = _sampling(services, body, len(ids), body.max_tokens, logprobs, body.logprobs or 0)
-    engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
+    engine_request = GenerationRequest(
+        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+    )
     handles = await submit_n(services, engine_request, body.n, COMPLETION_FIELDS)
     meta = _Meta(f"cmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
     echo = prompt if body.echo else ""
@@ -106,7 +108,9 @@ async def chat_completions(
     ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
-    engine_request = GenerationRequest(ids, sampling, adapter_ref(services, tenant, body.model))
+    engine_request = GenerationRequest(
+        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+    )
     handles = await submit_n(services, engine_request, body.n, CHAT_FIELDS)
     meta = _Meta(f"chatcmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
     if body.stream:

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from server.engine import ResponseFormat
+
 
 def _unicode(value: str) -> str:
     """JSON's `\\ud800` escapes can carry lone surrogates, which are not text: no tokenizer
@@ -54,10 +56,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=64, description="The schema's name (not used in generation)")
+    description: str | None = Field(None, description="Not used in generation")
+    schema_: dict[str, Any] = Field(..., alias="schema", description="The JSON Schema the output must match")
+    strict: bool | None = Field(None, description="true: no properties beyond those the schema names")
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
 class OpenAIRequest(BaseModel):
     """What every OpenAI request body shares: the unknown-field policy (a 400 naming the
-    field), the fields that change nothing here, and `response_format`, refused unless
-    plain text until structured generation is implemented."""
+    field), the fields that change nothing here, and `response_format`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,14 +97,18 @@ class OpenAIRequest(BaseModel):
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored")
     store: bool | None = Field(None, description="Accepted and ignored")
     service_tier: str | None = Field(None, description="Accepted and ignored")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} (the default)')
+    response_format: Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")] | None = (
+        Field(None, description="text (the default), json_object (any JSON object), or json_schema")
+    )
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value != {"type": "text"}:
-            raise not_supported('only {"type": "text"} is supported; structured output is not implemented yet')
-        return value
+    def output_format(self) -> ResponseFormat | None:
+        """What the engine constrains the output to; None for free text."""
+        match self.response_format:
+            case JsonObjectFormat():
+                return ResponseFormat()
+            case JsonSchemaFormat(json_schema=spec):
+                return ResponseFormat(spec.schema_, bool(spec.strict), field="response_format.json_schema.schema")
+        return None
 
 
 class ChatToolFields(BaseModel):

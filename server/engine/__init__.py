@@ -10,7 +10,8 @@ from adapter_store.store import AdapterStore
 from server.settings import Settings
 
 from .adapter_manager import AdapterManager
-from .batcher import Engine, RequestHandle
+from .batcher import Engine, RequestHandle, eos_token_ids
+from .grammar import Grammars, ResponseFormat
 from .model_runner import ModelRunner
 from .types import (
     AdapterRef,
@@ -39,6 +40,7 @@ __all__ = [
     "OverloadedError",
     "RequestFailedError",
     "RequestHandle",
+    "ResponseFormat",
     "SamplingParams",
     "TokenEvent",
     "Usage",
@@ -74,10 +76,20 @@ def build_engine(
             dtype=runner.dtype,
             on_event=on_adapter_event,
         )
+    grammars = Grammars(
+        tokenizer,
+        runner.vocab_size,
+        eos_token_ids(tokenizer, model),
+        max_schema_chars=settings.response_format_max_schema_chars,
+        max_schema_depth=settings.response_format_max_schema_depth,
+        compile_timeout_s=settings.response_format_compile_timeout_s,
+        cache_bytes=settings.response_format_cache_bytes,
+    )
     return Engine(
         runner,
         tokenizer,
         manager,
+        grammars,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_new_tokens_limit=settings.max_new_tokens_limit,

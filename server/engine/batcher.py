@@ -27,10 +27,12 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import xgrammar
 from transformers import PreTrainedTokenizerBase
 
 from .adapter_manager import AdapterKey, AdapterManager
 from .detokenizer import IncrementalDetokenizer
+from .grammar import Grammars, mask_logits
 from .model_runner import ModelRunner
 from .sampling import NO_TOKEN, sample_next_tokens, token_logprobs
 from .types import (
@@ -99,6 +101,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     deadline: float | None
+    matcher: xgrammar.GrammarMatcher | None = None  # the request's response_format, this sample's progress in it
     row: int = -1
     slot: int = -1
     length: int = 0  # tokens in the KV cache (less than the prompt while it is prefilled in chunks)
@@ -116,6 +119,7 @@ class Engine:
         runner: ModelRunner,
         tokenizer: PreTrainedTokenizerBase,
         adapters: AdapterManager | None,
+        grammars: Grammars,
         *,
         max_batch_size: int,
         max_queue: int,
@@ -127,13 +131,14 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.adapters = adapters
+        self.grammars = grammars
         self.max_batch_size = min(max_batch_size, runner.max_rows)
         self.max_queue = max_queue
         self.max_new_tokens_limit = max_new_tokens_limit
         self.prefill_token_budget = prefill_token_budget
         self.max_n = max_n  # samples one request may ask for (`submit_n`)
         self.on_step = on_step or (lambda stats: None)
-        self.eos_ids = _eos_ids(tokenizer, runner.model)
+        self.eos_ids = eos_token_ids(tokenizer, runner.model)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # decoding, in row order
@@ -193,6 +198,7 @@ class Engine:
             if self.adapters is None:
                 raise InvalidRequestError("model", "this engine serves no adapters")
             key = await asyncio.to_thread(self.adapters.resolve, request.adapter)
+        grammar = await self.grammars.compile(request.response_format) if request.response_format else None
         with self._pending_lock:
             if self._pending + n > self.max_queue:
                 raise OverloadedError("queue", f"{self._pending} requests already waiting; retry later")
@@ -212,6 +218,7 @@ class Engine:
                 detok=IncrementalDetokenizer(self.tokenizer, sp.stop, request.prompt_ids[-6:]),
                 generator=generator,
                 deadline=request.arrival + request.timeout_s if request.timeout_s else None,
+                matcher=xgrammar.GrammarMatcher(grammar) if grammar else None,
             )
             self._inbox.put(seq)
             handles.append(handle)
@@ -392,7 +399,8 @@ class Engine:
         params = [s.request.sampling for s in seqs]
         prompts = [s.request.prompt_ids for s in seqs]
         outputs = [s.output for s in seqs]
-        tokens = sample_next_tokens(logits, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
+        allowed = mask_logits(logits, [s.matcher for s in seqs])  # response_format's grammars
+        tokens = sample_next_tokens(allowed, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
         chosen: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
         if any(p.logprobs for p in params):
@@ -408,6 +416,8 @@ class Engine:
             raise RequestFailedError("engine", "the next-token distribution was not finite")
         p = seq.request.sampling
         token = sampled.token
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RequestFailedError("engine", "the sampled token does not follow the response_format grammar")
         seq.output.append(token)
         seq.first_token_at = seq.first_token_at or now
         is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
@@ -419,7 +429,7 @@ class Engine:
                 dict(list(sampled.top_logprobs.items())[: p.top_logprobs]) if sampled.top_logprobs else None
             )
         seq.handle._push(event)
-        if is_eos or seq.detok.stopped:
+        if is_eos or seq.detok.stopped or (seq.matcher is not None and seq.matcher.is_terminated()):
             return "stop"
         if len(seq.output) >= p.max_new_tokens or seq.length + 1 >= self.runner.max_len:
             return "length"
@@ -498,7 +508,7 @@ def _row_error(seq: _Sequence, exc: Exception) -> EngineError:
     return RequestFailedError("engine", "internal error while generating this request")
 
 
-def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])

@@ -6,6 +6,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,11 @@ MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
 MAX_PRESENCE_FREQUENCY_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_ENTRIES = 300
+
+
+# Structured output (`grammar.ResponseFormat`) is defined beside the library that compiles it.
+if TYPE_CHECKING:
+    from .grammar import ResponseFormat
 
 
 class EngineError(Exception):
@@ -166,6 +172,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None
     timeout_s: float | None = None  # deadline from submission
+    response_format: ResponseFormat | None = None  # None: free text
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.monotonic)
 
