@@ -380,6 +380,27 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
     store.close()
 
 
+async def test_uploaded_files_are_checked_in_the_same_low_priority_thread(tmp_path, monkeypatch):
+    """`POST /v1/files` tokenizes every row too: it goes through the same checking thread."""
+    import server.api.files_api as files_api
+
+    priorities = []
+    parse = files_api.parse_jsonl
+
+    def observed(*args, **kwargs):
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(files_api, "parse_jsonl", observed)
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(settings(tmp_path), model=task_model(), tokenizer=chat_tokenizer(), store=store)
+    async with served(app) as api:
+        r = await api.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", TASK_FILE)})
+        assert r.status_code == 200, r.text
+    assert priorities == [10]
+    store.close()
+
+
 async def test_fine_tuning_disabled_is_503(tmp_path):
     store = SQLiteAdapterStore(tmp_path / "adapters.db")
     app = create_app(api_settings(), model=task_model(), tokenizer=chat_tokenizer(), store=store)  # no jobs_url

@@ -64,8 +64,8 @@ class Services:
 
     @cached_property
     def dataset_checks(self) -> TokenizerPool:
-        """Where uploaded training files are checked and tokenized before a job is queued:
-        one thread at low priority, a few uploads waiting (then 429). Tokenizing a 32 MB
+        """Where uploaded training files are checked and tokenized, before a job is queued or
+        a file stored: one thread at low priority, a few uploads waiting (then 429). Tokenizing a 32 MB
         file takes minutes of CPU; in the default thread pool three such uploads at once
         slowed another tenant's completions 4x (12 s instead of 2.6 s, measured)."""
         return TokenizerPool(self.tokenizer, 1, max_waiting=DATASET_CHECKS_WAITING, nice=10, what="training files")

@@ -15,13 +15,15 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from transformers import PreTrainedTokenizerBase
 
+from server.settings import Settings
 from server.training import TrainingLimits, parse_jsonl
 from server.training.files import FileStore
 from server.training.files.base import MAX_LIST_LIMIT
 from server.training.hyperparams import MAX_SEQ_LEN
 
-from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
+from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError
 from .file_schemas import FileDeleted, FileList, FileObject, UploadForm
 from .multipart import read_form
@@ -64,7 +66,7 @@ async def upload_file(
     upload = form.files.get("file")
     if upload is None:
         raise APIError("invalid_request", "is required: a JSONL file of training rows", "file")
-    await asyncio.to_thread(check_rows, services, upload.content)
+    await services.dataset_checks.run(lambda tokenizer: check_rows(upload.content, tokenizer, services.settings))
     record = await asyncio.to_thread(files.put, tenant, upload.filename or "", purposes[0], upload.content)
     if not await asyncio.to_thread(still_current, services, caller):  # deleted while the upload streamed in
         await asyncio.to_thread(files.delete, tenant, record.id)
@@ -108,16 +110,16 @@ def delete_file(file_id: str, tenant: TenantDep, files: FilesDep) -> FileDeleted
     return FileDeleted(id=file_id)
 
 
-def check_rows(services: Services, content: bytes) -> None:
+def check_rows(content: bytes, tokenizer: PreTrainedTokenizerBase, settings: Settings) -> None:
     """Refuse a file no job could train on (not UTF-8 JSONL, a row of the wrong shape, a
     role the chat template refuses), naming its line (`file line 7.messages[2].role`).
     Truncating instead of refusing long rows: their length is the job's to judge.
-    Tokenizes every row: call it in a worker thread."""
+    Tokenizes every row: call it in `services.dataset_checks`, as the job route does."""
     parse_jsonl(
         content,
-        services.tokenizer,
+        tokenizer,
         max_seq_len=MAX_SEQ_LEN,
         truncation="truncate",
-        limits=TrainingLimits.from_settings(services.settings).dataset,
+        limits=TrainingLimits.from_settings(settings).dataset,
         field="file",
     )
