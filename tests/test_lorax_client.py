@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import lorax
 import lorax.errors
 import openai
@@ -24,6 +25,7 @@ from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
+from tests.test_structured import MAX_TOKENS, PERSON
 
 PROMPT = "Hello there, general"
 ADAPTER = "support"
@@ -160,6 +162,28 @@ def test_ignore_eos_token_generates_past_the_end_of_sequence_token(client: lorax
     assert [t.id for t in ignored.details.tokens[: len(ended.details.tokens)]] == [t.id for t in ended.details.tokens]
 
 
+def test_response_format_output_parses_and_validates_on_every_sample(client: lorax.Client) -> None:
+    """lorax-client's ResponseFormat, through the same grammar path as OpenAI's: sampled
+    outputs on the base model and the adapter, generated and streamed, each parses and
+    validates; a schema xgrammar cannot use is a 400 naming it."""
+    fmt = lorax.types.ResponseFormat(type="json_object", schema=PERSON)
+    sampling = {"do_sample": True, "temperature": 1.0, "max_new_tokens": MAX_TOKENS, "response_format": fmt}
+    samples = []
+    for seed in range(8):
+        adapter = ADAPTER if seed % 2 else None
+        done = client.generate(PROMPT, adapter_id=adapter, seed=seed, **sampling)
+        assert done.details is not None and done.details.finish_reason == "eos_token", done
+        samples.append(done.generated_text)
+    streamed = list(client.generate_stream(PROMPT, adapter_id=ADAPTER, seed=1, **sampling))
+    assert streamed[-1].generated_text == samples[1]  # seeded: the same sample
+    for text in samples:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(samples)) > 1
+    with pytest.raises(lorax.errors.BadRequestError) as caught:
+        client.generate(PROMPT, response_format={"type": "json_object", "schema": {"type": "nonsense"}})
+    assert refusal(caught.value)["field"] == "parameters.response_format.schema"
+
+
 # -- lorax-client: the parameters this server refuses ---------------------------------------
 
 REFUSED = {
@@ -169,7 +193,6 @@ REFUSED = {
     "watermark": {"watermark": True},
     "adapter_source": {"adapter_source": "hub"},
     "api_token": {"api_token": "hf_secret"},
-    "response_format": {"response_format": {"type": "json_object", "schema": {"type": "string"}}},
     "merged_adapters": {"merged_adapters": lorax.MergedAdapters(ids=[ADAPTER], weights=[1.0], density=1.0)},
 }
 

@@ -309,9 +309,21 @@ _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "this server takes its API key in the Authorization header (`Authorization: Bearer <key>`; "
         "lorax.Client(url, headers=...)), not in the body",
     ),
-    "response_format": (lambda v: v is not None, "structured output (response_format) is not implemented yet"),
     "merged_adapters": (lambda v: v is not None, "per-request adapter merges (merged_adapters) are not implemented"),
 }
+
+
+class LoraxResponseFormat(BaseModel):
+    """LoRAX's `parameters.response_format` (lorax-client's `ResponseFormat`): the output is
+    JSON matching `schema` (`{"type": "object"}`: any object)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["json_object"]
+    schema_: dict[str, Any] = Field(..., alias="schema", description="The JSON Schema the output must match")
+
+    def output_format(self) -> ResponseFormat:
+        return ResponseFormat(self.schema_, field="parameters.response_format.schema")
 
 
 class GenerateParameters(BaseModel):
@@ -331,6 +343,7 @@ class GenerateParameters(BaseModel):
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text")
     truncate: int | None = Field(None, description="Keep only the last N prompt tokens")
     return_k_alternatives: int | None = Field(None, description="Each token's k most likely alternatives (0..20)")
+    response_format: LoraxResponseFormat | None = Field(None, description="JSON output matching a schema")
     # Not implemented: refused unless omitted or the default (see _REFUSED_PARAMETERS).
     best_of: int | None = Field(None, description="Only 1")
     decoder_input_details: bool = Field(False, description="Only false")
@@ -338,7 +351,6 @@ class GenerateParameters(BaseModel):
     watermark: bool = Field(False, description="Only false")
     adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
     api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
-    response_format: dict[str, Any] | None = Field(None, description="Not supported yet")
     merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
 
     @field_validator(*_REFUSED_PARAMETERS)
