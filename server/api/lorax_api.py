@@ -136,7 +136,9 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
         top_logprobs=p.return_k_alternatives or 0,
     )
     response_format = p.response_format.output_format() if p.response_format else None
-    return GenerationRequest(ids, sampling, adapter_ref(services, tenant, p.adapter_id), response_format=response_format)
+    return GenerationRequest(
+        ids, sampling, adapter_ref(services, tenant, p.adapter_id), response_format=response_format
+    )
 
 
 def _full_text(body: GenerateRequest, generated: str) -> str:

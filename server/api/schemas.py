@@ -111,25 +111,51 @@ class OpenAIRequest(BaseModel):
         return None
 
 
+# OpenAI's rule for function names.
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of the arguments object; omitted: no arguments",
+    )
+    strict: bool | None = Field(None, description="true: no argument properties beyond those the schema names")
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatToolFields(BaseModel):
-    """Tool calling, not implemented: refused unless it asks for no tool."""
+    """Tool calling, for a base model whose chat template renders tools (`tool_calls.py`)."""
 
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only omitted or empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Not supported: only "none"')
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise not_supported("tool calling is not implemented")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value is not None and value != "none":
-            raise not_supported('tool calling is not implemented; only "none" is accepted')
-        return value
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='Omitted: "auto" with tools, "none" without'
+    )
+    parallel_tool_calls: bool = Field(True, description="false: at most one call")
 
 
 class SamplingFields(OpenAIRequest):
@@ -169,16 +195,36 @@ class TextPart(BaseModel):
     text: Text
 
 
-class ChatMessage(BaseModel):
-    # A message's `name`, `tool_calls`, `tool_call_id` would change what the model should
-    # see: refused (a 400 naming `messages.N.name`), not dropped.
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    arguments: Text = Field(..., description="A JSON object's text")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    # A message's `name` would change what the model should see: refused (a 400 naming
+    # `messages.N.name`), not dropped. Which fields a role needs is checked with the
+    # template in `tool_calls.plan`.
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers")
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -233,7 +279,22 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] | None = None
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: `id`, `type` and `name` on its first piece only."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
 
 
 class ChatChoice(BaseModel):
@@ -255,6 +316,7 @@ class ChatResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
