@@ -283,8 +283,13 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+# Omitted, not null, when unset: OpenAI's stream accumulator overwrites a call's `type` with
+# every delta's (a null one included), which broke `openai`'s stream helpers.
+_OMIT_NONE = Field(None, exclude_if=lambda value: value is None)
+
+
 class FunctionDelta(BaseModel):
-    name: str | None = None
+    name: str | None = _OMIT_NONE
     arguments: str = ""
 
 
@@ -292,8 +297,8 @@ class ToolCallDelta(BaseModel):
     """A streamed piece of a tool call: `id`, `type` and `name` on its first piece only."""
 
     index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
+    id: str | None = _OMIT_NONE
+    type: Literal["function"] | None = _OMIT_NONE
     function: FunctionDelta
 
 
