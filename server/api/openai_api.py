@@ -182,7 +182,9 @@ def _check_chat_size(services: Services, messages: list[ChatMessage], tools: lis
     check_prompt_chars(services, chars + len(json.dumps(tools)) if tools else chars, "messages")
 
 
-def _chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, body: ChatRequest, tools: list[dict] | None) -> list[int]:
+def _chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, body: ChatRequest, tools: list[dict] | None = None
+) -> list[int]:
     """Render the conversation (and the tools, for a template that takes them) with the
     model's own chat template, ending in the assistant's turn. The template writes any
     special tokens itself. Runs in a tokenizing thread, in time linear in the
