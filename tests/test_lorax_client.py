@@ -184,10 +184,52 @@ def test_response_format_output_parses_and_validates_on_every_sample(client: lor
     assert refusal(caught.value)["field"] == "parameters.response_format.schema"
 
 
+def test_best_of_answers_the_likeliest_of_independent_samples(client: lorax.Client, server: str) -> None:
+    """As TGI: best_of samples, the answer is the one whose tokens have the highest summed
+    logprob, the others come in details.best_of_sequences. Seeded (raw HTTP: lorax-client
+    refuses a seed with best_of), sample i is seeded seed + i and equals that seed's single
+    sample."""
+    response = client.generate(PROMPT, best_of=3, do_sample=True, max_new_tokens=10)
+    details = response.details
+    assert details is not None and details.best_of_sequences is not None and len(details.best_of_sequences) == 2
+    sequences = [(response.generated_text, details.tokens)] + [
+        (s.generated_text, s.tokens) for s in details.best_of_sequences
+    ]
+    for text, tokens in sequences:
+        assert "".join(t.text for t in tokens) == text
+    summed = [sum(t.logprob for t in tokens) for _, tokens in sequences]
+    assert summed[0] == max(summed) and summed[1:] == sorted(summed[1:], reverse=True)
+
+    body = {
+        "inputs": PROMPT,
+        "parameters": {"best_of": 3, "do_sample": True, "seed": 5, "max_new_tokens": 10, "details": True},
+    }
+    seeded = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    found = [(seeded["generated_text"], seeded["details"]["seed"])]
+    found += [(s["generated_text"], s["seed"]) for s in seeded["details"]["best_of_sequences"]]
+    assert sorted(seed for _, seed in found) == [5, 6, 7]
+    for text, seed in found:
+        assert client.generate(PROMPT, do_sample=True, seed=seed, max_new_tokens=10).generated_text == text
+
+
+@pytest.mark.parametrize(
+    ("route", "parameters"),
+    [
+        ("/generate", {"best_of": 2}),  # greedy: every sample the same
+        ("/generate_stream", {"best_of": 2, "do_sample": True}),
+        ("/generate", {"best_of": 0, "do_sample": True}),
+        ("/generate", {"best_of": 1000, "do_sample": True}),  # above VBSERVE_MAX_N
+    ],
+)
+def test_a_best_of_this_server_cannot_run_is_a_400_naming_it(server: str, route: str, parameters: dict) -> None:
+    r = httpx.post(f"{server}{route}", json={"inputs": PROMPT, "parameters": parameters}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"] == "parameters.best_of"
+
+
 # -- lorax-client: the parameters this server refuses ---------------------------------------
 
 REFUSED = {
-    "best_of": {"best_of": 2, "do_sample": True},
     "decoder_input_details": {"decoder_input_details": True},
     "typical_p": {"typical_p": 0.5},
     "watermark": {"watermark": True},

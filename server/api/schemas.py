@@ -360,10 +360,6 @@ class ModelList(BaseModel):
 # and this server does not implement: a value other than these defaults is a 400 naming
 # the parameter, why, and what to do instead.
 _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "best_of": (
-        lambda v: v not in (None, 1),
-        "only best_of=1 is supported; send several requests with do_sample to compare samples",
-    ),
     "decoder_input_details": (lambda v: v, "prompt token logprobs (decoder_input_details) are not implemented"),
     "typical_p": (lambda v: v is not None, "typical decoding (typical_p) is not implemented; use top_p or top_k"),
     "watermark": (lambda v: v, "watermarking is not implemented"),
@@ -411,14 +407,21 @@ class GenerateParameters(BaseModel):
     truncate: int | None = Field(None, description="Keep only the last N prompt tokens")
     return_k_alternatives: int | None = Field(None, description="Each token's k most likely alternatives (0..20)")
     response_format: LoraxResponseFormat | None = Field(None, description="JSON output matching a schema")
+    best_of: int | None = Field(
+        None, description="Sample this many (with do_sample, not streamed), answer the likeliest (VBSERVE_MAX_N)"
+    )
     # Not implemented: refused unless omitted or the default (see _REFUSED_PARAMETERS).
-    best_of: int | None = Field(None, description="Only 1")
     decoder_input_details: bool = Field(False, description="Only false")
     typical_p: float | None = Field(None, description="Not supported")
     watermark: bool = Field(False, description="Only false")
     adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
     api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
     merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
+
+    @property
+    def samples(self) -> int:
+        """How many samples to draw: best_of, 1 when omitted."""
+        return 1 if self.best_of is None else self.best_of
 
     @field_validator(*_REFUSED_PARAMETERS)
     @classmethod
@@ -457,15 +460,25 @@ class PrefillToken(BaseModel):
     logprob: float | None
 
 
-class GenerateDetails(BaseModel):
+class SequenceDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
-    prompt_tokens: int
     seed: int | None
     prefill: list[PrefillToken] = Field(
         default_factory=list, description="Always empty: decoder_input_details is not supported"
     )
     tokens: list[GeneratedToken]
+
+
+class BestOfSequence(SequenceDetails):
+    """One of best_of's other samples (TGI's shape)."""
+
+    generated_text: str
+
+
+class GenerateDetails(SequenceDetails):
+    prompt_tokens: int
+    best_of_sequences: list[BestOfSequence] | None = Field(None, description="best_of's other samples, likeliest first")
 
 
 class GenerateResponse(BaseModel):
