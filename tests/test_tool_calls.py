@@ -15,7 +15,6 @@ import jsonschema
 import openai
 import pytest
 
-from adapter_store import encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.api.errors import APIError
 from server.api.openai_api import _assistant_message, _chat_prompt_ids
@@ -23,9 +22,10 @@ from server.api.schemas import ChatRequest
 from server.api.tool_calls import ChatTemplate, HermesCalls, JsonCalls, Piece, read_chat_template
 from server.app import create_app
 from tests.conftest import byte_tokenizer, tiny_llama
-from tests.test_api import CHAT_TEMPLATE, api_settings, chat_tokenizer, error_of, random_adapter
+from tests.test_api import CHAT_TEMPLATE, api_settings, chat_tokenizer, error_of
 from tests.test_api import api as api  # the fixture
-from tests.test_replicas import MODEL_SEED, replica, wait_ready
+from tests.test_replicas import MODEL_SEED
+from tests.test_structured import ADAPTERS, server_with_adapters
 
 # Hermes/Qwen style, short: the byte tokenizer spends a token per character.
 TOOL_TEMPLATE = (
@@ -293,28 +293,18 @@ async def test_a_history_with_tool_calls_and_results_renders(tools_api):
 
 # -- the openai package, a real server, adapters in the batch ----------------------------
 
-ADAPTERS = ("support", "sales")
-
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     """The `openai` client of a `vbserve serve` process on the tiny model with the Hermes
     template, holding ADAPTERS."""
     folder = tmp_path_factory.mktemp("tools-server")
-    model_dir = folder / "model"
-    long_llama(seed=MODEL_SEED).save_pretrained(model_dir)
-    tool_tokenizer().save_pretrained(model_dir)
-    settings = {"VBSERVE_MAX_BATCH_SIZE": "16", "VBSERVE_MAX_QUEUE": "128", "VBSERVE_MAX_MODEL_LEN": str(CONTEXT)}
-    with replica(model_dir, f"sqlite:///{folder / 'adapters.db'}", "unused", folder / "server.log", settings) as s:
-        wait_ready(s)
-        for seed, name in enumerate(ADAPTERS, start=1):
-            blob = encode_adapter(random_adapter(tiny_llama(seed=MODEL_SEED), seed=seed))
-            r = httpx.put(
-                f"{s.url}/v1/adapters/{name}", content=blob, headers={"content-type": "application/octet-stream"}
-            )
-            assert r.status_code in (200, 201), r.text
-        with openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=300) as c:
-            yield c
+    settings = {"VBSERVE_MAX_MODEL_LEN": str(CONTEXT)}
+    with (
+        server_with_adapters(folder, long_llama(seed=MODEL_SEED), tool_tokenizer(), settings) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300) as c,
+    ):
+        yield c
 
 
 def check_call(call, names=tuple(SCHEMAS)) -> str:
