@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 
 from adapter_store.store import SQLiteAdapterStore
 from server.api.errors import APIError
@@ -21,8 +22,8 @@ from server.api.openai_api import _assistant_message, _chat_prompt_ids
 from server.api.schemas import ChatRequest
 from server.api.tool_calls import ChatTemplate, HermesCalls, JsonCalls, Piece, read_chat_template
 from server.app import create_app
-from tests.conftest import byte_tokenizer, tiny_llama
-from tests.test_api import CHAT_TEMPLATE, api_settings, chat_tokenizer, error_of
+from tests.conftest import byte_tokenizer, serve_in_thread, tiny_llama
+from tests.test_api import BASE, CHAT_TEMPLATE, api_settings, chat_tokenizer, error_of
 from tests.test_api import api as api  # the fixture
 from tests.test_replicas import MODEL_SEED
 from tests.test_structured import ADAPTERS, server_with_adapters
@@ -414,3 +415,58 @@ def test_auto_returns_free_text_as_content_and_none_renders_the_tools(client: op
         without_tools.usage.prompt_tokens
         < client.chat.completions.create(**{**request, "messages": HI, "tool_choice": "none"}).usage.prompt_tokens
     )  # "none" still shows the model its tools
+
+
+class ScriptedModel:
+    """The engine's forward pass replaced: decoded greedily, the model writes `text`, then
+    EOS. One request at a time: each forward pass is the next token."""
+
+    def __init__(self, services, text: str) -> None:
+        self._vocab = services.engine.runner.vocab_size
+        self._ids = [*tool_tokenizer().encode(text), min(services.engine.eos_ids)]
+        self._step = 0
+        services.engine.runner.forward = self._forward
+
+    def restart(self) -> None:
+        self._step = 0
+
+    def _forward(self, first_row, input_ids, positions, last_index, slots):
+        logits = torch.zeros(input_ids.shape[0], self._vocab)
+        logits[:, self._ids[min(self._step, len(self._ids) - 1)]] = 1.0
+        self._step += 1
+        return logits
+
+
+SCRIPT = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "oslo", "days": 3}}</tool_call>'
+
+
+def test_auto_parses_the_models_own_calls_streamed_or_not(tmp_path):
+    """A model that writes a Hermes call (scripted: a random one never does) behind a real
+    HTTP server: `auto` returns it as a call beside the content, unstreamed and through the
+    `openai` stream helpers; `none` returns the same text as content."""
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(
+        api_settings(max_model_len=CONTEXT), model=long_llama(seed=7), tokenizer=tool_tokenizer(), store=store
+    )
+    strict = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS, "strict": True}}]
+    request = {"model": BASE, "messages": HI, "tools": strict, "temperature": 0, "max_tokens": 200}
+    with serve_in_thread(app) as url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        model = ScriptedModel(app.state.services, SCRIPT)
+        done = client.chat.completions.create(**request).choices[0]
+        model.restart()
+        with client.chat.completions.stream(**request) as stream:
+            content = "".join(e.delta for e in stream if e.type == "content.delta")
+            streamed = stream.get_final_completion().choices[0]
+        model.restart()
+        plain = client.chat.completions.create(**request, tool_choice="none").choices[0]
+    store.close()
+    for choice in (done, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "oslo", "days": 3}
+    assert content == "Checking." and streamed.message.tool_calls[0].function.parsed_arguments == {
+        "city": "oslo",
+        "days": 3,
+    }
+    assert plain.finish_reason == "stop" and plain.message.content == SCRIPT and plain.message.tool_calls is None
