@@ -103,6 +103,15 @@ def test_tool_calling_is_on_for_templates_that_render_tools():
     other_format = byte_tokenizer()
     other_format.chat_template = "{{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}"
     assert read_chat_template(other_format) == ChatTemplate(True, None)
+    hub_tags = byte_tokenizer()  # transformers' own tags, which a plain jinja2 parser refuses
+    hub_tags.chat_template = (
+        "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% break %}{% endfor %}"
+        "{{ tools }}<tool_call>"
+    )
+    assert read_chat_template(hub_tags) == ChatTemplate(True, "hermes")
+    broken = byte_tokenizer()
+    broken.chat_template = "{% for m in messages %}{{ tools }}"
+    assert read_chat_template(broken) == ChatTemplate(False, None)
     several = byte_tokenizer()
     several.chat_template = {"default": CHAT_TEMPLATE, "tool_use": TOOL_TEMPLATE}  # as transformers picks
     assert read_chat_template(several) == ChatTemplate(True, "hermes")

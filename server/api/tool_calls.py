@@ -2,7 +2,7 @@
 
 Only for a model whose chat template renders tools: `read_chat_template` looks, once, for
 `tools` among the template's undeclared variables (jinja2's `meta`). Elsewhere `tools` is a
-400 naming it, as before.
+400 naming it.
 
 `tool_choice` (OpenAI's default: `auto` when tools are given) picks how the calls come out:
 - `none`: the tools are in the prompt, the output is plain text (vLLM does the same).
@@ -32,6 +32,7 @@ from typing import Any
 import jinja2
 from jinja2 import meta
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from server.engine import ResponseFormat
 
@@ -54,9 +55,12 @@ def read_chat_template(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     tokenizer with several templates has a `tool_use` one)."""
     try:
         source = tokenizer.get_chat_template(tools=[])
-    except ValueError:  # no chat template at all
+        # Parsed in the environment transformers renders it in: a plain jinja2 one does not
+        # know the `generation` and loop-control tags that Hub templates use.
+        environment = _compile_jinja_template(source).environment
+        takes_tools = "tools" in meta.find_undeclared_variables(environment.parse(source))
+    except (ValueError, jinja2.TemplateError):  # no chat template, or one that cannot render anything
         return ChatTemplate(False, None)
-    takes_tools = "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(source))
     return ChatTemplate(takes_tools, "hermes" if takes_tools and OPEN in source else None)
 
 
