@@ -318,7 +318,11 @@ def test_openai_bookkeeping_fields_are_accepted(openai_client: openai.OpenAI) ->
         ("tool_choice", "auto"),
     ],
 )
-def test_openai_unimplemented_fields_are_a_400_naming_them(openai_client: openai.OpenAI, field: str, value) -> None:
+def test_openai_tools_on_a_template_without_tools_are_a_400_naming_them(
+    openai_client: openai.OpenAI, field: str, value
+) -> None:
+    """This server's chat template renders no tools (tool calling: tests/test_tool_calls.py);
+    a tool_choice other than "none" needs tools."""
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(
             model=ADAPTER, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **{field: value}
