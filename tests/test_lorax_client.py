@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import lorax
 import lorax.errors
 import openai
@@ -24,6 +25,7 @@ from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
+from tests.test_structured import MAX_TOKENS, PERSON
 
 PROMPT = "Hello there, general"
 ADAPTER = "support"
@@ -160,16 +162,79 @@ def test_ignore_eos_token_generates_past_the_end_of_sequence_token(client: lorax
     assert [t.id for t in ignored.details.tokens[: len(ended.details.tokens)]] == [t.id for t in ended.details.tokens]
 
 
+def test_response_format_output_parses_and_validates_on_every_sample(client: lorax.Client) -> None:
+    """lorax-client's ResponseFormat, through the same grammar path as OpenAI's: sampled
+    outputs on the base model and the adapter, generated and streamed, each parses and
+    validates; a schema xgrammar cannot use is a 400 naming it."""
+    fmt = lorax.types.ResponseFormat(type="json_object", schema=PERSON)
+    sampling = {"do_sample": True, "temperature": 1.0, "max_new_tokens": MAX_TOKENS, "response_format": fmt}
+    samples = []
+    for seed in range(8):
+        adapter = ADAPTER if seed % 2 else None
+        done = client.generate(PROMPT, adapter_id=adapter, seed=seed, **sampling)
+        assert done.details is not None and done.details.finish_reason == "eos_token", done
+        samples.append(done.generated_text)
+    streamed = list(client.generate_stream(PROMPT, adapter_id=ADAPTER, seed=1, **sampling))
+    assert streamed[-1].generated_text == samples[1]  # seeded: the same sample
+    for text in samples:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(samples)) > 1
+    with pytest.raises(lorax.errors.BadRequestError) as caught:
+        client.generate(PROMPT, response_format={"type": "json_object", "schema": {"type": "nonsense"}})
+    assert refusal(caught.value)["field"] == "parameters.response_format.schema"
+
+
+def test_best_of_answers_the_likeliest_of_independent_samples(client: lorax.Client, server: str) -> None:
+    """As TGI: best_of samples, the answer is the one whose tokens have the highest summed
+    logprob, the others come in details.best_of_sequences. Seeded (raw HTTP: lorax-client
+    refuses a seed with best_of), sample i is seeded seed + i and equals that seed's single
+    sample."""
+    response = client.generate(PROMPT, best_of=3, do_sample=True, max_new_tokens=10)
+    details = response.details
+    assert details is not None and details.best_of_sequences is not None and len(details.best_of_sequences) == 2
+    sequences = [(response.generated_text, details.tokens)] + [
+        (s.generated_text, s.tokens) for s in details.best_of_sequences
+    ]
+    for text, tokens in sequences:
+        assert "".join(t.text for t in tokens) == text
+    summed = [sum(t.logprob for t in tokens) for _, tokens in sequences]
+    assert summed[0] == max(summed) and summed[1:] == sorted(summed[1:], reverse=True)
+
+    body = {
+        "inputs": PROMPT,
+        "parameters": {"best_of": 3, "do_sample": True, "seed": 5, "max_new_tokens": 10, "details": True},
+    }
+    seeded = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    found = [(seeded["generated_text"], seeded["details"]["seed"])]
+    found += [(s["generated_text"], s["seed"]) for s in seeded["details"]["best_of_sequences"]]
+    assert sorted(seed for _, seed in found) == [5, 6, 7]
+    for text, seed in found:
+        assert client.generate(PROMPT, do_sample=True, seed=seed, max_new_tokens=10).generated_text == text
+
+
+@pytest.mark.parametrize(
+    ("route", "parameters"),
+    [
+        ("/generate", {"best_of": 2}),  # greedy: every sample the same
+        ("/generate_stream", {"best_of": 2, "do_sample": True}),
+        ("/generate", {"best_of": 0, "do_sample": True}),
+        ("/generate", {"best_of": 1000, "do_sample": True}),  # above VBSERVE_MAX_N
+    ],
+)
+def test_a_best_of_this_server_cannot_run_is_a_400_naming_it(server: str, route: str, parameters: dict) -> None:
+    r = httpx.post(f"{server}{route}", json={"inputs": PROMPT, "parameters": parameters}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"] == "parameters.best_of"
+
+
 # -- lorax-client: the parameters this server refuses ---------------------------------------
 
 REFUSED = {
-    "best_of": {"best_of": 2, "do_sample": True},
     "decoder_input_details": {"decoder_input_details": True},
     "typical_p": {"typical_p": 0.5},
     "watermark": {"watermark": True},
     "adapter_source": {"adapter_source": "hub"},
     "api_token": {"api_token": "hf_secret"},
-    "response_format": {"response_format": {"type": "json_object", "schema": {"type": "string"}}},
     "merged_adapters": {"merged_adapters": lorax.MergedAdapters(ids=[ADAPTER], weights=[1.0], density=1.0)},
 }
 
@@ -253,7 +318,11 @@ def test_openai_bookkeeping_fields_are_accepted(openai_client: openai.OpenAI) ->
         ("tool_choice", "auto"),
     ],
 )
-def test_openai_unimplemented_fields_are_a_400_naming_them(openai_client: openai.OpenAI, field: str, value) -> None:
+def test_openai_tools_on_a_template_without_tools_are_a_400_naming_them(
+    openai_client: openai.OpenAI, field: str, value
+) -> None:
+    """This server's chat template renders no tools (tool calling: tests/test_tool_calls.py);
+    a tool_choice other than "none" needs tools."""
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(
             model=ADAPTER, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **{field: value}

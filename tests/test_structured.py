@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -229,14 +231,14 @@ async def test_a_deeply_nested_schema_is_a_400_naming_it(api, depth):
 ADAPTERS = ("support", "sales")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A `vbserve serve` process on the tiny model (with a chat template) holding ADAPTERS."""
-    folder = tmp_path_factory.mktemp("structured-server")
+@contextmanager
+def server_with_adapters(folder: Path, model, tokenizer, settings: dict[str, str]) -> Iterator[str]:
+    """The URL of a `vbserve serve` process on `model` and `tokenizer` (saved in `folder`)
+    holding ADAPTERS, random ones for the tiny model."""
     model_dir = folder / "model"
-    tiny_llama(seed=MODEL_SEED).save_pretrained(model_dir)
-    chat_tokenizer().save_pretrained(model_dir)
-    settings = {"VBSERVE_MAX_BATCH_SIZE": "16", "VBSERVE_MAX_QUEUE": "128"}
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = {"VBSERVE_MAX_BATCH_SIZE": "16", "VBSERVE_MAX_QUEUE": "128", **settings}
     with replica(model_dir, f"sqlite:///{folder / 'adapters.db'}", "unused", folder / "server.log", settings) as s:
         wait_ready(s)
         for seed, name in enumerate(ADAPTERS, start=1):
@@ -246,6 +248,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             )
             assert r.status_code in (200, 201), r.text
         yield s.url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tiny model with a chat template."""
+    folder = tmp_path_factory.mktemp("structured-server")
+    with server_with_adapters(folder, tiny_llama(seed=MODEL_SEED), chat_tokenizer(), {}) as url:
+        yield url
 
 
 def test_openai_package_json_schema_validates_on_every_sample(server: str) -> None:

@@ -33,6 +33,7 @@ from server.training.jobs import JobQueue
 
 from .errors import APIError
 from .tokenizing import TokenizerPool
+from .tool_calls import ChatTemplate, read_chat_template
 
 # Training uploads that may wait for the one dataset-checking thread before a 429.
 DATASET_CHECKS_WAITING = 4
@@ -56,6 +57,10 @@ class Services:
     rates: RateLimiter = field(default_factory=RateLimiter)
     generations: ConcurrencyLimiter = field(default_factory=ConcurrencyLimiter)
     started: float = field(default_factory=time.time)
+    chat_template: ChatTemplate = field(init=False)  # what the tokenizer's template does with tools
+
+    def __post_init__(self) -> None:
+        self.chat_template = read_chat_template(self.tokenizer)
 
     @cached_property
     def tokenizing(self) -> TokenizerPool:

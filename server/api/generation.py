@@ -83,13 +83,6 @@ async def submit_n(
         raise from_engine_error(exc, field_names) from None
 
 
-async def run_to_end(
-    services: Services, http_request: Request, handle: RequestHandle, field_names: Mapping[str, str]
-) -> Outcome:
-    """Wait for the whole generation (see `run_all`)."""
-    return (await run_all(services, http_request, [handle], field_names))[0]
-
-
 async def run_all(
     services: Services, http_request: Request, handles: list[RequestHandle], field_names: Mapping[str, str]
 ) -> list[Outcome]:

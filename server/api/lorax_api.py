@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
-from .deps import GenerationSlot, Services, ServicesDep, TenantDep
+from .deps import GenerationsDep, GenerationSlot, HeldGenerations, Services, ServicesDep, TenantDep
 from .errors import APIError, from_engine_error
 from .generation import (
     Event,
@@ -25,14 +25,16 @@ from .generation import (
     encode_prompt,
     open_stream,
     output_limit,
-    run_to_end,
+    run_all,
     sse,
     sse_response,
     stop_list,
     submit,
+    submit_n,
 )
 from .schemas import (
     AlternativeToken,
+    BestOfSequence,
     GenerateDetails,
     GeneratedToken,
     GenerateRequest,
@@ -49,27 +51,28 @@ FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {
     "model": "parameters.adapter_id",
     "ignore_eos": "parameters.ignore_eos_token",
     "top_logprobs": "parameters.return_k_alternatives",
+    "n": "parameters.best_of",
 }
 
 
-@router.post("/", response_model=list[GenerateResponse], dependencies=[GenerationSlot])
+@router.post("/", response_model=list[GenerateResponse])
 async def compat_generate(
-    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> list[GenerateResponse] | StreamingResponse:
     """TGI's and LoRAX's compatibility route, where their Python clients post: `stream`
     in the body picks a stream of events as from /generate_stream, else a list of one
     response as from /generate."""
     if body.stream:
         return await _stream(services, request, tenant, body)
-    return [await _generate(services, request, tenant, body)]
+    return [await _generate(services, request, tenant, body, generations)]
 
 
-@router.post("/generate", response_model=GenerateResponse, dependencies=[GenerationSlot])
+@router.post("/generate", response_model=GenerateResponse)
 async def generate(
-    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep
+    body: GenerateRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> GenerateResponse:
     _check_stream_matches(body, streaming=False)
-    return await _generate(services, request, tenant, body)
+    return await _generate(services, request, tenant, body, generations)
 
 
 @router.post("/generate_stream", dependencies=[GenerationSlot])
@@ -86,22 +89,38 @@ def _check_stream_matches(body: GenerateRequest, streaming: bool) -> None:
         raise APIError("invalid_request", f"stream={body.stream} contradicts {route}; POST / picks by stream", "stream")
 
 
-async def _generate(services: Services, request: Request, tenant: str, body: GenerateRequest) -> GenerateResponse:
+async def _generate(
+    services: Services, request: Request, tenant: str, body: GenerateRequest, generations: HeldGenerations
+) -> GenerateResponse:
+    p = body.parameters
+    best_of = p.samples
+    generations.hold(best_of, "parameters.best_of")  # each sample is a batch row
     engine_request = await _engine_request(services, tenant, body, streaming=False)
-    handle = await submit(services, engine_request, FIELDS)
-    outcome = await run_to_end(services, request, handle, FIELDS)
-    result = outcome.result
+    handles = await submit_n(services, engine_request, best_of, FIELDS)
+    outcomes = await run_all(services, request, handles, FIELDS)
+    # TGI's pick: the sample whose generated tokens have the highest summed logprob.
+    ranked = sorted(range(best_of), key=lambda i: -sum(t.logprob or 0.0 for t in outcomes[i].tokens))
+    best = outcomes[ranked[0]].result
     details = None
-    if body.parameters.details:
+    if p.details:
         token = _token_maker(services)
+
+        def sequence(i: int) -> dict:
+            result = outcomes[i].result
+            return {
+                "finish_reason": _finish_reason(services, result),
+                "generated_tokens": result.usage.completion_tokens,
+                "seed": None if p.seed is None else p.seed + i,  # sample i's seed (Engine.submit_n)
+                "tokens": [token(t) for t in _merge_held_text(outcomes[i].tokens)],
+            }
+
+        others = [
+            BestOfSequence(generated_text=_full_text(body, outcomes[i].result.text), **sequence(i)) for i in ranked[1:]
+        ]
         details = GenerateDetails(
-            finish_reason=_finish_reason(services, result),
-            generated_tokens=result.usage.completion_tokens,
-            prompt_tokens=result.usage.prompt_tokens,
-            seed=body.parameters.seed,
-            tokens=[token(t) for t in _merge_held_text(outcome.tokens)],
+            prompt_tokens=best.usage.prompt_tokens, best_of_sequences=others or None, **sequence(ranked[0])
         )
-    return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
+    return GenerateResponse(generated_text=_full_text(body, best.text), details=details)
 
 
 async def _stream(services: Services, request: Request, tenant: str, body: GenerateRequest) -> StreamingResponse:
@@ -119,6 +138,12 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
             raise APIError("invalid_request", f"must be at least 1, got {p.truncate}", "parameters.truncate")
         ids = ids[-p.truncate :]  # as TGI: the prompt's last tokens are kept
     sampled = p.do_sample or p.temperature is not None
+    best_of = p.samples
+    if best_of != 1 and (streaming or not sampled):
+        # As TGI: greedy samples would all be the same, and a stream cannot pick its best.
+        raise APIError(
+            "invalid_request", "best_of above 1 needs do_sample (or a temperature), not streamed", "parameters.best_of"
+        )
     sampling = SamplingParams(
         max_new_tokens=output_limit(services, p.max_new_tokens, len(ids)),
         temperature=(1.0 if p.temperature is None else p.temperature) if sampled else 0.0,
@@ -132,10 +157,14 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
         # (lorax-client's `Token.logprob` is required). Not asked for otherwise: a batch
         # with one row that wants logprobs computes them for every row (7.9 ms a step at
         # 32 rows of SmolLM2's 49,152-token vocabulary, measured on 2 CPU cores).
-        logprobs=streaming or p.details,
+        # best_of ranks its samples by their summed logprob.
+        logprobs=streaming or p.details or best_of > 1,
         top_logprobs=p.return_k_alternatives or 0,
     )
-    return GenerationRequest(ids, sampling, adapter_ref(services, tenant, p.adapter_id))
+    response_format = p.response_format.output_format() if p.response_format else None
+    return GenerationRequest(
+        ids, sampling, adapter_ref(services, tenant, p.adapter_id), response_format=response_format
+    )
 
 
 def _full_text(body: GenerateRequest, generated: str) -> str:

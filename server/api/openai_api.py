@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -17,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
+from . import tool_calls
 from .adapter_io import iter_records
 from .deps import GenerationsDep, Services, ServicesDep, TenantDep
 from .errors import APIError
@@ -48,13 +52,18 @@ from .schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FunctionCall,
+    FunctionDelta,
     ModelCard,
     ModelList,
     SamplingFields,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     UsageInfo,
 )
+from .tool_calls import CallDelta, Piece, Reader
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -104,28 +113,39 @@ async def chat_completions(
     body: ChatRequest, request: Request, services: ServicesDep, tenant: TenantDep, generations: GenerationsDep
 ) -> ChatResponse | StreamingResponse:
     generations.hold(body.n, "n")
-    _check_chat_size(services, body.messages)
-    ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body))
+    tools = tool_calls.plan(services.chat_template, body)
+    _check_chat_size(services, body.messages, tools.tools)
+    # Every tool's parameters must be a usable schema, within response_format's bounds, even
+    # when nothing constrains the output to it (compiled grammars are cached by schema).
+    await asyncio.gather(*(services.engine.grammars.compile(fmt) for fmt in tools.parameters))
+    ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body, tools.tools))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
     engine_request = GenerationRequest(
-        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+        ids,
+        sampling,
+        adapter_ref(services, tenant, body.model),
+        response_format=tools.response_format or body.output_format(),
     )
     handles = await submit_n(services, engine_request, body.n, CHAT_FIELDS)
     meta = _Meta(f"chatcmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
     if body.stream:
         events = await open_streams(services, request, handles, CHAT_FIELDS)
-        return sse_response(_chat_chunks(meta, events, len(handles), body.logprobs, _include_usage(body)))
-    outcomes = await run_all(services, request, handles, CHAT_FIELDS)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=outcome.result.text),
-            finish_reason=outcome.result.finish_reason,
-            logprobs=_chat_logprobs(meta.token_text, outcome.tokens) if body.logprobs else None,
+        return sse_response(
+            _chat_chunks(meta, events, len(handles), body.logprobs, _include_usage(body), tools.new_reader)
         )
-        for i, outcome in enumerate(outcomes)
-    ]
+    outcomes = await run_all(services, request, handles, CHAT_FIELDS)
+    choices = []
+    for i, outcome in enumerate(outcomes):
+        reader = tools.new_reader()
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=_assistant_message(reader.feed(outcome.result.text) + reader.end()),
+                finish_reason=_chat_finish_reason(reader, outcome.result),
+                logprobs=_chat_logprobs(meta.token_text, outcome.tokens) if body.logprobs else None,
+            )
+        )
     return ChatResponse(
         id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=_usage(o.result for o in outcomes)
     )
@@ -154,32 +174,38 @@ def _single_prompt(prompt: str | list[str]) -> str:
     return prompt[0]
 
 
-def _check_chat_size(services: Services, messages: list[ChatMessage]) -> None:
+def _check_chat_size(services: Services, messages: list[ChatMessage], tools: list[dict] | None) -> None:
     limit = services.settings.max_chat_messages
     if len(messages) > limit:
         raise APIError("invalid_request", f"{len(messages)} messages; at most {limit} are accepted", "messages")
-    check_prompt_chars(services, sum(len(m.text) for m in messages), "messages")
+    chars = sum(len(m.text) + sum(len(c.function.arguments) for c in m.tool_calls or []) for m in messages)
+    check_prompt_chars(services, chars + len(json.dumps(tools)) if tools else chars, "messages")
 
 
-def _chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, body: ChatRequest) -> list[int]:
-    """Render the conversation with the model's own chat template, ending in the
-    assistant's turn. The template writes any special tokens itself. Runs in a tokenizing
-    thread, in time linear in the conversation's length."""
+def _chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, body: ChatRequest, tools: list[dict] | None = None
+) -> list[int]:
+    """Render the conversation (and the tools, for a template that takes them) with the
+    model's own chat template, ending in the assistant's turn. The template writes any
+    special tokens itself. Runs in a tokenizing thread, in time linear in the
+    conversation's length."""
     if not tokenizer.chat_template:
         raise APIError("invalid_request", "the base model has no chat template; use /v1/completions", "messages")
-    # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+    conversation = [tool_calls.template_message(m) for m in body.messages]
     specials = _special_token_strings(tokenizer)
+    _refuse_control_tokens(specials, tools, conversation)
     if not any(s in m["content"] for m in conversation for s in specials):
-        return tokenizer.encode(_render(tokenizer, conversation), add_special_tokens=False)
+        return tokenizer.encode(_render(tokenizer, conversation, tools), add_special_tokens=False)
     # A message spells one of the model's control tokens ("<|im_end|>"). Encoding the
     # rendered text as a whole would read it as that token, so a user could close their
     # turn and open a system turn of their own. Render with placeholders instead, encode
     # the template's text as usual and every message's content as plain text.
-    text = _render(tokenizer, [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(conversation)])
+    marked = [i for i, m in enumerate(conversation) if m["content"]]
+    placeholders = [{**m, "content": f"\ue000{i}\ue001"} if m["content"] else m for i, m in enumerate(conversation)]
+    text = _render(tokenizer, placeholders, tools)
     matches = list(_MARK.finditer(text))
     # One pass over the text, not one per message (that was quadratic: 8000 messages, 2.3 s).
-    if sorted(int(m.group(1)) for m in matches) != list(range(len(conversation))):
+    if sorted(int(m.group(1)) for m in matches) != marked:
         # A template that drops or repeats content.
         raise APIError("invalid_request", "messages may not contain the model's control tokens", "messages")
     ids: list[int] = []
@@ -195,9 +221,25 @@ def _chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, body: ChatRequest) -> l
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> str:
+def _refuse_control_tokens(specials: list[str], tools: list[dict] | None, conversation: list[dict[str, Any]]) -> None:
+    """Tools and tool calls are rendered as JSON inside the template's text, where no
+    placeholder can stand in for them: a control token in them is refused."""
+
+    def spells_one(value: object) -> bool:
+        text = json.dumps(value, ensure_ascii=False)
+        return any(s in text for s in specials)
+
+    if tools and spells_one(tools):
+        raise APIError("invalid_request", "tools may not contain the model's control tokens", "tools")
+    for i, m in enumerate(conversation):
+        for key in ("tool_calls", "tool_call_id"):
+            if key in m and spells_one(m[key]):
+                raise APIError("invalid_request", "may not contain the model's control tokens", f"messages.{i}.{key}")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]], tools: list[dict] | None) -> str:
     try:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True, tokenize=False)
     except TemplateError as exc:
         raise APIError("invalid_request", f"the chat template refused the messages: {exc}", "messages") from None
 
@@ -314,8 +356,40 @@ async def _completion_chunks(
     yield sse("[DONE]")
 
 
+def _assistant_message(pieces: list[Piece]) -> AssistantMessage:
+    """A whole choice's message from its reader's pieces."""
+    content = "".join(p for p in pieces if isinstance(p, str))
+    calls: list[ToolCall] = []
+    for p in pieces:
+        if isinstance(p, CallDelta):
+            if p.id is not None:  # a call's first piece
+                calls.append(ToolCall(id=p.id, function=FunctionCall(name=p.name or "", arguments="")))
+            calls[p.index].function.arguments += p.arguments
+    if not calls:
+        return AssistantMessage(content=content)
+    # OpenAI: content is null when the answer is only tool calls.
+    return AssistantMessage(content=content if content.strip() else None, tool_calls=calls)
+
+
+def _chat_delta(piece: Piece) -> ChatDelta:
+    if isinstance(piece, str):
+        return ChatDelta(content=piece)
+    function = FunctionDelta(name=piece.name, arguments=piece.arguments)
+    call = ToolCallDelta(index=piece.index, id=piece.id, type="function" if piece.id else None, function=function)
+    return ChatDelta(tool_calls=[call])
+
+
+def _chat_finish_reason(reader: Reader, result: FinalResult) -> str | None:
+    return "tool_calls" if reader.calls and result.finish_reason == "stop" else result.finish_reason
+
+
 async def _chat_chunks(
-    meta: _Meta, events: AsyncIterator[tuple[int, Event]], n: int, logprobs: bool, include_usage: bool
+    meta: _Meta,
+    events: AsyncIterator[tuple[int, Event]],
+    n: int,
+    logprobs: bool,
+    include_usage: bool,
+    new_reader: Callable[[], Reader],
 ) -> AsyncIterator[str]:
     def chunk(
         index: int, delta: ChatDelta, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None
@@ -324,20 +398,26 @@ async def _chat_chunks(
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=lp)
         return sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
 
+    readers = [new_reader() for _ in range(n)]
     # OpenAI opens every choice's stream with the role, before any content.
     for index in range(n):
         yield chunk(index, ChatDelta(role="assistant", content=""))
     finals: list[FinalResult] = []
     async for index, event in events:
         if isinstance(event, TokenEvent):
-            if event.text or (logprobs and event.logprob is not None):
-                yield chunk(index, ChatDelta(content=event.text), tokens=[event])
+            pieces = readers[index].feed(event.text)
+            if not pieces and logprobs and event.logprob is not None:
+                yield chunk(index, ChatDelta(), tokens=[event])
+            for i, piece in enumerate(pieces):  # the token's logprobs ride on its first piece
+                yield chunk(index, _chat_delta(piece), tokens=None if i else [event])
             continue
         if event.error is not None:
             yield error_event(event.error, CHAT_FIELDS)
             return
         finals.append(event)
-        yield chunk(index, ChatDelta(), event.finish_reason)
+        for piece in readers[index].end():
+            yield chunk(index, _chat_delta(piece))
+        yield chunk(index, ChatDelta(), _chat_finish_reason(readers[index], event))
     if include_usage:
         yield sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=_usage(finals)))
     yield sse("[DONE]")

@@ -111,25 +111,51 @@ class OpenAIRequest(BaseModel):
         return None
 
 
+# OpenAI's rule for function names.
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON Schema of the arguments object; omitted: no arguments",
+    )
+    strict: bool | None = Field(None, description="true: no argument properties beyond those the schema names")
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatToolFields(BaseModel):
-    """Tool calling, not implemented: refused unless it asks for no tool."""
+    """Tool calling, for a base model whose chat template renders tools (`tool_calls.py`)."""
 
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: only omitted or empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Not supported: only "none"')
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise not_supported("tool calling is not implemented")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value is not None and value != "none":
-            raise not_supported('tool calling is not implemented; only "none" is accepted')
-        return value
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='Omitted: "auto" with tools, "none" without'
+    )
+    parallel_tool_calls: bool = Field(True, description="false: at most one call")
 
 
 class SamplingFields(OpenAIRequest):
@@ -169,16 +195,36 @@ class TextPart(BaseModel):
     text: Text
 
 
-class ChatMessage(BaseModel):
-    # A message's `name`, `tool_calls`, `tool_call_id` would change what the model should
-    # see: refused (a 400 naming `messages.N.name`), not dropped.
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    arguments: Text = Field(..., description="A JSON object's text")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    # A message's `name` would change what the model should see: refused (a 400 naming
+    # `messages.N.name`), not dropped. Which fields a role needs is checked with the
+    # template in `tool_calls.plan`.
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers")
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -233,7 +279,27 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    tool_calls: list[ToolCall] | None = None
+
+
+# Omitted, not null, when unset: OpenAI's stream accumulator overwrites a call's `type` with
+# every delta's (a null one included), which broke `openai`'s stream helpers.
+_OMIT_NONE = Field(None, exclude_if=lambda value: value is None)
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = _OMIT_NONE
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: `id`, `type` and `name` on its first piece only."""
+
+    index: int
+    id: str | None = _OMIT_NONE
+    type: Literal["function"] | None = _OMIT_NONE
+    function: FunctionDelta
 
 
 class ChatChoice(BaseModel):
@@ -255,6 +321,7 @@ class ChatResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -293,10 +360,6 @@ class ModelList(BaseModel):
 # and this server does not implement: a value other than these defaults is a 400 naming
 # the parameter, why, and what to do instead.
 _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "best_of": (
-        lambda v: v not in (None, 1),
-        "only best_of=1 is supported; send several requests with do_sample to compare samples",
-    ),
     "decoder_input_details": (lambda v: v, "prompt token logprobs (decoder_input_details) are not implemented"),
     "typical_p": (lambda v: v is not None, "typical decoding (typical_p) is not implemented; use top_p or top_k"),
     "watermark": (lambda v: v, "watermarking is not implemented"),
@@ -309,9 +372,21 @@ _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "this server takes its API key in the Authorization header (`Authorization: Bearer <key>`; "
         "lorax.Client(url, headers=...)), not in the body",
     ),
-    "response_format": (lambda v: v is not None, "structured output (response_format) is not implemented yet"),
     "merged_adapters": (lambda v: v is not None, "per-request adapter merges (merged_adapters) are not implemented"),
 }
+
+
+class LoraxResponseFormat(BaseModel):
+    """LoRAX's `parameters.response_format` (lorax-client's `ResponseFormat`): the output is
+    JSON matching `schema` (`{"type": "object"}`: any object)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["json_object"]
+    schema_: dict[str, Any] = Field(..., alias="schema", description="The JSON Schema the output must match")
+
+    def output_format(self) -> ResponseFormat:
+        return ResponseFormat(self.schema_, field="parameters.response_format.schema")
 
 
 class GenerateParameters(BaseModel):
@@ -331,15 +406,22 @@ class GenerateParameters(BaseModel):
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text")
     truncate: int | None = Field(None, description="Keep only the last N prompt tokens")
     return_k_alternatives: int | None = Field(None, description="Each token's k most likely alternatives (0..20)")
+    response_format: LoraxResponseFormat | None = Field(None, description="JSON output matching a schema")
+    best_of: int | None = Field(
+        None, description="Sample this many (with do_sample, not streamed), answer the likeliest (VBSERVE_MAX_N)"
+    )
     # Not implemented: refused unless omitted or the default (see _REFUSED_PARAMETERS).
-    best_of: int | None = Field(None, description="Only 1")
     decoder_input_details: bool = Field(False, description="Only false")
     typical_p: float | None = Field(None, description="Not supported")
     watermark: bool = Field(False, description="Only false")
     adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
     api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
-    response_format: dict[str, Any] | None = Field(None, description="Not supported yet")
     merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
+
+    @property
+    def samples(self) -> int:
+        """How many samples to draw: best_of, 1 when omitted."""
+        return 1 if self.best_of is None else self.best_of
 
     @field_validator(*_REFUSED_PARAMETERS)
     @classmethod
@@ -378,15 +460,25 @@ class PrefillToken(BaseModel):
     logprob: float | None
 
 
-class GenerateDetails(BaseModel):
+class SequenceDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
-    prompt_tokens: int
     seed: int | None
     prefill: list[PrefillToken] = Field(
         default_factory=list, description="Always empty: decoder_input_details is not supported"
     )
     tokens: list[GeneratedToken]
+
+
+class BestOfSequence(SequenceDetails):
+    """One of best_of's other samples (TGI's shape)."""
+
+    generated_text: str
+
+
+class GenerateDetails(SequenceDetails):
+    prompt_tokens: int
+    best_of_sequences: list[BestOfSequence] | None = Field(None, description="best_of's other samples, likeliest first")
 
 
 class GenerateResponse(BaseModel):
