@@ -32,9 +32,11 @@ SCREENSHOTS = REPO / "docs" / "screenshots"
 PHONE, WIDE = {"width": 390, "height": 844}, {"width": 1440, "height": 900}
 MARKUP = "<img src=x onerror=window.__pwned=1>"
 ADAPTER = "support"
+BASE = "tiny-llama"
 # Every step is an epoch (4 rows, batch 4) and validation runs each epoch, so each step
 # reports an event with both losses: the chart gains points as the job runs.
 JOB_STEPS = "400"  # about 3 s on a 2-core machine: several of the stream's half-second reads
+TINY_JOB = {"max_steps": JOB_STEPS, "vector_length": "16", "num_vectors": "32", "max_seq_len": "32"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     path = tmp_path_factory.mktemp("console")
     task_model().save_pretrained(path / "model")
     chat_tokenizer().save_pretrained(path / "model")
-    settings = {"VBSERVE_TRAINING_ENABLED": "true", "VBSERVE_ADMIN_KEY": ADMIN_KEY}
+    settings = {"VBSERVE_TRAINING_ENABLED": "true", "VBSERVE_ADMIN_KEY": ADMIN_KEY, "VBSERVE_SERVED_MODEL_NAME": BASE}
     with replica(path / "model", f"sqlite:///{path / 'adapters.db'}", "vbs", path / "server.log", settings) as proc:
         wait_ready(proc)
         with httpx.Client(base_url=proc.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
@@ -73,7 +75,9 @@ def test_ui_is_served_with_a_strict_policy_and_no_cached_html(server) -> None:
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["cache-control"] == "no-store"
     script = httpx.get(f"{url}/ui/app.js")
-    assert script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
+    assert (
+        script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
+    )
     assert httpx.get(f"{url}/ui/vendor/uPlot.LICENSE").status_code == 200
     assert httpx.get(f"{url}/ui/../server/app.py").status_code == 404
 
@@ -81,8 +85,11 @@ def test_ui_is_served_with_a_strict_policy_and_no_cached_html(server) -> None:
 def test_resident_adapters_are_the_callers_own(server, blob_file: Path) -> None:
     url, key = server
     with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=60) as acme:
-        r = acme.put("/v1/adapters/resident-check", content=blob_file.read_bytes(),
-                     headers={"content-type": "application/octet-stream"})
+        r = acme.put(
+            "/v1/adapters/resident-check",
+            content=blob_file.read_bytes(),
+            headers={"content-type": "application/octet-stream"},
+        )
         assert r.status_code == 201, r.text
         assert "resident-check" not in [a["name"] for a in acme.get("/v1/engine/adapters").json()["data"]]
         r = acme.post("/v1/completions", json={"model": "resident-check", "prompt": "key0:", "max_tokens": 2})
@@ -153,7 +160,7 @@ def start_job(page, adapter: str, training: Path, validation: Path | None = None
     page.set_input_files("input[name=training_file]", str(training))
     if validation is not None:
         page.set_input_files("input[name=validation_file]", str(validation))
-    for name, value in {"max_steps": JOB_STEPS, "vector_length": "16", "num_vectors": "32", "max_seq_len": "32"}.items():
+    for name, value in TINY_JOB.items():
         page.fill(f"input[name={name}]", value)
     page.click("button:text('Start job')")
 
@@ -210,17 +217,19 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, tmp_p
     # Playground: the base model and the adapter stream side by side
     page.click("nav a:text('Playground')")
     page.wait_for_selector("h1:text('Playground')")
+    page.select_option("select[name=mode]", "completion")
     page.fill("textarea[name=prompt]", "key0:")
+    page.fill("input[name=temperature]", "0")
     page.fill("input[name=max_tokens]", "12")
-    page.fill("input[name=seed]", "1")
     page.click("button:text('Run')")
     panes = page.locator(".pane")
     # (wait_for_function would evaluate a string in the page, which the console's CSP forbids)
     page.locator(".pane[data-done]").nth(2).wait_for()
-    assert [panes.nth(i).get_attribute("data-model") for i in range(3)][1:] == ["console-ft", ADAPTER]
+    assert [panes.nth(i).get_attribute("data-model") for i in range(3)] == [BASE, "console-ft", ADAPTER]
+    outputs = [panes.nth(i).locator("pre.output").inner_text() for i in range(3)]
+    assert all(outputs) and outputs[0] != outputs[1], outputs  # greedy: the trained adapter changes the answer
     for i in range(3):
-        assert panes.nth(i).locator("pre.output").inner_text() != ""
-        assert "tokens/s" in panes.nth(i).locator(".timing").inner_text()
+        assert "12 tokens" in panes.nth(i).locator(".timing").inner_text()
     shoot(page, "playground")
 
     # The adapters the playground used are now resident in the engine

@@ -23,12 +23,14 @@ export function replace(parent, ...children) {
   parent.replaceChildren(...children.flat().filter(Boolean).map(toNode));
 }
 
-// A table that scrolls sideways on a phone rather than squeezing its columns.
+// A table; on a phone each row becomes a card whose cells carry their column's name
+// (data-label, shown by app.css) instead of squeezing the columns.
 export function table(columns, rows) {
   return h("div", { class: "table-wrap" },
     h("table", {},
       h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c)))))));
+      h("tbody", {}, rows.map((cells) => h("tr", {},
+        cells.map((c, i) => h("td", { dataset: { label: columns[i] } }, c)))))));
 }
 
 export function field(label, input, hint) {

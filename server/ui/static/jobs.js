@@ -179,7 +179,7 @@ function lossChart() {
       scales: { x: { time: false } },
       axes: [{ label: "step" }, { label: "loss" }],
       series: [{ label: "step" }, ...[...series.keys()].map((name, i) => ({
-        label: name, stroke: palette[i % palette.length], width: 2, spanGaps: true, points: { show: true, size: 5 },
+        label: name, stroke: palette[i % palette.length], width: 2, spanGaps: true,
       }))],
     }, [steps, ...series.values()], el);
   }
