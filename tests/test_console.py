@@ -152,7 +152,7 @@ def shoot(page, name: str) -> None:
     page.screenshot(path=SCREENSHOTS / f"{name}-wide.png", full_page=True)
 
 
-def start_job(page, adapter: str, training: Path, validation: Path | None = None) -> None:
+def start_job(page, adapter: str, training: Path, validation: Path | None = None, steps: str = JOB_STEPS) -> None:
     """Fill the job form with a small bank for the tiny model, and submit it."""
     page.click("nav a:text('Fine-tuning')")
     page.wait_for_selector("h2:text('New job')")
@@ -160,7 +160,7 @@ def start_job(page, adapter: str, training: Path, validation: Path | None = None
     page.set_input_files("input[name=training_file]", str(training))
     if validation is not None:
         page.set_input_files("input[name=validation_file]", str(validation))
-    for name, value in TINY_JOB.items():
+    for name, value in {**TINY_JOB, "max_steps": steps}.items():
         page.fill(f"input[name={name}]", value)
     page.click("button:text('Start job')")
 
@@ -202,6 +202,28 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, tmp_p
     assert "train_loss" in legend and "valid_loss" in legend
     assert page.inner_text("dd >> nth=2") == f"{JOB_STEPS} / {JOB_STEPS}"
     shoot(page, "job")
+
+    # A job cancelled while it runs; behind it, one that fails at publishing (the tenant's
+    # quota was lowered while it waited) and shows the API's error
+    start_job(page, "console-cancelled", train, steps="100000")
+    page.locator(".chart[data-points='0']").wait_for(state="detached")  # it reported a step
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        failing = httpx.post(
+            f"{url}/v1/fine_tuning/jobs",
+            headers={"authorization": f"Bearer {key}"},
+            files={"training_file": ("train.jsonl", TASK_FILE)},
+            data={"adapter": "console-over-quota", **TINY_JOB, "max_steps": "2"},
+        )
+        assert failing.status_code == 201, failing.text
+        stored = admin.get("/v1/admin/tenants/acme").json()["adapters"]
+        admin.put("/v1/admin/tenants/acme/limits", json={"max_adapters": stored}).raise_for_status()
+        page.click("button:text('Cancel job')")
+        page.locator(".job-head .badge:text-is('cancelled')").wait_for()
+        assert page.locator("button:text('Cancel job')").count() == 0
+        page.goto(f"{url}/ui/#/jobs/{failing.json()['id']}")
+        page.locator(".job-head .badge:text-is('failed')").wait_for()
+        admin.put("/v1/admin/tenants/acme/limits", json={}).raise_for_status()
+    assert page.inner_text("#job-error").startswith("quota: ")
 
     # A refused job: the API's error, markup included, is shown as text
     bad = tmp_path / "bad.jsonl"
