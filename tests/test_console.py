@@ -1,9 +1,10 @@
 """The web console (`/ui`) in a real headless Chromium (the system's, driven by Playwright)
 against a real `vbserve serve` process on the tiny model with an admin key and the
-embedded training worker: a tenant signs in, uploads an adapter and sees it listed, starts
-a short job and watches its loss chart gain points until it succeeds, runs the playground
-on the base model and the adapter at once; the operator creates and revokes a key, after
-which the tenant's console refuses it. Markup in an API value shows as text. Every page is
+embedded training worker: a tenant signs in, uploads an adapter (a blob, then a PEFT
+checkpoint's files) and sees it listed, starts a short job and watches its loss chart gain
+points until it succeeds, cancels one, sees a failed one's error, runs the playground on
+the base model and the adapters at once; the operator creates and revokes a key, after
+which the tenant's console refuses it. A single-tenant server opens without a key. Markup in an API value shows as text. Every page is
 screenshotted at a phone width and a wide one into docs/screenshots (linked from the
 README), and no page scrolls sideways on the phone.
 
@@ -22,7 +23,11 @@ import httpx
 import pytest
 
 from adapter_store import encode_adapter
-from tests.test_api import chat_tokenizer, random_adapter
+from adapter_store.store import SQLiteAdapterStore
+from server.app import create_app
+from tests.conftest import serve_in_thread, tiny_llama
+from tests.test_api import api_settings, chat_tokenizer, random_adapter
+from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture: a PEFT checkpoint folder
 from tests.test_replicas import REPO, replica, wait_ready
 from tests.test_training import TASK_FILE, jsonl, task_model
 
@@ -165,7 +170,7 @@ def start_job(page, adapter: str, training: Path, validation: Path | None = None
     page.click("button:text('Start job')")
 
 
-def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, tmp_path: Path) -> None:
+def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, peft_dir: Path, tmp_path: Path) -> None:
     url, key = server
     page.goto(f"{url}/ui/")
     shoot(page, "signin")
@@ -180,6 +185,12 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, tmp_p
     row.wait_for()
     assert row.locator("td").nth(1).inner_text() == "1"  # version
     assert row.locator("td").nth(6).inner_text() == "no"  # not resident before any request
+    page.fill("input[name=name]", "from-peft")  # a PEFT checkpoint: its folder's two files
+    page.set_input_files(
+        "input[name=files]", [str(peft_dir / "adapter_config.json"), str(peft_dir / "adapter_model.safetensors")]
+    )
+    page.click("form button[type=submit]")
+    page.locator("td .name:text-is('from-peft')").wait_for()
 
     # Fine-tuning: start a short job with validation, watch its chart grow until it succeeds
     train = tmp_path / "train.jsonl"
@@ -243,14 +254,16 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, tmp_p
     page.fill("textarea[name=prompt]", "key0:")
     page.fill("input[name=temperature]", "0")
     page.fill("input[name=max_tokens]", "12")
+    page.check(f"input[name=target][value={ADAPTER}]")  # the first three are checked already
     page.click("button:text('Run')")
     panes = page.locator(".pane")
     # (wait_for_function would evaluate a string in the page, which the console's CSP forbids)
-    page.locator(".pane[data-done]").nth(2).wait_for()
-    assert [panes.nth(i).get_attribute("data-model") for i in range(3)] == [BASE, "console-ft", ADAPTER]
-    outputs = [panes.nth(i).locator("pre.output").inner_text() for i in range(3)]
+    page.locator(".pane[data-done]").nth(3).wait_for()
+    models = [BASE, "console-ft", "from-peft", ADAPTER]
+    assert [panes.nth(i).get_attribute("data-model") for i in range(4)] == models
+    outputs = [panes.nth(i).locator("pre.output").inner_text() for i in range(4)]
     assert all(outputs) and outputs[0] != outputs[1], outputs  # greedy: the trained adapter changes the answer
-    for i in range(3):
+    for i in range(4):
         assert "12 tokens" in panes.nth(i).locator(".timing").inner_text()
     shoot(page, "playground")
 
@@ -289,3 +302,18 @@ def test_operator_revokes_a_key_and_the_tenants_console_refuses_it(browser, page
     assert "The server refused this key" in tenant.inner_text(".notice.error")
     assert tenant.evaluate("sessionStorage.getItem('vbserve.key')") is None
     tenant.context.close()
+
+
+def test_a_single_tenant_server_opens_without_a_key(browser, tmp_path: Path) -> None:
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
+    try:
+        with serve_in_thread(app) as url:
+            page = browser.new_page(viewport=PHONE)
+            page.goto(f"{url}/ui/")
+            page.wait_for_selector("h1:text('Adapters')")
+            assert "single-tenant" in page.inner_text("#who")
+            assert page.locator("nav a").all_inner_texts() == ["Adapters", "Fine-tuning", "Playground"]
+            page.close()
+    finally:
+        store.close()
