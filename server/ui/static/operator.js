@@ -53,6 +53,10 @@ async function showEngine(section) {
 // -- tenants and keys ---------------------------------------------------------------------
 
 const limit = (value) => (value === null || value === undefined ? "none" : String(value));
+const rates = ({ requests_per_s: perSecond, max_concurrent_generations: atOnce }) => [
+  perSecond == null ? "any rate" : `${perSecond} requests/s`,
+  atOnce == null ? "any concurrency" : `${atOnce} generations at once`,
+].join(", ");
 
 async function showTenants(section, status) {
   const { data } = await api("/v1/admin/tenants");
@@ -62,7 +66,7 @@ async function showTenants(section, status) {
     `${t.adapters} / ${limit(t.effective_limits.max_adapters)}`,
     `${bytes(t.stored_bytes)} / ${t.effective_limits.max_adapter_bytes == null ? "none" : bytes(t.effective_limits.max_adapter_bytes)}`,
     t.active_jobs === null ? "–" : String(t.active_jobs),
-    `${limit(t.effective_limits.requests_per_s)} req/s, ${limit(t.effective_limits.max_concurrent_generations)} at once`,
+    rates(t.effective_limits),
     keysPanel(t.name, status),
   ]);
   replace(section, h("h2", {}, `Tenants (${data.length})`), rows.length
