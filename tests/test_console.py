@@ -274,7 +274,7 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, peft_
     shoot(page, "adapters")
 
 
-def test_operator_revokes_a_key_and_the_tenants_console_refuses_it(browser, page, server) -> None:
+def test_operator_revokes_a_key_and_the_tenants_console_refuses_it(browser, page, server, blob_file: Path) -> None:
     url, _ = server
     sign_in(page, url, ADMIN_KEY)
     page.wait_for_selector("h1:text('Operator')")
@@ -289,9 +289,20 @@ def test_operator_revokes_a_key_and_the_tenants_console_refuses_it(browser, page
     page.wait_for_selector("[data-metric='Adapter cache']")
     shoot(page, "operator")
 
+    # The tenant's console, with one adapter more than its first page shows
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}) as globex_api:
+        for i in range(101):
+            globex_api.put(
+                f"/v1/adapters/a{i:03d}",
+                content=blob_file.read_bytes(),
+                headers={"content-type": "application/octet-stream"},
+            ).raise_for_status()
     tenant = browser.new_context(viewport=WIDE).new_page()
     sign_in(tenant, url, key)
-    tenant.wait_for_selector("h1:text('Adapters')")
+    tenant.wait_for_selector("h2:text('Your adapters (100+)')")
+    tenant.click("button:text('More')")
+    tenant.wait_for_selector("h2:text('Your adapters (101)')")
+    assert tenant.locator("td .name").all_inner_texts()[-1] == "a100"
 
     row = globex.locator("tr", has=page.locator(f"td:text-is('{MARKUP}')"))
     row.locator("button:text('Revoke')").click()

@@ -13,13 +13,21 @@ export async function render(view) {
   await refresh(list, status);
 }
 
-async function refresh(list, status) {
-  const [page, resident, models] = await Promise.all([
-    api(`/v1/adapters?limit=${PAGE}`), api("/v1/engine/adapters"), api("/v1/models"),
-  ]);
+// `shown`: how many adapters were on screen, so a refresh after an upload or a delete
+// keeps the pages the user had opened with "More".
+async function refresh(list, status, shown = PAGE) {
+  const [resident, models] = await Promise.all([api("/v1/engine/adapters"), api("/v1/models")]);
+  const adapters = [];
+  let page = { has_more: true, next_after: null };
+  while (page.has_more && adapters.length < shown) {
+    const after = page.next_after ? `&after=${encodeURIComponent(page.next_after)}` : "";
+    page = await api(`/v1/adapters?limit=${PAGE}${after}`);
+    adapters.push(...page.data);
+  }
   const base = models.data[0]?.id ?? "base";
   const residency = new Map(resident.data.map((r) => [`${r.name}@${r.version}`, r.in_slot ? "in a slot" : "composed"]));
-  const rows = page.data.map((a) => [
+  const again = () => refresh(list, status, adapters.length);
+  const rows = adapters.map((a) => [
     h("span", { class: "name" }, a.name),
     String(a.version),
     h("span", { title: `indices + weights ${bytes(a.body_bytes)}, bank ${bytes(a.bank_bytes)}` }, bytes(a.stored_bytes)),
@@ -27,14 +35,16 @@ async function refresh(list, status) {
     when(a.created),
     when(a.updated),
     residency.get(`${a.name}@${a.version}`) ?? "no",
-    actions(a, base, () => refresh(list, status), status),
+    actions(a, base, again, status),
   ]);
+  const more = h("button", { class: "small", on: { click: () =>
+    refresh(list, status, adapters.length + PAGE).catch((e) => status.error(e)) } }, "More");
   replace(list,
-    h("h2", {}, `Your adapters (${page.data.length}${page.has_more ? "+" : ""})`),
+    h("h2", {}, `Your adapters (${adapters.length}${page.has_more ? "+" : ""})`),
     rows.length
       ? table(["Name", "Version", "Size", "Bank", "Created", "Updated", "Resident", ""], rows)
       : h("p", { class: "muted" }, "No adapters yet: upload one above, or fine-tune one."),
-    page.has_more && h("p", { class: "muted" }, `Showing the first ${PAGE}; vbctl adapters ls lists them all.`),
+    page.has_more && more,
     h("p", { class: "muted" }, "Resident: composed in this server's engine cache (a request starts without loading it)."));
 }
 
