@@ -191,6 +191,13 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, peft_
     )
     page.click("form button[type=submit]")
     page.locator("td .name:text-is('from-peft')").wait_for()
+    with page.expect_download() as native:
+        row.locator("button:text('native')").click()
+    assert native.value.suggested_filename == f"{ADAPTER}.safetensors"
+    assert Path(native.value.path()).read_bytes() == blob_file.read_bytes()  # the canonical blob, round trip
+    with page.expect_download() as peft:
+        row.locator("button:text('peft')").click()
+    assert peft.value.suggested_filename == f"{ADAPTER}-peft.zip"
 
     # Fine-tuning: start a short job with validation, watch its chart grow until it succeeds
     train = tmp_path / "train.jsonl"
@@ -272,6 +279,18 @@ def test_tenant_uploads_trains_and_compares(page, server, blob_file: Path, peft_
     row.wait_for()
     assert row.locator("td").nth(6).inner_text() in ("composed", "in a slot")
     shoot(page, "adapters")
+
+    # Delete takes a second click
+    from_peft = page.locator("tr", has=page.locator("td .name:text-is('from-peft')"))
+    stored = httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"})
+    from_peft.locator("button:text('Delete')").click()
+    from_peft.locator("button:text('Delete from-peft?')").wait_for()  # armed, not sent
+    assert stored.get("/v1/adapters/from-peft").status_code == 200
+    from_peft.locator("button:text('Delete from-peft?')").click()
+    from_peft.wait_for(state="detached")
+    assert stored.get("/v1/adapters/from-peft").status_code == 404
+    stored.close()
+    assert page.locator("td .name:text-is('support')").count() == 1
 
 
 def test_operator_revokes_a_key_and_the_tenants_console_refuses_it(browser, page, server, blob_file: Path) -> None:
