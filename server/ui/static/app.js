@@ -22,8 +22,8 @@ let signInMessage = "";
 whenUnauthorized((error) => {
   session.signOut();
   signInMessage = `The server refused this key: ${error.message}`;
-  location.hash = "#/signin";
-  route();
+  if (location.hash === "#/signin") route();
+  else location.hash = "#/signin"; // hashchange renders it
 });
 
 // Which kind of key this is: a tenant's key (or none on a single-tenant server) lists
@@ -65,9 +65,11 @@ function renderSignIn() {
   key.focus();
 }
 
+const pagesOf = (role) => (role === "admin" ? ADMIN_PAGES : role === "tenant" ? TENANT_PAGES : []);
+
 function renderNav() {
   const role = session.role;
-  const pages = role === "admin" ? ADMIN_PAGES : role === "tenant" ? TENANT_PAGES : [];
+  const pages = pagesOf(role);
   const current = location.hash.split("/")[1];
   replace(nav, pages.map(([id, label]) =>
     h("a", { href: `#/${id}`, class: current === id ? "active" : undefined }, label)));
@@ -80,12 +82,16 @@ function renderNav() {
 
 const PAGES = { adapters, jobs, playground, operator };
 
+let navigation = 0; // counts route() calls: a page whose render ends after the next one began is stale
+
 async function route() {
+  const current = ++navigation;
   if (stopPage) stopPage();
   stopPage = null;
   const [, page, ...params] = location.hash.split("/");
   renderNav();
-  if (!session.role || page === "signin" || !PAGES[page]) {
+  // A tenant's key cannot use the admin API, nor the admin key a tenant's routes.
+  if (!session.role || page === "signin" || !pagesOf(session.role).some(([id]) => id === page)) {
     if (session.role && page !== "signin") {
       location.hash = session.role === "admin" ? "#/operator" : "#/adapters";
       return;
@@ -93,12 +99,17 @@ async function route() {
     renderSignIn();
     return;
   }
-  replace(view, h("p", { class: "muted" }, "Loading…"));
+  // Each visit renders into its own element: one that finishes loading after the user moved
+  // on writes into a detached element, and stops what it started.
+  const container = h("div", { class: "page" }, h("p", { class: "muted" }, "Loading…"));
+  replace(view, container);
   try {
-    stopPage = (await PAGES[page].render(view, ...params.map(decodeURIComponent))) ?? null;
+    const stop = (await PAGES[page].render(container, ...params.map(decodeURIComponent))) ?? null;
+    if (current === navigation) stopPage = stop;
+    else stop?.();
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) return; // signed out already
-    replace(view, h("p", { class: "notice error" }, error.message));
+    replace(container, h("p", { class: "notice error" }, error.message));
   }
 }
 
