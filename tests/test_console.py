@@ -39,8 +39,10 @@ MARKUP = "<img src=x onerror=window.__pwned=1>"
 ADAPTER = "support"
 BASE = "tiny-llama"
 # Every step is an epoch (4 rows, batch 4) and validation runs each epoch, so each step
-# reports an event with both losses: the chart gains points as the job runs.
-JOB_STEPS = "400"  # about 3 s on a 2-core machine: several of the stream's half-second reads
+# reports an event with both losses: the chart gains points as the job runs. 600 steps take
+# 2 to 4 s on an idle 2-core machine (30 s with six jobs sharing it): several of the
+# stream's half-second reads.
+JOB_STEPS = "600"
 TINY_JOB = {"max_steps": JOB_STEPS, "vector_length": "16", "num_vectors": "32", "max_seq_len": "32"}
 
 
