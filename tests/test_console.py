@@ -39,9 +39,9 @@ MARKUP = "<img src=x onerror=window.__pwned=1>"
 ADAPTER = "support"
 BASE = "tiny-llama"
 # Every step is an epoch (4 rows, batch 4) and validation runs each epoch, so each step
-# reports an event with both losses: the chart gains points as the job runs. 600 steps take
-# 2 to 4 s on an idle 2-core machine (30 s with six jobs sharing it): several of the
-# stream's half-second reads.
+# reports an event with both losses: the chart gains points as the job runs. Measured on a
+# shared 2-core machine: about 120 steps/s at load 5, 21 at load 11, so 600 steps span
+# several of the event stream's half-second reads even when the machine is idle.
 JOB_STEPS = "600"
 TINY_JOB = {"max_steps": JOB_STEPS, "vector_length": "16", "num_vectors": "32", "max_seq_len": "32"}
 
