@@ -30,7 +30,7 @@ async function renderList(view) {
   replace(view, h("h1", {}, "Fine-tuning"), form, status.el, list);
 }
 
-export function badge(status) {
+function badge(status) {
   return h("span", { class: `badge ${status}` }, status);
 }
 

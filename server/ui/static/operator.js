@@ -21,7 +21,7 @@ export async function render(view) {
 
 // Prometheus text format, the few unlabelled-or-simply-labelled samples this view reads:
 // `name{labels} value` -> Map(name -> [{labels, value}]).
-export function parseMetrics(text) {
+function parseMetrics(text) {
   const samples = new Map();
   for (const line of text.split("\n")) {
     const match = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
