@@ -36,6 +36,7 @@ from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_regist
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
 from server.training.files import FileStore, open_file_store
 from server.training.worker import EmbeddedWorker, Worker, WorkerProcess, start_embedded_worker
+from server.ui import mount_console
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def create_app(
     app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    mount_console(app)
     return app
 
 

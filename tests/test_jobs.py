@@ -197,11 +197,14 @@ def test_per_tenant_limit_counts_queued_and_running(backend: Backend) -> None:
         queue.submit("acme", "c", HP, ROWS)
     assert err.value.kind == "overloaded" and "limit is 2" in err.value.reason
     queue.submit("other", "a", HP, ROWS)  # other tenants are not affected
+    assert (queue.active_count("acme"), queue.active_count("other"), queue.active_count("nobody")) == (2, 1, 0)
     job = queue.claim("w1", 1)
     assert job is not None and job.id == a.id  # oldest first; running still counts
     with pytest.raises(TooManyJobsError):
         queue.submit("acme", "c", HP, ROWS)
+    assert queue.active_count("acme") == 2
     assert queue.finish(job, JobState.SUCCEEDED, adapter_version=1)
+    assert queue.active_count("acme") == 1
     queue.submit("acme", "c", HP, ROWS)
     queue.close()
 

@@ -28,7 +28,7 @@ from .adapter_io import (
 )
 from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError
-from .schemas import AdapterInfo, AdapterList
+from .schemas import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList
 
 router = APIRouter(tags=["adapters"])
 
@@ -140,6 +140,14 @@ def get_bank(bank_id: str, services: ServicesDep, tenant: TenantDep, if_none_mat
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(services.store.get_bank(bank_id), media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/v1/engine/adapters", response_model=ResidentAdapterList)
+def resident_adapters(services: ServicesDep, tenant: TenantDep) -> ResidentAdapterList:
+    """Which of the caller's adapters this replica's engine holds composed, ready to serve."""
+    adapters = services.engine.adapters
+    resident = [] if adapters is None else adapters.resident(tenant)
+    return ResidentAdapterList(data=[ResidentAdapter(name=n, version=v, in_slot=s) for n, v, s in resident])
 
 
 def _etag(version: int) -> str:

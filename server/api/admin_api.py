@@ -38,6 +38,7 @@ class TenantInfo(BaseModel):
     effective_limits: LimitsBody = Field(description="The limits that apply: own, else the server's default")
     adapters: int
     stored_bytes: int
+    active_jobs: int | None = Field(description="Fine-tuning jobs queued or running; null with fine-tuning off")
 
 
 class TenantList(BaseModel):
@@ -117,6 +118,8 @@ async def revoke_key(name: str, key_id: str, registry: AdminDep) -> KeyInfo:
 
 async def _tenant_info(tenant: Tenant, services: ServicesDep) -> TenantInfo:
     adapters, stored_bytes = await run_in_threadpool(services.store.count, tenant.name)
+    jobs = services.jobs
+    active_jobs = None if jobs is None else await run_in_threadpool(jobs.active_count, tenant.name)
     return TenantInfo(
         name=tenant.name,
         created=tenant.created,
@@ -124,6 +127,7 @@ async def _tenant_info(tenant: Tenant, services: ServicesDep) -> TenantInfo:
         effective_limits=LimitsBody(**vars(effective_limits(tenant.limits, services.settings))),
         adapters=adapters,
         stored_bytes=stored_bytes,
+        active_jobs=active_jobs,
     )
 
 

@@ -521,6 +521,20 @@ class AdapterList(BaseModel):
     next_after: str | None = Field(None, description="Pass as `after` to get the next page")
 
 
+class ResidentAdapter(BaseModel):
+    name: str
+    version: int
+    in_slot: bool = Field(description="A batch slot holds it now (it served a request recently)")
+
+
+class ResidentAdapterList(BaseModel):
+    """The caller's adapters composed in this replica's engine cache: a request for one of
+    them starts without loading it. Each API replica has its own cache."""
+
+    object: Literal["list"] = "list"
+    data: list[ResidentAdapter]
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)

@@ -175,6 +175,15 @@ class AdapterManager:
     def cached_bytes(self) -> int:
         return self._cached_bytes
 
+    def resident(self, tenant: str) -> list[tuple[str, int, bool]]:
+        """The tenant's adapters composed in this process's cache: (name, version, whether a
+        batch slot holds it now). The slots are the engine thread's; a snapshot of them is
+        at worst one step old, which is all a display needs."""
+        in_slots = set(list(self._slot_key))
+        with self._lock:
+            keys = [key for key in self._cache if key[0] == tenant]
+        return sorted((name, version, (t, name, version) in in_slots) for t, name, version in keys)
+
     # -- loader thread ---------------------------------------------------------------
 
     def _load_loop(self) -> None:

@@ -35,7 +35,9 @@ class TrainingHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
+    # A plain default (not a factory) so the OpenAPI schema shows it: the console's job form
+    # fills its fields from the schema's defaults. Pydantic copies a list default per model.
+    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1, max_length=64)
     r: int = Field(4, ge=1, le=MAX_RANK)
     vector_length: int = Field(64, ge=1, le=MAX_VECTOR_LENGTH, description="b: length of each bank vector")
     num_vectors: int = Field(256, ge=1, le=MAX_NUM_VECTORS, description="h: vectors in the bank")

@@ -251,6 +251,12 @@ class JobQueue(ABC):
         with self._guard():
             return self._list(tenant, limit, after)
 
+    def active_count(self, tenant: str) -> int:
+        """The tenant's queued and running jobs: what `max_active_per_tenant` limits."""
+        check_key("tenant", tenant)
+        with self._guard():
+            return self._active_count(tenant)
+
     def events(self, tenant: str, job_id: str) -> list[JobEvent]:
         """Progress reports, oldest first (the newest `max_events` are kept)."""
         self.get(tenant, job_id)
@@ -360,6 +366,9 @@ class JobQueue(ABC):
     @abstractmethod
     def _list(self, tenant: str, limit: int, after: str | None) -> list[JobRecord]:
         """Raises `unknown_cursor(after)` if `after` is no job in the tenant's list."""
+
+    @abstractmethod
+    def _active_count(self, tenant: str) -> int: ...
 
     @abstractmethod
     def _events(self, job_id: str) -> list[JobEvent]: ...

@@ -357,6 +357,9 @@ class RedisJobQueue(JobQueue):
         raw = self._redis.hgetall(self._job_key(job_id))
         return _record(raw) if raw else None
 
+    def _active_count(self, tenant: str) -> int:
+        return self._redis.scard(self._tenant_key(tenant, "active"))
+
     def _list(self, tenant: str, limit: int, after: str | None) -> list[JobRecord]:
         key = self._tenant_key(tenant, "jobs")
         start = 0

@@ -82,6 +82,7 @@ _RECORD_COLUMNS = (
     "training_file_id, validation_file_id, trained_tokens"
 )
 _ACTIVE = "state IN ('queued', 'running')"
+_COUNT_ACTIVE = f"SELECT count(*) FROM jobs WHERE tenant = ? AND {_ACTIVE}"
 
 
 class SQLiteJobQueue(JobQueue):
@@ -111,9 +112,7 @@ class SQLiteJobQueue(JobQueue):
     def _submit(self, record: JobRecord, training_file: bytes, validation_file: bytes | None) -> None:
         with self._db.write() as conn:
             self._purge(conn, record.created)
-            (active,) = conn.execute(
-                f"SELECT count(*) FROM jobs WHERE tenant = ? AND {_ACTIVE}", (record.tenant,)
-            ).fetchone()
+            (active,) = conn.execute(_COUNT_ACTIVE, (record.tenant,)).fetchone()
             if active >= self.limits.max_active_per_tenant:
                 raise TooManyJobsError(
                     "tenant", f"{active} jobs are queued or running; the limit is {self.limits.max_active_per_tenant}"
@@ -159,6 +158,9 @@ class SQLiteJobQueue(JobQueue):
             (tenant, created, created, job_id, limit),
         ).fetchall()
         return [_record(row) for row in rows]
+
+    def _active_count(self, tenant: str) -> int:
+        return self._db.conn().execute(_COUNT_ACTIVE, (tenant,)).fetchone()[0]
 
     def _events(self, job_id: str) -> list[JobEvent]:
         rows = self._db.conn().execute("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
