@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
 `model` selects the adapter: one of the tenant's adapter names, or the base model's name
-(or nothing) for the base model alone. Routes only translate; `generation` runs them.
+(or nothing) for the base model alone; `adapters` (extra body) asks for a mixture instead. Routes only translate; `generation` runs them.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from .deps import GenerationsDep, Services, ServicesDep, TenantDep
 from .errors import APIError
 from .generation import (
     Event,
-    adapter_ref,
     check_prompt_chars,
     encode_prompt,
     error_event,
     open_streams,
     output_limit,
+    request_adapter,
     run_all,
     sse,
     sse_response,
@@ -76,7 +76,10 @@ async def completions(
     logprobs = body.logprobs is not None
     sampling = _sampling(services, body, len(ids), body.max_tokens, logprobs, body.logprobs or 0)
     engine_request = GenerationRequest(
-        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+        ids,
+        sampling,
+        request_adapter(services, tenant, body.model, "model", body.mixture(tenant)),
+        response_format=body.output_format(),
     )
     handles = await submit_n(services, engine_request, body.n, COMPLETION_FIELDS)
     meta = _Meta(f"cmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
@@ -109,7 +112,10 @@ async def chat_completions(
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)
     engine_request = GenerationRequest(
-        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+        ids,
+        sampling,
+        request_adapter(services, tenant, body.model, "model", body.mixture(tenant)),
+        response_format=body.output_format(),
     )
     handles = await submit_n(services, engine_request, body.n, CHAT_FIELDS)
     meta = _Meta(f"chatcmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.engine import ResponseFormat
+from server.engine import InvalidRequestError, MixtureComponent, MixtureRef, ResponseFormat
 
 
 def _unicode(value: str) -> str:
@@ -132,10 +132,40 @@ class ChatToolFields(BaseModel):
         return value
 
 
+class AdapterWeight(BaseModel):
+    """One adapter of a per-request mixture. Values are checked by the engine (a 400 naming
+    `adapters[i].name` or `adapters[i].weight`), so every bad value gets the same answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Any = Field(..., description="One of your adapters")
+    weight: Any = Field(1.0, description="A non-zero number in [-100, 100]; negative subtracts the adapter")
+
+
 class SamplingFields(OpenAIRequest):
     """Sampling fields that completions and chat share."""
 
-    model: str | None = Field(None, description="An adapter name, or the base model's name (or omitted) for none")
+    model: str | None = Field(
+        None,
+        description="An adapter name, or the base model's name (or omitted) for none; with `adapters`, "
+        "the base model's name or omitted",
+    )
+    # vbserve's: a mixture of the caller's adapters (extra_body in the `openai` package).
+    adapters: list[AdapterWeight] | None = Field(
+        None,
+        description="A per-request mixture: 1 to 8 of your adapters with weights, composed as PEFT's "
+        'add_weighted_adapter(combination_type="cat") (README: Mixtures)',
+    )
+
+    def mixture(self, tenant: str) -> MixtureRef | None:
+        if self.adapters is None:
+            return None
+        components = tuple(
+            MixtureComponent(a.name, a.weight, f"adapters[{i}].name", f"adapters[{i}].weight")
+            for i, a in enumerate(self.adapters)
+        )
+        return MixtureRef(tenant, components, "cat", field="adapters", combination_field="adapters")
+
     max_tokens: int | None = None
     temperature: float | None = Field(None, description="0 is greedy; omitted is 1.0, as in OpenAI")
     top_p: float | None = None
@@ -310,8 +340,35 @@ _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "lorax.Client(url, headers=...)), not in the body",
     ),
     "response_format": (lambda v: v is not None, "structured output (response_format) is not implemented yet"),
-    "merged_adapters": (lambda v: v is not None, "per-request adapter merges (merged_adapters) are not implemented"),
 }
+
+
+class MergedAdapters(BaseModel):
+    """LoRAX's per-request merge, as `lorax-client`'s `MergedAdapters` sends it. Values
+    are checked by the engine (a 400 naming e.g. `parameters.merged_adapters.weights[1]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Any] = Field(..., description="Adapter names (yours)")
+    weights: list[Any] = Field(..., description="One non-zero weight in [-100, 100] per id")
+    merge_strategy: str | None = Field(
+        None, description='Only "linear" (the default): PEFT\'s add_weighted_adapter(combination_type="linear")'
+    )
+    density: float = Field(1.0, ge=0, le=1, description="Used by ties/dare strategies only; linear does not use it")
+    majority_sign_method: Literal["total", "frequency"] | None = Field(
+        None, description="Used by ties strategies only; linear does not use it"
+    )
+
+    def mixture(self, tenant: str) -> MixtureRef:
+        where = "parameters.merged_adapters"
+        if len(self.weights) != len(self.ids):
+            raise InvalidRequestError(f"{where}.weights", f"needs one weight per id ({len(self.ids)})")
+        components = tuple(
+            MixtureComponent(name, weight, f"{where}.ids[{i}]", f"{where}.weights[{i}]")
+            for i, (name, weight) in enumerate(zip(self.ids, self.weights, strict=True))
+        )
+        strategy = self.merge_strategy or "linear"  # LoRAX's default
+        return MixtureRef(tenant, components, strategy, field=where, combination_field=f"{where}.merge_strategy")
 
 
 class GenerateParameters(BaseModel):
@@ -339,7 +396,7 @@ class GenerateParameters(BaseModel):
     adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
     api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
     response_format: dict[str, Any] | None = Field(None, description="Not supported yet")
-    merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
+    merged_adapters: MergedAdapters | None = Field(None, description="Several adapters merged for this request")
 
     @field_validator(*_REFUSED_PARAMETERS)
     @classmethod
