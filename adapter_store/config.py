@@ -62,21 +62,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_sizes(r=self.r, vector_length=self.vector_length, num_vectors=self.num_vectors, topk=self.topk)
-        if not self.modules:
-            raise AdapterValidationError("modules", "an adapter must target at least one module")
-        if len(self.modules) > MAX_MODULES:
-            raise AdapterValidationError("modules", f"{len(self.modules)} modules exceed the limit {MAX_MODULES}")
-        for m in self.modules:
-            if not isinstance(m.name, str) or not m.name or len(m.name) > 512:
-                raise AdapterValidationError("modules", f"bad module name {str(m.name)[:80]!r}")
-            for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
-                # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
-                # config written by something else than us, refused rather than coerced.
-                if not is_int(dim) or dim <= 0:
-                    raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
-        ordered = tuple(sorted(self.modules, key=lambda m: natural_key(m.name)))
-        if len({m.name for m in ordered}) != len(ordered):
-            raise AdapterValidationError("modules", "module names must be unique")
+        ordered = canonical_modules(self.modules)
         b = self.vector_length
         layout, offset = [], 0
         for m in ordered:
@@ -113,18 +99,7 @@ class AdapterConfig:
         return (self.modules, self.r, self.vector_length, self.num_vectors, self.topk)
 
     def check_compatible(self, base_modules: dict[str, tuple[int, int]]) -> None:
-        """Raise unless every targeted module exists in the base model with the same
-        (in_features, out_features)."""
-        for m in self.modules:
-            shape = base_modules.get(m.name)
-            if shape is None:
-                raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
-            if shape != (m.in_features, m.out_features):
-                raise IncompatibleBaseModelError(
-                    "modules",
-                    f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
-                    f"{m.in_features}->{m.out_features} in the adapter",
-                )
+        check_modules_compatible(self.modules, base_modules)
 
     def to_json(self) -> dict:
         return {
@@ -166,6 +141,42 @@ class AdapterConfig:
         if claimed is not None and claimed != config.base_fingerprint:
             raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
         return config
+
+
+def canonical_modules(modules: tuple[ModuleSpec, ...]) -> tuple[ModuleSpec, ...]:
+    """`modules` checked (at least one, bounded, named, positive integer shapes, unique
+    names) and in canonical (natural-sorted) order."""
+    if not modules:
+        raise AdapterValidationError("modules", "an adapter must target at least one module")
+    if len(modules) > MAX_MODULES:
+        raise AdapterValidationError("modules", f"{len(modules)} modules exceed the limit {MAX_MODULES}")
+    for m in modules:
+        if not isinstance(m.name, str) or not m.name or len(m.name) > 512:
+            raise AdapterValidationError("modules", f"bad module name {str(m.name)[:80]!r}")
+        for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
+            # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
+            # config written by something else than us, refused rather than coerced.
+            if not is_int(dim) or dim <= 0:
+                raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
+    ordered = tuple(sorted(modules, key=lambda m: natural_key(m.name)))
+    if len({m.name for m in ordered}) != len(ordered):
+        raise AdapterValidationError("modules", "module names must be unique")
+    return ordered
+
+
+def check_modules_compatible(modules: tuple[ModuleSpec, ...], base_modules: dict[str, tuple[int, int]]) -> None:
+    """Raise unless every targeted module exists in the base model with the same
+    (in_features, out_features)."""
+    for m in modules:
+        shape = base_modules.get(m.name)
+        if shape is None:
+            raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
+        if shape != (m.in_features, m.out_features):
+            raise IncompatibleBaseModelError(
+                "modules",
+                f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
+                f"{m.in_features}->{m.out_features} in the adapter",
+            )
 
 
 def check_sizes(*, r: object, vector_length: object, num_vectors: object, topk: object, prefix: str = "") -> None:
