@@ -19,6 +19,7 @@ from .adapter import FLOAT_DTYPES
 from .codec import _load, _pack_config, _unpack_config, save_safetensors
 from .config import (
     MAX_RANK,
+    AdapterConfig,
     ModuleSpec,
     canonical_modules,
     check_modules_compatible,
@@ -102,6 +103,13 @@ class LoRAConfig:
 
 
 _CONFIG_FIELDS = {"kind", "r", "lora_alpha", "use_rslora", "base_model", "base_fingerprint", "modules"}
+
+
+def config_from_json(data: object) -> AdapterConfig | LoRAConfig:
+    """A stored record's config, of either kind (a LoRA config says `"kind": "lora"`)."""
+    if isinstance(data, dict) and data.get("kind") == KIND:
+        return LoRAConfig.from_json(data)
+    return AdapterConfig.from_json(data)
 
 
 def check_lora_sizes(r: object, lora_alpha: object, use_rslora: object, prefix: str = "") -> None:

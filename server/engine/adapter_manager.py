@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapter_store import AdapterConfig, AdapterError, VBLoRAAdapter
+from adapter_store import AdapterConfig, AdapterError, LoRAAdapter, LoRAConfig, VBLoRAAdapter, config_from_json
 from adapter_store.store import AdapterStore
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import MultiAdapterLinear, write_adapter_slot
@@ -57,7 +57,8 @@ class MixtureKey:
 
 
 CacheKey = AdapterKey | MixtureKey
-Fetched = VBLoRAAdapter | tuple[VBLoRAAdapter, ...]  # an adapter, or a mixture's components
+Adapter = VBLoRAAdapter | LoRAAdapter
+Fetched = Adapter | tuple[Adapter, ...]  # an adapter, or a mixture's components
 
 
 @dataclass
@@ -159,9 +160,9 @@ class AdapterManager:
         self._start_load(key)
         return key
 
-    def _servable_config(self, config_json: dict, field: str) -> AdapterConfig:
+    def _servable_config(self, config_json: dict, field: str) -> AdapterConfig | LoRAConfig:
         try:
-            config = AdapterConfig.from_json(config_json)
+            config = config_from_json(config_json)
             config.check_compatible(self.base_shapes)
         except AdapterError as exc:
             raise AdapterUnavailableError(field, str(exc), _kind(exc)) from None
@@ -180,7 +181,7 @@ class AdapterManager:
             self.on_event("hit", 1)
             return True
 
-    def _check_rank(self, config: AdapterConfig) -> None:
+    def _check_rank(self, config: AdapterConfig | LoRAConfig) -> None:
         if config.r > self.max_rank:
             raise AdapterUnavailableError(
                 "model", f"rank {config.r} exceeds this server's max {self.max_rank}", "invalid_request"
@@ -330,6 +331,10 @@ class AdapterManager:
         for key, fetched in chosen:
             if isinstance(key, MixtureKey):
                 self._compose_mixture(key, fetched)
+            elif isinstance(fetched, LoRAAdapter):
+                mats, scaling = self._lora_matrices(fetched)
+                own = {name: (a.to(self.dtype), (b * scaling).to(self.dtype)) for name, (a, b) in mats.items()}
+                self._insert(key, _Composed(own, composed_nbytes(fetched.config, self.dtype)))
             else:
                 groups.setdefault(fetched.config.composition_key, []).append((key, fetched))
         for group in groups.values():
@@ -340,15 +345,20 @@ class AdapterManager:
                 own = {name: (a[i].clone(), b[i].clone()) for name, (a, b) in mats.items()}
                 self._insert(key, _Composed(own, composed_nbytes(adapter.config, self.dtype)))
 
-    def _compose_mixture(self, key: MixtureKey, adapters: tuple[VBLoRAAdapter, ...]) -> None:
+    def _lora_matrices(self, adapter: Adapter) -> tuple[Matrices, float]:
+        """An adapter's unscaled LoRA matrices (float32, on the device) and PEFT's scaling:
+        alpha/r for a LoRA; 1 for a VB-LoRA adapter, which adds B A x unscaled."""
+        if isinstance(adapter, LoRAAdapter):
+            mats = adapter.matrices(torch.float32)
+            return {n: (a.to(self.device), b.to(self.device)) for n, (a, b) in mats.items()}, adapter.config.scaling
+        mats = compose_adapters([adapter], device=self.device)
+        return {name: (a[0], b[0]) for name, (a, b) in mats.items()}, 1.0
+
+    def _compose_mixture(self, key: MixtureKey, adapters: tuple[Adapter, ...]) -> None:
         """Compose each component in float32, mix them (PEFT's recipe), then cast."""
         start = time.perf_counter()
-        parts = [
-            {name: (a[0], b[0]) for name, (a, b) in compose_adapters([adapter], device=self.device).items()}
-            for adapter in adapters
-        ]
-        # A VB-LoRA adapter adds B A x unscaled: its PEFT scaling is 1.
-        mixed = mix_lora(parts, list(key.weights), [1.0] * len(parts), key.combination)
+        parts, scalings = zip(*(self._lora_matrices(adapter) for adapter in adapters), strict=True)
+        mixed = mix_lora(list(parts), list(key.weights), list(scalings), key.combination)
         self.on_event("compose_seconds", time.perf_counter() - start)
         own = {name: (a.to(self.dtype), b.to(self.dtype)) for name, (a, b) in mixed.items()}
         self._insert(key, _Composed(own, self._nbytes(key, adapters)))
@@ -424,7 +434,7 @@ class AdapterManager:
         self._slot_users[slot] -= 1
 
 
-def composed_nbytes(config: AdapterConfig, dtype: torch.dtype) -> int:
+def composed_nbytes(config: AdapterConfig | LoRAConfig, dtype: torch.dtype) -> int:
     """Bytes of an adapter's composed matrices: A (r, in) and B (out, r) per module."""
     return sum(config.r * (m.in_features + m.out_features) for m in config.modules) * dtype.itemsize
 
