@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import AdapterValidationError, IncompatibleBaseModelError
 
@@ -22,6 +24,8 @@ MAX_RANK = 256
 MAX_VECTOR_LENGTH = 8192
 MAX_MODULES = 4096
 MAX_SUBVECTORS = 1 << 24
+
+Config = TypeVar("Config")  # a config of either adapter kind (this one, or `lora.LoRAConfig`)
 
 
 def natural_key(name: str) -> list[object]:
@@ -114,33 +118,44 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, data: object) -> AdapterConfig:
-        if not isinstance(data, dict):
-            raise AdapterValidationError("config", "must be a JSON object")
-        # Refused, not ignored (as in PEFT import): a field this version does not know may
-        # change what the adapter means.
-        unknown = set(data) - _CONFIG_FIELDS
-        if unknown:
-            raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
-        try:
-            modules = tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"])
-            config = cls(
+        return build_config(
+            data,
+            _CONFIG_FIELDS,
+            lambda modules: cls(
                 modules=modules,
                 r=data["r"],
                 vector_length=data["vector_length"],
                 num_vectors=data["num_vectors"],
                 topk=data["topk"],
                 base_model=str(data.get("base_model", "")),
-            )
-        except KeyError as exc:
-            raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, AdapterValidationError):
-                raise
-            raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
-        claimed = data.get("base_fingerprint")
-        if claimed is not None and claimed != config.base_fingerprint:
-            raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
-        return config
+            ),
+        )
+
+
+def build_config(data: object, known: set[str], build: Callable[[tuple[ModuleSpec, ...]], Config]) -> Config:
+    """`build(modules of data)`, for a config of any adapter kind read from JSON: not an
+    object, a field not in `known`, a missing key, a module list that is not
+    `[name, in, out]` triples, or a `base_fingerprint` that does not match the modules is an
+    AdapterValidationError naming it."""
+    if not isinstance(data, dict):
+        raise AdapterValidationError("config", "must be a JSON object")
+    # Refused, not ignored (as in PEFT import): a field this version does not know may
+    # change what the adapter means.
+    unknown = set(data) - known
+    if unknown:
+        raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
+    try:
+        config = build(tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"]))
+    except KeyError as exc:
+        raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterValidationError):
+            raise
+        raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
+    claimed = data.get("base_fingerprint")
+    if claimed is not None and claimed != module_fingerprint(config.modules):
+        raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
+    return config
 
 
 def canonical_modules(modules: tuple[ModuleSpec, ...]) -> tuple[ModuleSpec, ...]:

@@ -21,6 +21,7 @@ from .config import (
     MAX_RANK,
     AdapterConfig,
     ModuleSpec,
+    build_config,
     canonical_modules,
     check_modules_compatible,
     is_int,
@@ -77,29 +78,19 @@ class LoRAConfig:
 
     @classmethod
     def from_json(cls, data: object) -> LoRAConfig:
-        if not isinstance(data, dict) or data.get("kind") != KIND:
-            raise AdapterValidationError("config", f'must be a JSON object with "kind": "{KIND}"')
-        unknown = set(data) - _CONFIG_FIELDS
-        if unknown:
-            raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
-        try:
-            config = cls(
-                modules=tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"]),
+        if isinstance(data, dict) and data.get("kind") != KIND:
+            raise AdapterValidationError("config", f'must say "kind": "{KIND}"')
+        return build_config(
+            data,
+            _CONFIG_FIELDS,
+            lambda modules: cls(
+                modules=modules,
                 r=data["r"],
                 lora_alpha=data["lora_alpha"],
                 use_rslora=data.get("use_rslora", False),
                 base_model=str(data.get("base_model", "")),
-            )
-        except KeyError as exc:
-            raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, AdapterValidationError):
-                raise
-            raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
-        claimed = data.get("base_fingerprint")
-        if claimed is not None and claimed != config.base_fingerprint:
-            raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
-        return config
+            ),
+        )
 
 
 _CONFIG_FIELDS = {"kind", "r", "lora_alpha", "use_rslora", "base_model", "base_fingerprint", "modules"}
