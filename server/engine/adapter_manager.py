@@ -51,10 +51,6 @@ class MixtureKey:
     weights: tuple[float, ...]
     combination: str
 
-    @property
-    def tenant(self) -> str:
-        return self.parts[0][0]
-
 
 CacheKey = AdapterKey | MixtureKey
 Adapter = VBLoRAAdapter | LoRAAdapter
