@@ -10,7 +10,7 @@ The batched LoRA layers run at the largest rank in the batch (`layer.py`), so on
 row makes every row pay rank 8: (b) and (c) measure that. Cases run interleaved, `--rounds`
 times (a b c, then c b a, ...); each ratio is the median of its per-round ratios. Also
 timed: composing a recipe in the loader (two VB-LoRA adapters, composed and mixed), against
-composing one adapter, median of 20.
+composing one adapter, median of 20, on one thread.
 
     .venv/bin/python benchmarks/mixtures.py [--new-tokens 32] [--rounds 5]
 
@@ -99,7 +99,12 @@ async def main() -> None:
         parts = [{n: (a[0], b[0]) for n, (a, b) in compose_adapters([x]).items()} for x in adapters[:2]]
         mix_lora(parts, [0.5, 0.5], [1.0, 1.0], "cat")
 
+    # One thread: these are hundreds of small ops, and on a shared machine torch's worker
+    # threads waiting on each other turned a 2 ms recipe into 40 ms in one run.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     compose_one_ms, compose_mix_ms = median_ms(lambda: compose_adapters([adapters[0]])), median_ms(recipe)
+    torch.set_num_threads(threads)
 
     settings = Settings(max_batch_size=ROWS, max_adapter_slots=ROWS + 4, max_lora_rank=8, max_model_len=512)
     engine = build_engine(model, tok, store, settings)
@@ -128,7 +133,9 @@ async def main() -> None:
     labels = {"a": "(a) 32 rank-4 VB-LoRA rows", "b": "(b) one row a rank-8 mixture", "c": "(c) one row a rank-8 LoRA"}
     for k, label in labels.items():
         print(f"| {label} | {statistics.median(speeds[k]):.1f} | {ratio(k):.3f} |")
-    print(f"\ncompose one adapter: {compose_one_ms:.2f} ms; a two-adapter cat recipe: {compose_mix_ms:.2f} ms")
+    print(
+        f"\ncompose (1 thread) one adapter: {compose_one_ms:.2f} ms; a two-adapter cat recipe: {compose_mix_ms:.2f} ms"
+    )
     print(
         json.dumps(
             {

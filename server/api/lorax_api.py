@@ -1,10 +1,10 @@
 """LoRAX/TGI-compatible routes: `POST /generate`, `POST /generate_stream`, and `POST /`
 (where LoRAX's and TGI's Python clients post; `stream` in the body picks which of the two).
 
-`parameters.adapter_id` selects the adapter; `parameters.merged_adapters` a mixture. As in TGI, decoding is greedy unless
-`do_sample` is true or a `temperature` is given. Every parameter `lorax-client` sends is
-implemented or, set to anything but its default, refused with a 400 naming it
-(`schemas.GenerateParameters`).
+`parameters.adapter_id` selects the adapter, `parameters.merged_adapters` a mixture. As in
+TGI, decoding is greedy unless `do_sample` is true or a `temperature` is given. Every
+parameter `lorax-client` sends is implemented or, set to anything but its default, refused
+with a 400 naming it (`schemas.GenerateParameters`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
 `model` selects the adapter: one of the tenant's adapter names, or the base model's name
-(or nothing) for the base model alone; `adapters` (extra body) asks for a mixture instead. Routes only translate; `generation` runs them.
+(or nothing) for the base model alone; `adapters` (extra body) asks for a mixture instead.
+Routes only translate; `generation` runs them.
 """
 
 from __future__ import annotations

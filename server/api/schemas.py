@@ -156,16 +156,6 @@ class SamplingFields(OpenAIRequest):
         description="A per-request mixture: 1 to 8 of your adapters with weights, composed as PEFT's "
         'add_weighted_adapter(combination_type="cat") (README: Mixtures)',
     )
-
-    def mixture(self, tenant: str) -> MixtureRef | None:
-        if self.adapters is None:
-            return None
-        components = tuple(
-            MixtureComponent(a.name, a.weight, f"adapters[{i}].name", f"adapters[{i}].weight")
-            for i, a in enumerate(self.adapters)
-        )
-        return MixtureRef(tenant, components, "cat", field="adapters", combination_field="adapters")
-
     max_tokens: int | None = None
     temperature: float | None = Field(None, description="0 is greedy; omitted is 1.0, as in OpenAI")
     top_p: float | None = None
@@ -186,6 +176,16 @@ class SamplingFields(OpenAIRequest):
     min_tokens: int | None = Field(None, description="EOS and stop_token_ids are masked until this many tokens")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    def mixture(self, tenant: str) -> MixtureRef | None:
+        """The mixture `adapters` asks for (PEFT's `cat`), or None."""
+        if self.adapters is None:
+            return None
+        components = tuple(
+            MixtureComponent(a.name, a.weight, f"adapters[{i}].name", f"adapters[{i}].weight")
+            for i, a in enumerate(self.adapters)
+        )
+        return MixtureRef(tenant, components, "cat", field="adapters", combination_field="adapters")
 
 
 class CompletionRequest(SamplingFields):
@@ -352,7 +352,8 @@ class MergedAdapters(BaseModel):
     ids: list[Any] = Field(..., description="Adapter names (yours)")
     weights: list[Any] = Field(..., description="One non-zero weight in [-100, 100] per id")
     merge_strategy: str | None = Field(
-        None, description='Only "linear" (the default): PEFT\'s add_weighted_adapter(combination_type="linear")'
+        None,
+        description='"linear" (the default) or "cat": PEFT\'s add_weighted_adapter combination_type of that name',
     )
     density: float = Field(1.0, ge=0, le=1, description="Used by ties/dare strategies only; linear does not use it")
     majority_sign_method: Literal["total", "frequency"] | None = Field(
@@ -360,6 +361,7 @@ class MergedAdapters(BaseModel):
     )
 
     def mixture(self, tenant: str) -> MixtureRef:
+        """The mixture this merge asks for (`merge_strategy` names the PEFT combination)."""
         where = "parameters.merged_adapters"
         if len(self.weights) != len(self.ids):
             raise InvalidRequestError(f"{where}.weights", f"needs one weight per id ({len(self.ids)})")
