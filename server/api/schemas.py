@@ -472,10 +472,10 @@ class GenerateStreamEvent(BaseModel):
 class AdapterInfo(BaseModel):
     name: str
     version: int
-    bank_id: str
-    config: dict[str, Any]
-    body_bytes: int = Field(description="Stored indices + weights + metadata")
-    bank_bytes: int = Field(description="Stored vector bank (shared by every adapter that uses it)")
+    bank_id: str = Field(description='The vector bank\'s id; "" for a plain LoRA adapter (no bank)')
+    config: dict[str, Any] = Field(description='The adapter\'s shape; a plain LoRA adapter\'s has "kind": "lora"')
+    body_bytes: int = Field(description="Stored indices + weights + metadata (a plain LoRA adapter: its whole blob)")
+    bank_bytes: int = Field(description="Stored vector bank (shared by every adapter that uses it); 0 without one")
     stored_bytes: int
     created: float
     updated: float
