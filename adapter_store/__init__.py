@@ -1,4 +1,5 @@
-"""What a VB-LoRA adapter is and where it lives: format, validation, PEFT interop, stores.
+"""What an adapter (VB-LoRA, or plain LoRA) is and where it lives: format, validation, PEFT
+interop, stores.
 
 Imports neither `server` nor `clients`.
 """
@@ -18,6 +19,7 @@ from .errors import (
     StoreUnavailableError,
     VersionConflictError,
 )
+from .lora import LoRAAdapter, LoRAConfig, config_from_json, decode_lora, encode_lora
 from .store import AdapterRecord, AdapterStore, RedisAdapterStore, SQLiteAdapterStore, StoreQuota, open_store
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "AdapterValidationError",
     "BankNotFoundError",
     "IncompatibleBaseModelError",
+    "LoRAAdapter",
+    "LoRAConfig",
     "ModuleSpec",
     "QuotaExceededError",
     "RedisAdapterStore",
@@ -41,10 +45,13 @@ __all__ = [
     "VBLoRAAdapter",
     "VersionConflictError",
     "bank_id_of",
+    "config_from_json",
     "decode_adapter",
     "decode_bank",
+    "decode_lora",
     "encode_adapter",
     "encode_bank",
+    "encode_lora",
     "index_dtype_for",
     "open_store",
     "read_metadata",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import AdapterValidationError, IncompatibleBaseModelError
 
@@ -22,6 +24,8 @@ MAX_RANK = 256
 MAX_VECTOR_LENGTH = 8192
 MAX_MODULES = 4096
 MAX_SUBVECTORS = 1 << 24
+
+Config = TypeVar("Config")  # a config of either adapter kind (this one, or `lora.LoRAConfig`)
 
 
 def natural_key(name: str) -> list[object]:
@@ -62,21 +66,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_sizes(r=self.r, vector_length=self.vector_length, num_vectors=self.num_vectors, topk=self.topk)
-        if not self.modules:
-            raise AdapterValidationError("modules", "an adapter must target at least one module")
-        if len(self.modules) > MAX_MODULES:
-            raise AdapterValidationError("modules", f"{len(self.modules)} modules exceed the limit {MAX_MODULES}")
-        for m in self.modules:
-            if not isinstance(m.name, str) or not m.name or len(m.name) > 512:
-                raise AdapterValidationError("modules", f"bad module name {str(m.name)[:80]!r}")
-            for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
-                # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
-                # config written by something else than us, refused rather than coerced.
-                if not is_int(dim) or dim <= 0:
-                    raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
-        ordered = tuple(sorted(self.modules, key=lambda m: natural_key(m.name)))
-        if len({m.name for m in ordered}) != len(ordered):
-            raise AdapterValidationError("modules", "module names must be unique")
+        ordered = canonical_modules(self.modules)
         b = self.vector_length
         layout, offset = [], 0
         for m in ordered:
@@ -113,18 +103,7 @@ class AdapterConfig:
         return (self.modules, self.r, self.vector_length, self.num_vectors, self.topk)
 
     def check_compatible(self, base_modules: dict[str, tuple[int, int]]) -> None:
-        """Raise unless every targeted module exists in the base model with the same
-        (in_features, out_features)."""
-        for m in self.modules:
-            shape = base_modules.get(m.name)
-            if shape is None:
-                raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
-            if shape != (m.in_features, m.out_features):
-                raise IncompatibleBaseModelError(
-                    "modules",
-                    f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
-                    f"{m.in_features}->{m.out_features} in the adapter",
-                )
+        check_modules_compatible(self.modules, base_modules)
 
     def to_json(self) -> dict:
         return {
@@ -139,33 +118,80 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, data: object) -> AdapterConfig:
-        if not isinstance(data, dict):
-            raise AdapterValidationError("config", "must be a JSON object")
-        # Refused, not ignored (as in PEFT import): a field this version does not know may
-        # change what the adapter means.
-        unknown = set(data) - _CONFIG_FIELDS
-        if unknown:
-            raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
-        try:
-            modules = tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"])
-            config = cls(
+        return build_config(
+            data,
+            _CONFIG_FIELDS,
+            lambda modules: cls(
                 modules=modules,
                 r=data["r"],
                 vector_length=data["vector_length"],
                 num_vectors=data["num_vectors"],
                 topk=data["topk"],
                 base_model=str(data.get("base_model", "")),
+            ),
+        )
+
+
+def build_config(data: object, known: set[str], build: Callable[[tuple[ModuleSpec, ...]], Config]) -> Config:
+    """`build(modules of data)`, for a config of any adapter kind read from JSON: not an
+    object, a field not in `known`, a missing key, a module list that is not
+    `[name, in, out]` triples, or a `base_fingerprint` that does not match the modules is an
+    AdapterValidationError naming it."""
+    if not isinstance(data, dict):
+        raise AdapterValidationError("config", "must be a JSON object")
+    # Refused, not ignored (as in PEFT import): a field this version does not know may
+    # change what the adapter means.
+    unknown = set(data) - known
+    if unknown:
+        raise AdapterValidationError("config", f"unknown fields {sorted(map(str, unknown))[:8]}")
+    try:
+        config = build(tuple(ModuleSpec(n, i, o) for n, i, o in data["modules"]))
+    except KeyError as exc:
+        raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterValidationError):
+            raise
+        raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
+    claimed = data.get("base_fingerprint")
+    if claimed is not None and claimed != module_fingerprint(config.modules):
+        raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
+    return config
+
+
+def canonical_modules(modules: tuple[ModuleSpec, ...]) -> tuple[ModuleSpec, ...]:
+    """`modules` checked (at least one, bounded, named, positive integer shapes, unique
+    names) and in canonical (natural-sorted) order."""
+    if not modules:
+        raise AdapterValidationError("modules", "an adapter must target at least one module")
+    if len(modules) > MAX_MODULES:
+        raise AdapterValidationError("modules", f"{len(modules)} modules exceed the limit {MAX_MODULES}")
+    for m in modules:
+        if not isinstance(m.name, str) or not m.name or len(m.name) > 512:
+            raise AdapterValidationError("modules", f"bad module name {str(m.name)[:80]!r}")
+        for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
+            # Exactly int: a float (64.5, or 64.0 that means the same) or a string is a
+            # config written by something else than us, refused rather than coerced.
+            if not is_int(dim) or dim <= 0:
+                raise AdapterValidationError("modules", f"{m.name}.{dim_name} must be a positive integer")
+    ordered = tuple(sorted(modules, key=lambda m: natural_key(m.name)))
+    if len({m.name for m in ordered}) != len(ordered):
+        raise AdapterValidationError("modules", "module names must be unique")
+    return ordered
+
+
+def check_modules_compatible(modules: tuple[ModuleSpec, ...], base_modules: dict[str, tuple[int, int]]) -> None:
+    """Raise unless every targeted module exists in the base model with the same
+    (in_features, out_features)."""
+    for m in modules:
+        shape = base_modules.get(m.name)
+        if shape is None:
+            raise IncompatibleBaseModelError("modules", f"base model has no linear layer {m.name!r}")
+        if shape != (m.in_features, m.out_features):
+            raise IncompatibleBaseModelError(
+                "modules",
+                f"{m.name} is {shape[0]}->{shape[1]} in the base model, "
+                f"{m.in_features}->{m.out_features} in the adapter",
             )
-        except KeyError as exc:
-            raise AdapterValidationError("config", f"missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, AdapterValidationError):
-                raise
-            raise AdapterValidationError("config.modules", "must be a list of [name, in, out]") from None
-        claimed = data.get("base_fingerprint")
-        if claimed is not None and claimed != config.base_fingerprint:
-            raise AdapterValidationError("config.base_fingerprint", "does not match the listed modules")
-        return config
 
 
 def check_sizes(*, r: object, vector_length: object, num_vectors: object, topk: object, prefix: str = "") -> None:

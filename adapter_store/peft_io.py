@@ -1,5 +1,6 @@
-"""Hugging Face PEFT VB-LoRA checkpoints in and out (`adapter_config.json` +
-`adapter_model.safetensors`), with or without `save_only_topk_weights`.
+"""Hugging Face PEFT checkpoints in and out (`adapter_config.json` +
+`adapter_model.safetensors`): VB-LoRA ones, with or without `save_only_topk_weights`, and
+plain LoRA ones (`peft_type` LORA, see `adapter_store.lora`).
 
 PEFT layouts: `logits_A (r, in/b, h)`, `logits_B (out/b, r, h)`; the top-k files keep the
 same leading dims with `k` indices and `k-1` weights. Our canonical sub-vector order is
@@ -23,6 +24,7 @@ from .adapter import VBLoRAAdapter, index_dtype_for
 from .codec import DEFAULT_MAX_BLOB_BYTES, save_safetensors
 from .config import AdapterConfig, ModuleSpec, check_sizes, is_int
 from .errors import AdapterFormatError, AdapterTooLargeError, AdapterValidationError
+from .lora import LoRAAdapter, LoRAConfig, check_lora_sizes
 from .untrusted_json import load_untrusted_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -158,8 +160,9 @@ def export_peft(adapter: VBLoRAAdapter, *, save_only_topk_weights: bool = True) 
 
 def read_peft_files(
     config_bytes: bytes, weights_bytes: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES
-) -> VBLoRAAdapter:
-    """Import from the two files' raw bytes (an upload)."""
+) -> VBLoRAAdapter | LoRAAdapter:
+    """Import from the two files' raw bytes (an upload): a VB-LoRA or a LoRA checkpoint,
+    as its `peft_type` says."""
     if len(config_bytes) > MAX_CONFIG_BYTES:
         raise AdapterTooLargeError(CONFIG_NAME, f"exceeds {MAX_CONFIG_BYTES} bytes")
     if len(weights_bytes) > max_bytes:
@@ -169,10 +172,12 @@ def read_peft_files(
         tensors = st_load(bytes(weights_bytes))
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
         raise AdapterFormatError(WEIGHTS_NAME, f"not a valid safetensors file ({exc})") from None
+    if isinstance(config, dict) and config.get("peft_type") == "LORA":
+        return import_peft_lora(config, tensors)
     return import_peft(config, tensors)
 
 
-def load_peft_dir(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> VBLoRAAdapter:
+def load_peft_dir(path: str | Path, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> VBLoRAAdapter | LoRAAdapter:
     path = Path(path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
@@ -285,7 +290,9 @@ def _check_peft_config(config: object) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(CONFIG_NAME, "must be a JSON object")
     if config.get("peft_type") != "VBLORA":
-        raise AdapterFormatError(f"{CONFIG_NAME}.peft_type", f"must be 'VBLORA', got {config.get('peft_type')!r}")
+        raise AdapterFormatError(
+            f"{CONFIG_NAME}.peft_type", f"must be 'VBLORA' or 'LORA', got {config.get('peft_type')!r:.40}"
+        )
     unknown = sorted(set(config) - _KNOWN_FIELDS)
     if unknown:
         raise AdapterFormatError(f"{CONFIG_NAME}.{unknown[0]}", "unknown field")
@@ -305,3 +312,99 @@ def _check_peft_config(config: object) -> dict:
             f"{CONFIG_NAME}.fan_in_fan_out", "Conv1D (fan_in_fan_out) models are not supported"
         )
     return config
+
+
+# -- PEFT LoRA checkpoints --------------------------------------------------------------------
+
+# LoraConfig's fields in PEFT 0.21 that change nothing at inference (training-time
+# initialisation and dropout, bookkeeping) or that we check below; any other field is
+# refused rather than ignored, as for VB-LoRA checkpoints.
+_LORA_FIELDS = {
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
+    "bias", "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out",
+    "inference_mode", "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+    "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules",
+    "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+    "use_rslora", "velora_config",
+}  # fmt: skip
+# Fields that, set, change what the checkpoint computes in ways this server does not
+# implement: field -> why it is refused.
+_LORA_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) is not supported",
+    "rank_pattern": "per-module ranks (rank_pattern) are not supported",
+    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
+    "lora_bias": "LoRA biases (lora_bias) are not supported",
+    "modules_to_save": "modules_to_save is not supported",
+    "fan_in_fan_out": "Conv1D (fan_in_fan_out) models are not supported",
+    "layer_replication": "layer_replication is not supported",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter) is not supported",
+    "trainable_token_indices": "trainable_token_indices is not supported",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "use_bdlora": "use_bdlora is not supported",
+    "kasa_config": "kasa_config is not supported",
+}
+_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+
+
+def import_peft_lora(config: dict, tensors: dict[str, torch.Tensor]) -> LoRAAdapter:
+    """A LoRA adapter from a parsed PEFT `adapter_config.json` (`peft_type` LORA) and its
+    tensors, checked as PEFT would load them (`_check_targets`)."""
+    config_name = CONFIG_NAME
+    unknown = sorted(set(config) - _LORA_FIELDS)
+    if unknown:
+        raise AdapterFormatError(f"{config_name}.{unknown[0]}", "unknown field")
+    for key, why in _LORA_UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterValidationError(f"{config_name}.{key}", why)
+    if config.get("bias", "none") != "none":
+        raise AdapterValidationError(f"{config_name}.bias", "only 'none' is supported")
+    r, alpha, rslora = config.get("r"), config.get("lora_alpha", 8), config.get("use_rslora", False)
+    check_lora_sizes(r, alpha, rslora, prefix=f"{config_name}.")
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise AdapterFormatError("adapter_model", f"unexpected tensor {key[:120]!r}")
+        (a if m.group(2) == "A" else b)[m.group(1)] = t
+    _check_targets(config, sorted(set(a) | set(b)))
+    modules = []
+    for name in sorted(set(a) | set(b)):
+        if name not in a or name not in b:
+            raise AdapterFormatError(f"adapter_model.{name}", "needs both lora_A and lora_B")
+        if a[name].dim() != 2 or b[name].dim() != 2:
+            raise AdapterValidationError(f"adapter_model.{name}", "lora_A and lora_B must be matrices")
+        modules.append(ModuleSpec(name, a[name].shape[1], b[name].shape[0]))
+    lora_config = LoRAConfig(
+        tuple(modules), r=r, lora_alpha=alpha, use_rslora=rslora,
+        base_model=str(config.get("base_model_name_or_path") or ""),
+    )  # fmt: skip
+    return LoRAAdapter(lora_config, a, b)
+
+
+def export_peft_lora(adapter: LoRAAdapter) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json dict, tensors) of the PEFT LoRA checkpoint."""
+    cfg = adapter.config
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in adapter.matrices(dtype=adapter.a[cfg.modules[0].name].dtype).items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.base_model or None,
+        "target_modules": [m.name for m in cfg.modules],
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    return config, tensors

@@ -5,7 +5,7 @@
     vbctl adapters push NAME PATH                    # PATH: adapter blob file or PEFT dir
     vbctl adapters pull NAME -o FILE [--format native|peft|lora] [--omit-bank]
     vbctl adapters ls | rm NAME
-    vbctl adapters import-peft NAME DIR              # upload a PEFT VB-LoRA checkpoint
+    vbctl adapters import-peft NAME DIR              # upload a PEFT VB-LoRA or LoRA checkpoint
     vbctl adapters export-peft NAME DIR              # download one, unpacked into DIR
     vbctl train DATA.jsonl --adapter NAME [--validation F] [--steps N] ... [--follow]
     vbctl jobs ls | show ID | cancel ID | events ID [--follow]
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("name")
     push.add_argument("path", type=Path)
     push.set_defaults(run=_push)
-    import_peft = adapters.add_parser("import-peft", help="upload a PEFT VB-LoRA checkpoint directory")
+    import_peft = adapters.add_parser("import-peft", help="upload a PEFT VB-LoRA or LoRA checkpoint directory")
     import_peft.add_argument("name")
     import_peft.add_argument("dir", type=Path)
     import_peft.set_defaults(run=_import_peft)

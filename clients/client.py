@@ -337,7 +337,7 @@ def _delta(chunk: dict[str, Any], chat: bool) -> str:
 
 
 def _push_call(name: str, source: bytes | str | os.PathLike[str], expected_version: int | None) -> _Call:
-    """bytes or a file: our adapter blob; a directory: a PEFT VB-LoRA checkpoint."""
+    """bytes or a file: our adapter blob; a directory: a PEFT VB-LoRA or LoRA checkpoint."""
     params = {} if expected_version is None else {"expected_version": expected_version}
     if isinstance(source, bytes | bytearray):
         return _Call("PUT", f"/v1/adapters/{name}", {"content": bytes(source), "params": params, "headers": _OCTETS})

@@ -24,6 +24,7 @@ from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
+from tests.test_mixtures import peft_greedy, peft_mixture
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
 from tests.test_structured import MAX_TOKENS, PERSON
 
@@ -235,7 +236,6 @@ REFUSED = {
     "watermark": {"watermark": True},
     "adapter_source": {"adapter_source": "hub"},
     "api_token": {"api_token": "hf_secret"},
-    "merged_adapters": {"merged_adapters": lorax.MergedAdapters(ids=[ADAPTER], weights=[1.0], density=1.0)},
 }
 
 
@@ -353,3 +353,103 @@ def test_a_failure_after_the_first_token_raises_the_clients_generation_error(tmp
             list(events)
     store.close()
     assert refusal(caught.value)["type"] == "internal_error"
+
+
+# -- per-request mixtures: openai's extra_body `adapters`, lorax-client's `merged_adapters` ----
+
+SECOND = "billing"
+
+
+@pytest.fixture(scope="module")
+def mixtures(server: str) -> str:
+    """The server, also holding SECOND (the rank of ADAPTER, so a linear merge takes both)."""
+    blob = encode_adapter(random_adapter(tiny_llama(seed=MODEL_SEED), seed=2))
+    r = httpx.put(f"{server}/v1/adapters/{SECOND}", content=blob, headers={"content-type": "application/octet-stream"})
+    assert r.status_code in (200, 201), r.text
+    return server
+
+
+def peft_tokens(weights: list[float], combination: str, n: int, tmp_path: Path) -> list[int]:
+    """PEFT's greedy tokens for PROMPT with `add_weighted_adapter` of ADAPTER and SECOND."""
+    model = tiny_llama(seed=MODEL_SEED)
+    adapters = {ADAPTER: random_adapter(model, seed=1), SECOND: random_adapter(model, seed=2)}
+    oracle = peft_mixture(model, adapters, weights, combination, tmp_path)
+    return peft_greedy(oracle, chat_tokenizer().encode(PROMPT), n)[0]
+
+
+def test_lorax_merged_adapters_generate_what_peft_linear_merge_generates(
+    client: lorax.Client, mixtures: str, tmp_path: Path
+) -> None:
+    merged = lorax.MergedAdapters(ids=[ADAPTER, SECOND], weights=[0.6, 0.8], merge_strategy="linear", density=1.0)
+    out = client.generate(PROMPT, max_new_tokens=10, details=True, ignore_eos_token=True, merged_adapters=merged)
+    assert out.details is not None
+    assert [t.id for t in out.details.tokens] == peft_tokens([0.6, 0.8], "linear", 10, tmp_path)
+    one = lorax.MergedAdapters(ids=[ADAPTER], weights=[1.0], density=1.0)
+    assert (
+        client.generate(PROMPT, max_new_tokens=10, merged_adapters=one).generated_text
+        == client.generate(PROMPT, max_new_tokens=10, adapter_id=ADAPTER).generated_text
+    )
+
+
+def test_lorax_merged_adapters_refusals_name_the_field(client: lorax.Client, mixtures: str) -> None:
+    ties = lorax.MergedAdapters(ids=[ADAPTER, SECOND], weights=[1, 1], merge_strategy="ties", density=0.5)
+    with pytest.raises(lorax.errors.BadRequestError) as caught:
+        client.generate(PROMPT, max_new_tokens=4, merged_adapters=ties)
+    assert refusal(caught.value)["field"] == "parameters.merged_adapters.merge_strategy"
+    unknown = lorax.MergedAdapters(ids=[ADAPTER, "nope"], weights=[1, 1], density=1.0)
+    with pytest.raises(lorax.errors.NotFoundError) as caught:
+        client.generate(PROMPT, max_new_tokens=4, merged_adapters=unknown)
+    assert refusal(caught.value)["field"] == "parameters.merged_adapters.ids[1]"
+    # What lorax-client itself would not send: ids and weights of different lengths, and
+    # both an adapter_id and a merge.
+    for parameters, field in (
+        ({"merged_adapters": {"ids": [ADAPTER, SECOND], "weights": [1]}}, "parameters.merged_adapters.weights"),
+        ({"adapter_id": ADAPTER, "merged_adapters": {"ids": [SECOND], "weights": [1]}}, "parameters.adapter_id"),
+    ):
+        r = httpx.post(f"{mixtures}/generate", json={"inputs": PROMPT, "parameters": parameters}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+
+
+def test_openai_adapters_generate_what_peft_cat_merge_generates(
+    openai_client: openai.OpenAI, mixtures: str, tmp_path: Path
+) -> None:
+    base = openai_client.models.list().data[0].id
+    adapters = [{"name": ADAPTER, "weight": 0.7}, {"name": SECOND, "weight": -0.5}]
+    out = openai_client.completions.create(
+        model=base, prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"adapters": adapters, "ignore_eos": True}
+    )
+    assert out.choices[0].text == chat_tokenizer().decode(peft_tokens([0.7, -0.5], "cat", 10, tmp_path))
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+    mixed = openai_client.chat.completions.create(model=base, **chat, extra_body={"adapters": [{"name": ADAPTER}]})
+    alone = openai_client.chat.completions.create(model=ADAPTER, **chat)
+    assert mixed.choices[0].message.content == alone.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("extra", "model", "error", "field"),
+    [
+        ({"adapters": [{"name": ADAPTER}, {"name": "nope"}]}, None, openai.NotFoundError, "adapters[1].name"),
+        (
+            {"adapters": [{"name": ADAPTER}, {"name": SECOND, "weight": "x"}]},
+            None,
+            openai.BadRequestError,
+            "adapters[1].weight",
+        ),
+        (
+            {"adapters": [{"name": ADAPTER}, {"name": SECOND, "weight": 0}]},
+            None,
+            openai.BadRequestError,
+            "adapters[1].weight",
+        ),
+        ({"adapters": [{"name": f"a{i}"} for i in range(9)]}, None, openai.BadRequestError, "adapters"),
+        ({"adapters": [{"name": SECOND}]}, ADAPTER, openai.BadRequestError, "model"),
+    ],
+    ids=["unknown", "weight-type", "weight-zero", "too-many", "model-too"],
+)
+def test_openai_adapters_refusals_name_the_field(
+    openai_client: openai.OpenAI, mixtures: str, extra: dict, model: str | None, error: type, field: str
+) -> None:
+    base = openai_client.models.list().data[0].id
+    with pytest.raises(error) as caught:
+        openai_client.completions.create(model=model or base, prompt=PROMPT, max_tokens=4, extra_body=extra)
+    assert caught.value.body["field"] == field

@@ -35,6 +35,7 @@ from adapter_store import (
     encode_bank,
     open_store,
 )
+from adapter_store.lora import LoRAAdapter, LoRAConfig, encode_lora
 from tests.redis_cluster import redis_under_test
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -309,6 +310,71 @@ def test_unknown_bank(store: AdapterStore) -> None:
     assert not store.has_bank(unknown)
     with pytest.raises(BankNotFoundError):
         store.get_bank(unknown)
+
+
+# -- plain LoRA adapters: no bank ------------------------------------------------------------
+
+
+def make_lora(seed: int, r: int = 3) -> LoRAAdapter:
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    config = LoRAConfig(CONFIG.modules, r=r, lora_alpha=2.0 * r, use_rslora=seed % 2 == 1, base_model="tiny-test")
+    a = {m.name: torch.randn(r, m.in_features, generator=gen) for m in config.modules}
+    b = {m.name: torch.randn(m.out_features, r, generator=gen).to(torch.bfloat16) for m in config.modules}
+    return LoRAAdapter(config, a, b)
+
+
+def assert_same_lora(got: object, want: LoRAAdapter) -> None:
+    assert isinstance(got, LoRAAdapter) and got.config == want.config
+    for mats in ("a", "b"):
+        for name, t in getattr(want, mats).items():
+            stored = getattr(got, mats)[name]
+            assert stored.dtype == t.dtype and torch.equal(stored, t), (mats, name)
+
+
+def test_a_lora_adapter_round_trips_without_a_bank(store: AdapterStore, backend: Backend) -> None:
+    lora = make_lora(1)
+    record = store.put("acme", "plain", lora)
+    assert (record.version, record.bank_id, record.bank_bytes) == (1, "", 0)
+    assert record.config == lora.config.to_json() and record.config["kind"] == "lora"
+    assert record.body_bytes == len(encode_lora(lora))
+    got_record, got = store.get("acme", "plain")
+    assert got_record == record == store.get_record("acme", "plain")
+    assert_same_lora(got, lora)
+    assert backend.bank_count() == 0
+    assert store.count("acme") == (1, len(encode_lora(lora)))
+    assert [r.name for r in store.list("acme")] == ["plain"]
+    with pytest.raises(AdapterNotFoundError):
+        store.get("globex", "plain")  # tenant-scoped like any adapter
+    store.delete("acme", "plain")
+    assert store.count("acme") == (0, 0) and store.get_version("acme", "plain") is None
+
+
+def test_a_name_can_change_kind_and_banks_stay_counted(store: AdapterStore, backend: Backend) -> None:
+    vblora, lora = make_adapter(1), make_lora(2)
+    store.put("acme", "bot", vblora)
+    assert store.put("acme", "bot", lora).version == 2
+    assert backend.bank_count() == 0  # the replaced VB-LoRA version's bank is released
+    assert_same_lora(store.get("acme", "bot")[1], lora)
+    assert store.count("acme") == (1, len(encode_lora(lora)))
+    assert store.put("acme", "bot", vblora, expected_version=2).version == 3
+    assert backend.bank_count() == 1
+    assert_same_adapter(store.get("acme", "bot")[1], vblora)
+    assert store.count("acme") == (1, stored_size(vblora))
+    store.put("acme", "bot", lora)
+    store.delete("acme", "bot")
+    assert backend.bank_count() == 0 and store.count("acme") == (0, 0)
+
+
+def test_a_lora_adapter_counts_against_the_byte_quota(store: AdapterStore) -> None:
+    lora = make_lora(3)
+    size = len(encode_lora(lora))
+    with pytest.raises(QuotaExceededError):
+        store.put("acme", "plain", lora, quota=StoreQuota(max_bytes=size - 1))
+    assert store.count("acme") == (0, 0)
+    store.put("acme", "plain", lora, quota=StoreQuota(max_bytes=size))
+    with pytest.raises(VersionConflictError):
+        store.put("acme", "plain", make_lora(4), expected_version=0)
+    assert_same_lora(store.get("acme", "plain")[1], lora)
 
 
 # -- bad input ----------------------------------------------------------------------------

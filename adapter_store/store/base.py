@@ -9,7 +9,8 @@ Storage model, common to every backend:
 - An adapter is stored as its body (`encode_adapter(include_bank=False)`, which names
   its bank by id) plus a record; the bank is stored once per `bank_id` (content
   addressed, global across tenants) with a reference count, and removed when the last
-  adapter that uses it is replaced or deleted.
+  adapter that uses it is replaced or deleted. A plain LoRA adapter has no bank: its
+  body is its whole blob (`encode_lora`) and its bank id is "" (backends skip the bank).
 - Versions grow per (tenant, name) from 1 and a counter survives delete, so a cache
   keyed by (tenant, name, version) never takes a new adapter for an old one.
 - Only the latest version's bytes are kept.
@@ -36,6 +37,7 @@ from ..errors import (
     QuotaExceededError,
     StoreUnavailableError,
 )
+from ..lora import LoRAAdapter, decode_lora, encode_lora
 
 MAX_KEY_LENGTH = 128
 MAX_LIST_LIMIT = 1000
@@ -108,6 +110,20 @@ def not_found(tenant: str, name: str) -> AdapterNotFoundError:
     return AdapterNotFoundError("name", f"no adapter {name!r} for tenant {tenant!r}")
 
 
+Adapter = VBLoRAAdapter | LoRAAdapter
+
+
+def encode_for_store(adapter: object) -> tuple[str, str, bytes, bytes]:
+    """(bank_id, config JSON, body, bank blob) of what a backend stores for `adapter`;
+    a LoRA adapter has no bank ("" and b"")."""
+    if isinstance(adapter, LoRAAdapter):
+        return "", json.dumps(adapter.config.to_json(), separators=(",", ":")), encode_lora(adapter), b""
+    if not isinstance(adapter, VBLoRAAdapter):
+        raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter or LoRAAdapter, got {type(adapter).__name__}")
+    config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
+    return adapter.bank_id, config, encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
+
+
 def validate_bank_id(bank_id: object) -> str:
     if not isinstance(bank_id, str) or not _BANK_ID.fullmatch(bank_id):
         raise AdapterValidationError("bank_id", "must look like 'sha256-' followed by 40 hex digits")
@@ -133,7 +149,7 @@ class AdapterStore(ABC):
         self,
         tenant: str,
         name: str,
-        adapter: VBLoRAAdapter,
+        adapter: Adapter,
         *,
         expected_version: int | None = None,
         quota: StoreQuota | None = None,
@@ -149,28 +165,27 @@ class AdapterStore(ABC):
         """
         validate_key("tenant", tenant)
         validate_key("name", name)
-        if not isinstance(adapter, VBLoRAAdapter):
-            raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter, got {type(adapter).__name__}")
+        bank_id, config, body, bank = encode_for_store(adapter)
         if expected_version is not None and (
             not isinstance(expected_version, int) or isinstance(expected_version, bool) or expected_version < 0
         ):
             raise AdapterValidationError(
                 "expected_version", f"must be None or an integer >= 0, got {expected_version!r}"
             )
-        body = encode_adapter(adapter, include_bank=False)
-        bank = encode_bank(adapter.bank)
-        config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
         with self._guard("put"):
             return self._put(
-                tenant, name, expected_version, adapter.bank_id, config, body, bank, time.time(), quota or StoreQuota()
+                tenant, name, expected_version, bank_id, config, body, bank, time.time(), quota or StoreQuota()
             )
 
-    def get(self, tenant: str, name: str) -> tuple[AdapterRecord, VBLoRAAdapter]:
+    def get(self, tenant: str, name: str) -> tuple[AdapterRecord, Adapter]:
         """The stored version's record and adapter, read as one consistent pair."""
         validate_key("tenant", tenant)
         validate_key("name", name)
         with self._guard("get"):
             record, body, bank_blob = self._read(tenant, name)
+        if not record.bank_id:
+            # A stored body passed the size limit of the upload that stored it.
+            return record, decode_lora(body, max_bytes=len(body))
         bank = decode_bank(bank_blob)
         adapter = decode_adapter(body, bank_resolver=lambda bank_id: bank if bank_id == record.bank_id else None)
         return record, adapter
@@ -276,11 +291,13 @@ class AdapterStore(ABC):
         quota: StoreQuota,
     ) -> AdapterRecord:
         """Atomically: check the version and the quota, store body + record, take a
-        reference on the bank (storing it if new), release the replaced version's bank."""
+        reference on the bank (storing it if new), release the replaced version's bank.
+        Bank id "" (a LoRA adapter): there is no bank to reference, nor to release."""
 
     @abstractmethod
     def _read(self, tenant: str, name: str) -> tuple[AdapterRecord, bytes, bytes]:
-        """(record, body, bank blob) of one version, never parts of two versions."""
+        """(record, body, bank blob) of one version, never parts of two versions; b"" for
+        the bank of an adapter without one (bank id "")."""
 
     @abstractmethod
     def _get_record(self, tenant: str, name: str) -> AdapterRecord: ...

@@ -62,10 +62,18 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
-from ..adapter import VBLoRAAdapter
-from ..codec import encode_adapter, encode_bank
-from ..errors import AdapterValidationError, BankNotFoundError, StoreUnavailableError, VersionConflictError
-from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded, validate_key
+from ..errors import BankNotFoundError, StoreUnavailableError, VersionConflictError
+from .base import (
+    Adapter,
+    AdapterRecord,
+    AdapterStore,
+    Records,
+    StoreQuota,
+    encode_for_store,
+    not_found,
+    quota_exceeded,
+    validate_key,
+)
 from .redis_url import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 log = logging.getLogger(__name__)
@@ -100,8 +108,9 @@ return {'ok', redis.call('HSTRLEN', KEYS[1], 'data'), taken}
 
 # Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter.
 # ARGV: name, expected version ('' = unconditional), bank_id, bank reference field,
-#       config JSON, body, bank blob length, now (unix s), reference time (ms),
-#       reference timeout (ms), max adapters ('' = no limit), max bytes ('' = no limit).
+#       config JSON, body, bank blob length, now (unix s), reference time (ms, '' = no
+#       bank: a LoRA adapter), reference timeout (ms), max adapters ('' = no limit), max
+#       bytes ('' = no limit).
 # Every check comes before the first write, so a refused put changes nothing. Returns
 # {'ok', version, created, replaced bank_id or nil, replaced reference or nil}.
 _PUT_LUA = (
@@ -113,7 +122,7 @@ local cur_version = tonumber(cur[1]) or 0
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= cur_version then
     return {'conflict', cur_version}
 end
-if now_ms() - tonumber(ARGV[9]) > tonumber(ARGV[10]) then
+if ARGV[9] ~= '' and now_ms() - tonumber(ARGV[9]) > tonumber(ARGV[10]) then
     return {'stale_ref'}
 end
 local delta = string.len(ARGV[6]) + tonumber(ARGV[7])
@@ -264,7 +273,7 @@ class RedisAdapterStore(AdapterStore):
             raise quota_exceeded(reply[1].decode(), quota)
         return _published(tenant, put, reply, bank_bytes, now)
 
-    def put_many(self, tenant: str, adapters: Mapping[str, VBLoRAAdapter]) -> list[AdapterRecord]:
+    def put_many(self, tenant: str, adapters: Mapping[str, Adapter]) -> list[AdapterRecord]:
         """Publish each adapter as the next version of its name, unconditionally and with
         no quota: a bulk import (moving adapters over from another store, loading a
         benchmark). Each adapter is published atomically, as by `put`; the steps of all
@@ -274,11 +283,7 @@ class RedisAdapterStore(AdapterStore):
         puts = []
         for name, adapter in adapters.items():
             validate_key("name", name)
-            if not isinstance(adapter, VBLoRAAdapter):
-                raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter, got {type(adapter).__name__}")
-            config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
-            body, bank = encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
-            puts.append(_Put(name, None, adapter.bank_id, config, body, bank))
+            puts.append(_Put(name, None, *encode_for_store(adapter)))
         now = time.time()
         with self._guard("put_many"):
             replies = self._publish(tenant, puts, now, StoreQuota())
@@ -292,15 +297,15 @@ class RedisAdapterStore(AdapterStore):
         step 2 reply and the stored length of its bank. A put that stalled past the
         reference timeout raises `StoreUnavailableError` (after the others are done)."""
         # Tenants and names cannot contain '/' (validate_key), so the field parses back.
-        refs = [f"r:{tenant}/{put.name}/{secrets.token_hex(8)}" for put in puts]
+        refs = [f"r:{tenant}/{put.name}/{secrets.token_hex(8)}" if put.bank_id else "" for put in puts]
         bank_keys = [self._bank_key(put.bank_id) for put in puts]
-        taken = self._run(
-            self._ref_bank_script, [([key], [ref, b""]) for key, ref in zip(bank_keys, refs, strict=True)]
-        )
+        banked = [i for i, put in enumerate(puts) if put.bank_id]  # a LoRA adapter has no bank
+        taken: list = [[b"ok", 0, ""] for _ in puts]  # step 1's reply, as if for an empty bank
+        referenced = self._run(self._ref_bank_script, [([bank_keys[i]], [refs[i], b""]) for i in banked])
         # Send a bank only when it is not stored yet: most puts reuse a stored bank.
-        missing = [i for i, reply in enumerate(taken) if reply[0] == b"need_bank"]
+        missing = [i for i, reply in zip(banked, referenced, strict=True) if reply[0] == b"need_bank"]
         resent = self._run(self._ref_bank_script, [([bank_keys[i]], [refs[i], puts[i].bank]) for i in missing])
-        for i, reply in zip(missing, resent, strict=True):
+        for i, reply in [*zip(banked, referenced, strict=True), *zip(missing, resent, strict=True)]:
             taken[i] = reply
         calls = []
         for put, ref, (_, bank_bytes, taken_ms) in zip(puts, refs, taken, strict=True):
@@ -318,8 +323,9 @@ class RedisAdapterStore(AdapterStore):
         releases = []
         for put, ref, reply in zip(puts, refs, replies, strict=True):
             if reply[0] != b"ok":
-                releases.append((put.bank_id, ref))  # refused: drop the reference step 1 took
-            elif reply[3] is not None:
+                if put.bank_id:
+                    releases.append((put.bank_id, ref))  # refused: drop the reference step 1 took
+            elif reply[3]:  # nil for a new name, b"" for a replaced LoRA adapter (no bank)
                 releases.append((reply[3].decode(), reply[4]))  # the replaced version's
         self._release(releases)
         if any(reply[0] == b"stale_ref" for reply in replies):
@@ -358,6 +364,8 @@ class RedisAdapterStore(AdapterStore):
             if not fields:
                 raise not_found(tenant, name)
             record = _record(tenant, name, [fields.get(f) for f in _RECORD_FIELDS])
+            if not record.bank_id:  # a LoRA adapter: its body is all of it
+                return record, fields[b"body"], b""
             bank = self._redis.hget(self._bank_key(record.bank_id), b"data")
             if bank is not None:
                 return record, fields[b"body"], bank
@@ -399,7 +407,8 @@ class RedisAdapterStore(AdapterStore):
         if reply is None:
             raise not_found(tenant, name)
         bank_id, ref = reply
-        self._release([(bank_id.decode(), ref)])
+        if bank_id:
+            self._release([(bank_id.decode(), ref)])
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         return self._live_bank_script(keys=[self._bank_key(bank_id)])

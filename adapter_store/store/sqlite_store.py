@@ -80,8 +80,8 @@ class SQLiteAdapterStore(AdapterStore):
     ) -> AdapterRecord:
         with self._db.write() as conn:
             current = conn.execute(
-                "SELECT a.version, a.bank_id, a.created, length(a.body) + length(b.data) "
-                "FROM adapters a JOIN banks b USING (bank_id) WHERE a.tenant = ? AND a.name = ?",
+                f"SELECT a.version, a.bank_id, a.created, length(a.body) + coalesce(length(b.data), 0) "
+                f"FROM {_RECORD_FROM} WHERE a.tenant = ? AND a.name = ?",
                 (tenant, name),
             ).fetchone()
             current_version = current[0] if current else 0
@@ -95,12 +95,13 @@ class SQLiteAdapterStore(AdapterStore):
             ).fetchone()
             version = max(row[0] if row else 0, current_version) + 1
             # Take the new reference before releasing the old one: they may be the same bank.
-            conn.execute(
-                "INSERT INTO banks (bank_id, data, refcount) VALUES (?, ?, 1) "
-                "ON CONFLICT (bank_id) DO UPDATE SET refcount = refcount + 1",
-                (bank_id, bank),
-            )
-            if current:
+            if bank_id:
+                conn.execute(
+                    "INSERT INTO banks (bank_id, data, refcount) VALUES (?, ?, 1) "
+                    "ON CONFLICT (bank_id) DO UPDATE SET refcount = refcount + 1",
+                    (bank_id, bank),
+                )
+            if current and current[1]:
                 _release_bank(conn, current[1])
             created = current[2] if current else now
             conn.execute(
@@ -115,7 +116,8 @@ class SQLiteAdapterStore(AdapterStore):
                 "ON CONFLICT (tenant, name) DO UPDATE SET last_version = excluded.last_version",
                 (tenant, name, version),
             )
-            (bank_bytes,) = conn.execute("SELECT length(data) FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
+            row = conn.execute("SELECT length(data) FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
+            bank_bytes = row[0] if row else 0
         return AdapterRecord(
             tenant, name, version, bank_id, json.loads(config_json), len(body), bank_bytes, created, now
         )
@@ -132,7 +134,7 @@ class SQLiteAdapterStore(AdapterStore):
         )
         if row is None:
             raise not_found(tenant, name)
-        return _record(tenant, name, row), row[-2], row[-1]
+        return _record(tenant, name, row), row[-2], row[-1] or b""
 
     def _get_record(self, tenant: str, name: str) -> AdapterRecord:
         row = (
@@ -173,7 +175,8 @@ class SQLiteAdapterStore(AdapterStore):
             if row is None:
                 raise not_found(tenant, name)
             conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
-            _release_bank(conn, row[0])
+            if row[0]:
+                _release_bank(conn, row[0])
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         row = self._db.conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()

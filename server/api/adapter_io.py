@@ -1,5 +1,6 @@
 """Adapters over HTTP: bounded upload reading, the two upload formats, the three
-download formats, and which banks a tenant may see.
+download formats, and which banks a tenant may see. An adapter is VB-LoRA or plain LoRA;
+both come in and go out in every format that can hold them.
 
 Store calls are synchronous (SQLite, Redis); the async helpers here run them in worker
 threads so a slow store never stalls the event loop that streams tokens.
@@ -21,9 +22,27 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapter_store import AdapterRecord, VBLoRAAdapter, decode_adapter, decode_bank, encode_adapter
+from adapter_store import (
+    AdapterRecord,
+    LoRAAdapter,
+    VBLoRAAdapter,
+    decode_adapter,
+    decode_bank,
+    decode_lora,
+    encode_adapter,
+    encode_lora,
+    read_metadata,
+)
 from adapter_store.codec import save_safetensors
-from adapter_store.peft_io import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME, export_peft, read_peft_files
+from adapter_store.lora import LORA_FORMAT
+from adapter_store.peft_io import (
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    WEIGHTS_NAME,
+    export_peft,
+    export_peft_lora,
+    read_peft_files,
+)
 from adapter_store.store import AdapterStore
 from server.vblora.lora_export import export_lora
 
@@ -51,9 +70,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_upload(request: Request, body: bytes, services: Services, tenant: str) -> VBLoRAAdapter:
-    """Our safetensors blob (application/octet-stream), or a PEFT VB-LoRA checkpoint as
-    multipart/form-data with the files `adapter_config.json` and `adapter_model.safetensors`."""
+async def parse_upload(request: Request, body: bytes, services: Services, tenant: str) -> VBLoRAAdapter | LoRAAdapter:
+    """Our safetensors blob (application/octet-stream; VB-LoRA or LoRA), or a PEFT VB-LoRA
+    or LoRA checkpoint as multipart/form-data with the files `adapter_config.json` and
+    `adapter_model.safetensors`."""
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
     limit = services.settings.max_adapter_bytes
     if content_type == "multipart/form-data":
@@ -68,7 +88,7 @@ async def parse_upload(request: Request, body: bytes, services: Services, tenant
     )
 
 
-def check_servable(adapter: VBLoRAAdapter, services: Services) -> None:
+def check_servable(adapter: VBLoRAAdapter | LoRAAdapter, services: Services) -> None:
     """Refuse at upload what the engine would refuse at every request."""
     adapter.config.check_compatible(services.engine.runner.base_module_shapes)
     if adapter.config.r > services.settings.max_lora_rank:
@@ -79,14 +99,21 @@ def check_servable(adapter: VBLoRAAdapter, services: Services) -> None:
         )
 
 
-def export(adapter: VBLoRAAdapter, fmt: ExportFormat, *, omit_bank: bool) -> bytes:
+def export(adapter: VBLoRAAdapter | LoRAAdapter, fmt: ExportFormat, *, omit_bank: bool) -> bytes:
     """native: our blob (optionally without its bank, for a client that holds it);
     peft: the PEFT VB-LoRA checkpoint; lora: the equivalent plain LoRA. Both checkpoints
     are zips of `adapter_config.json` + `adapter_model.safetensors`. Each format gives one
-    adapter the same bytes on every call (`save_safetensors`, and a fixed time in the zip)."""
-    if fmt == "native":
+    adapter the same bytes on every call (`save_safetensors`, and a fixed time in the zip).
+    A LoRA adapter has no bank and no VB-LoRA form: native is its LoRA blob, and peft and
+    lora are both its PEFT LoRA checkpoint."""
+    if isinstance(adapter, LoRAAdapter):
+        if fmt == "native":
+            return encode_lora(adapter)
+        config, tensors = export_peft_lora(adapter)
+    elif fmt == "native":
         return encode_adapter(adapter, include_bank=not omit_bank)
-    config, tensors = export_peft(adapter) if fmt == "peft" else export_lora(adapter)
+    else:
+        config, tensors = export_peft(adapter) if fmt == "peft" else export_lora(adapter)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in (
@@ -143,7 +170,10 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _decode_native(store: AdapterStore, tenant: str, blob: bytes, limit: int) -> VBLoRAAdapter:
+def _decode_native(store: AdapterStore, tenant: str, blob: bytes, limit: int) -> VBLoRAAdapter | LoRAAdapter:
+    if read_metadata(blob, limit).get("format") == LORA_FORMAT:
+        return decode_lora(blob, max_bytes=limit)
+
     def resolve_bank(bank_id: str) -> torch.Tensor | None:
         if not tenant_uses_bank(store, tenant, bank_id):
             return None

@@ -15,7 +15,15 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.engine import AdapterRef, EngineError, FinalResult, GenerationRequest, RequestHandle, TokenEvent
+from server.engine import (
+    AdapterRef,
+    EngineError,
+    FinalResult,
+    GenerationRequest,
+    MixtureRef,
+    RequestHandle,
+    TokenEvent,
+)
 
 from .deps import Services
 from .errors import APIError, from_engine_error
@@ -36,6 +44,24 @@ def adapter_ref(services: Services, tenant: str, model: str | None) -> AdapterRe
     if not model or model == services.model_name:
         return None
     return AdapterRef(tenant, model)
+
+
+def request_adapter(
+    services: Services, tenant: str, model: str | None, model_field: str, mixture: MixtureRef | None
+) -> AdapterRef | MixtureRef | None:
+    """The request's adapter: `mixture` if it asks for one, else `adapter_ref`. With a
+    mixture, the request's own adapter field (`model_field`, holding `model`) must be the
+    base model's name or omitted: one request, one recipe."""
+    if mixture is None:
+        return adapter_ref(services, tenant, model)
+    if model and model != services.model_name:
+        raise APIError(
+            "invalid_request",
+            f"with {mixture.field}, name the base model ({services.model_name!r}) or omit it; "
+            f"add {model!r} to the mixture instead",
+            model_field,
+        )
+    return mixture
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

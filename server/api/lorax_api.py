@@ -1,10 +1,10 @@
 """LoRAX/TGI-compatible routes: `POST /generate`, `POST /generate_stream`, and `POST /`
 (where LoRAX's and TGI's Python clients post; `stream` in the body picks which of the two).
 
-`parameters.adapter_id` selects the adapter. As in TGI, decoding is greedy unless
-`do_sample` is true or a `temperature` is given. Every parameter `lorax-client` sends is
-implemented or, set to anything but its default, refused with a 400 naming it
-(`schemas.GenerateParameters`).
+`parameters.adapter_id` selects the adapter, `parameters.merged_adapters` a mixture. As in
+TGI, decoding is greedy unless `do_sample` is true or a `temperature` is given. Every
+parameter `lorax-client` sends is implemented or, set to anything but its default, refused
+with a 400 naming it (`schemas.GenerateParameters`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from .deps import GenerationsDep, GenerationSlot, HeldGenerations, Services, Ser
 from .errors import APIError, from_engine_error
 from .generation import (
     Event,
-    adapter_ref,
     encode_prompt,
     open_stream,
     output_limit,
+    request_adapter,
     run_all,
     sse,
     sse_response,
@@ -162,9 +162,9 @@ async def _engine_request(services: Services, tenant: str, body: GenerateRequest
         top_logprobs=p.return_k_alternatives or 0,
     )
     response_format = p.response_format.output_format() if p.response_format else None
-    return GenerationRequest(
-        ids, sampling, adapter_ref(services, tenant, p.adapter_id), response_format=response_format
-    )
+    mixture = p.merged_adapters.mixture(tenant) if p.merged_adapters else None
+    adapter = request_adapter(services, tenant, p.adapter_id, "parameters.adapter_id", mixture)
+    return GenerationRequest(ids, sampling, adapter, response_format=response_format)
 
 
 def _full_text(body: GenerateRequest, generated: str) -> str:

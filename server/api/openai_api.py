@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
 `model` selects the adapter: one of the tenant's adapter names, or the base model's name
-(or nothing) for the base model alone. Routes only translate; `generation` runs them.
+(or nothing) for the base model alone; `adapters` (extra body) asks for a mixture instead.
+Routes only translate; `generation` runs them.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from .deps import GenerationsDep, Services, ServicesDep, TenantDep
 from .errors import APIError
 from .generation import (
     Event,
-    adapter_ref,
     check_prompt_chars,
     encode_prompt,
     error_event,
     open_streams,
     output_limit,
+    request_adapter,
     run_all,
     sse,
     sse_response,
@@ -85,7 +86,10 @@ async def completions(
     logprobs = body.logprobs is not None
     sampling = _sampling(services, body, len(ids), body.max_tokens, logprobs, body.logprobs or 0)
     engine_request = GenerationRequest(
-        ids, sampling, adapter_ref(services, tenant, body.model), response_format=body.output_format()
+        ids,
+        sampling,
+        request_adapter(services, tenant, body.model, "model", body.mixture(tenant)),
+        response_format=body.output_format(),
     )
     handles = await submit_n(services, engine_request, body.n, COMPLETION_FIELDS)
     meta = _Meta(f"cmpl-{engine_request.request_id}", body.model or services.model_name, services.tokenizer)
@@ -124,7 +128,7 @@ async def chat_completions(
     engine_request = GenerationRequest(
         ids,
         sampling,
-        adapter_ref(services, tenant, body.model),
+        request_adapter(services, tenant, body.model, "model", body.mixture(tenant)),
         response_format=tools.response_format or body.output_format(),
     )
     handles = await submit_n(services, engine_request, body.n, CHAT_FIELDS)

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.engine import ResponseFormat
+from server.engine import InvalidRequestError, MixtureComponent, MixtureRef, ResponseFormat
 
 
 def _unicode(value: str) -> str:
@@ -158,10 +158,30 @@ class ChatToolFields(BaseModel):
     parallel_tool_calls: bool = Field(True, description="false: at most one call")
 
 
+class AdapterWeight(BaseModel):
+    """One adapter of a per-request mixture. Values are checked by the engine (a 400 naming
+    `adapters[i].name` or `adapters[i].weight`), so every bad value gets the same answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Any = Field(..., description="One of your adapters")
+    weight: Any = Field(1.0, description="A non-zero number in [-100, 100]; negative subtracts the adapter")
+
+
 class SamplingFields(OpenAIRequest):
     """Sampling fields that completions and chat share."""
 
-    model: str | None = Field(None, description="An adapter name, or the base model's name (or omitted) for none")
+    model: str | None = Field(
+        None,
+        description="An adapter name, or the base model's name (or omitted) for none; with `adapters`, "
+        "the base model's name or omitted",
+    )
+    # vbserve's: a mixture of the caller's adapters (extra_body in the `openai` package).
+    adapters: list[AdapterWeight] | None = Field(
+        None,
+        description="A per-request mixture: 1 to 8 of your adapters with weights, composed as PEFT's "
+        'add_weighted_adapter(combination_type="cat") (README: Mixtures)',
+    )
     max_tokens: int | None = None
     temperature: float | None = Field(None, description="0 is greedy; omitted is 1.0, as in OpenAI")
     top_p: float | None = None
@@ -182,6 +202,16 @@ class SamplingFields(OpenAIRequest):
     min_tokens: int | None = Field(None, description="EOS and stop_token_ids are masked until this many tokens")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    def mixture(self, tenant: str) -> MixtureRef | None:
+        """The mixture `adapters` asks for (PEFT's `cat`), or None."""
+        if self.adapters is None:
+            return None
+        components = tuple(
+            MixtureComponent(a.name, a.weight, f"adapters[{i}].name", f"adapters[{i}].weight")
+            for i, a in enumerate(self.adapters)
+        )
+        return MixtureRef(tenant, components, "cat", field="adapters", combination_field="adapters")
 
 
 class CompletionRequest(SamplingFields):
@@ -372,7 +402,6 @@ _REFUSED_PARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "this server takes its API key in the Authorization header (`Authorization: Bearer <key>`; "
         "lorax.Client(url, headers=...)), not in the body",
     ),
-    "merged_adapters": (lambda v: v is not None, "per-request adapter merges (merged_adapters) are not implemented"),
 }
 
 
@@ -387,6 +416,36 @@ class LoraxResponseFormat(BaseModel):
 
     def output_format(self) -> ResponseFormat:
         return ResponseFormat(self.schema_, field="parameters.response_format.schema")
+
+
+class MergedAdapters(BaseModel):
+    """LoRAX's per-request merge, as `lorax-client`'s `MergedAdapters` sends it. Values
+    are checked by the engine (a 400 naming e.g. `parameters.merged_adapters.weights[1]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Any] = Field(..., description="Adapter names (yours)")
+    weights: list[Any] = Field(..., description="One non-zero weight in [-100, 100] per id")
+    merge_strategy: str | None = Field(
+        None,
+        description='"linear" (the default) or "cat": PEFT\'s add_weighted_adapter combination_type of that name',
+    )
+    density: float = Field(1.0, ge=0, le=1, description="Used by ties/dare strategies only; linear does not use it")
+    majority_sign_method: Literal["total", "frequency"] | None = Field(
+        None, description="Used by ties strategies only; linear does not use it"
+    )
+
+    def mixture(self, tenant: str) -> MixtureRef:
+        """The mixture this merge asks for (`merge_strategy` names the PEFT combination)."""
+        where = "parameters.merged_adapters"
+        if len(self.weights) != len(self.ids):
+            raise InvalidRequestError(f"{where}.weights", f"needs one weight per id ({len(self.ids)})")
+        components = tuple(
+            MixtureComponent(name, weight, f"{where}.ids[{i}]", f"{where}.weights[{i}]")
+            for i, (name, weight) in enumerate(zip(self.ids, self.weights, strict=True))
+        )
+        strategy = self.merge_strategy or "linear"  # LoRAX's default
+        return MixtureRef(tenant, components, strategy, field=where, combination_field=f"{where}.merge_strategy")
 
 
 class GenerateParameters(BaseModel):
@@ -416,7 +475,7 @@ class GenerateParameters(BaseModel):
     watermark: bool = Field(False, description="Only false")
     adapter_source: str | None = Field(None, description="Not supported: adapters come from this server's store")
     api_token: str | None = Field(None, description="Not supported: send `Authorization: Bearer <key>`")
-    merged_adapters: dict[str, Any] | None = Field(None, description="Not supported")
+    merged_adapters: MergedAdapters | None = Field(None, description="Several adapters merged for this request")
 
     @property
     def samples(self) -> int:
@@ -505,10 +564,10 @@ class GenerateStreamEvent(BaseModel):
 class AdapterInfo(BaseModel):
     name: str
     version: int
-    bank_id: str
-    config: dict[str, Any]
-    body_bytes: int = Field(description="Stored indices + weights + metadata")
-    bank_bytes: int = Field(description="Stored vector bank (shared by every adapter that uses it)")
+    bank_id: str = Field(description='The vector bank\'s id; "" for a plain LoRA adapter (no bank)')
+    config: dict[str, Any] = Field(description='The adapter\'s shape; a plain LoRA adapter\'s has "kind": "lora"')
+    body_bytes: int = Field(description="Stored indices + weights + metadata (a plain LoRA adapter: its whole blob)")
+    bank_bytes: int = Field(description="Stored vector bank (shared by every adapter that uses it); 0 without one")
     stored_bytes: int
     created: float
     updated: float

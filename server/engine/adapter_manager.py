@@ -10,6 +10,10 @@ waits, and a wanted adapter is not evicted; one that is gone anyway (evicted bet
 request's resolve and its `want`) is loaded again. Wanted adapters are composed in turns,
 so they never hold more than the cache's bytes (or one adapter larger than that): the
 loader keeps the rest fetched, not composed, until admitted requests `unwant` theirs.
+
+A mixture (`MixtureRef`: several adapters with weights, per request) is cached like an
+adapter, under its recipe (`MixtureKey`: the components' versions, weights and combination),
+so requests that repeat a recipe share one composition and one slot.
 """
 
 from __future__ import annotations
@@ -24,17 +28,33 @@ from dataclasses import dataclass
 
 import torch
 
-from adapter_store import AdapterConfig, AdapterError, VBLoRAAdapter
+from adapter_store import AdapterConfig, AdapterError, LoRAAdapter, LoRAConfig, VBLoRAAdapter, config_from_json
 from adapter_store.store import AdapterStore
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import MultiAdapterLinear, write_adapter_slot
+from server.vblora.mixture import mix_lora, mixed_rank
 
-from .types import AdapterRef, AdapterUnavailableError
+from .types import AdapterRef, AdapterUnavailableError, MixtureRef
 
 log = logging.getLogger(__name__)
 
 AdapterKey = tuple[str, str, int]  # tenant, name, version
 Matrices = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MixtureKey:
+    """A mixture's recipe: each component's key (so a new version is a new recipe), its
+    weight, and the combination type."""
+
+    parts: tuple[AdapterKey, ...]
+    weights: tuple[float, ...]
+    combination: str
+
+
+CacheKey = AdapterKey | MixtureKey
+Adapter = VBLoRAAdapter | LoRAAdapter
+Fetched = Adapter | tuple[Adapter, ...]  # an adapter, or a mixture's components
 
 
 @dataclass
@@ -64,20 +84,20 @@ class AdapterManager:
         self.device, self.dtype = device, dtype
         self.on_event = on_event or (lambda kind, value: None)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[AdapterKey, _Composed] = OrderedDict()
+        self._cache: OrderedDict[CacheKey, _Composed] = OrderedDict()
         self._cached_bytes = 0
-        self._failed: dict[AdapterKey, AdapterUnavailableError] = {}
-        self._loading: set[AdapterKey] = set()
+        self._failed: dict[CacheKey, AdapterUnavailableError] = {}
+        self._loading: set[CacheKey] = set()
         # A version that was replaced in the store before it could be loaded -> the version
         # loaded instead. One entry per such race, so it stays small.
-        self._newer: dict[AdapterKey, AdapterKey] = {}
+        self._newer: dict[CacheKey, CacheKey] = {}
         self._pinned: set[tuple[str, str]] = set()
-        self._wanted: Counter[AdapterKey] = Counter()  # key -> waiting requests that need it
+        self._wanted: Counter[CacheKey] = Counter()  # key -> waiting requests that need it
         # Fetched from the store, waiting for room in the cache to be composed (loader thread).
-        self._fetched: dict[AdapterKey, VBLoRAAdapter] = {}
-        self._queue: queue.Queue[AdapterKey | None] = queue.Queue()  # None: room may have freed
+        self._fetched: dict[CacheKey, Fetched] = {}
+        self._queue: queue.Queue[CacheKey | None] = queue.Queue()  # None: room may have freed
         # Engine-thread state: slot -> (key, users)
-        self._slot_key: list[AdapterKey | None] = [None] * self.num_slots
+        self._slot_key: list[CacheKey | None] = [None] * self.num_slots
         self._slot_users = [0] * self.num_slots
         self._slot_last_used = [0.0] * self.num_slots
         self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
@@ -85,9 +105,12 @@ class AdapterManager:
 
     # -- called from request threads -------------------------------------------------
 
-    def resolve(self, ref: AdapterRef) -> AdapterKey:
-        """Current version of `ref`, checked against the base model; starts loading it.
-        Raises AdapterUnavailableError (not_found / incompatible / unavailable)."""
+    def resolve(self, ref: AdapterRef | MixtureRef) -> CacheKey:
+        """Current version of `ref` (of each of a mixture's adapters), checked against the
+        base model; starts loading it. Raises AdapterUnavailableError (not_found /
+        incompatible / unavailable / invalid_request)."""
+        if isinstance(ref, MixtureRef):
+            return self._resolve_mixture(ref)
         try:
             record = self.store.get_record(ref.tenant, ref.name)
         except AdapterError as exc:
@@ -97,7 +120,7 @@ class AdapterManager:
                 # resolved) rather than fail a request this process can answer. Uncached
                 # adapters still fail with "unavailable" (503 + Retry-After).
                 with self._lock:
-                    cached = [k for k in self._cache if k[0] == ref.tenant and k[1] == ref.name]
+                    cached = [k for k in self._cache if isinstance(k, tuple) and k[:2] == (ref.tenant, ref.name)]
                     if cached:
                         key = max(cached, key=lambda k: k[2])
                         self._cache.move_to_end(key)
@@ -109,18 +132,44 @@ class AdapterManager:
         # immutable: skip parsing its config again (most of a resolve's CPU time).
         if self._hit(key):
             return key
+        self._check_rank(self._servable_config(record.config, "model"))
+        self._start_load(key)
+        return key
+
+    def _resolve_mixture(self, ref: MixtureRef) -> MixtureKey:
+        ref.validate()
+        records = []
+        for c in ref.components:
+            try:
+                records.append(self.store.get_record(ref.tenant, c.name))
+            except AdapterError as exc:
+                raise AdapterUnavailableError(c.name_field, str(exc), _kind(exc)) from None
+        key = MixtureKey(
+            tuple((ref.tenant, r.name, r.version) for r in records),
+            tuple(float(c.weight) for c in ref.components),
+            ref.combination,
+        )
+        if self._hit(key):
+            return key
+        configs = [self._servable_config(r.config, c.name_field) for r, c in zip(records, ref.components, strict=True)]
+        self._check_mixture_rank([c.r for c in configs], ref.combination, ref.field, ref.combination_field)
+        self._start_load(key)
+        return key
+
+    def _servable_config(self, config_json: dict, field: str) -> AdapterConfig | LoRAConfig:
         try:
-            config = AdapterConfig.from_json(record.config)
+            config = config_from_json(config_json)
             config.check_compatible(self.base_shapes)
         except AdapterError as exc:
-            raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
-        self._check_rank(config)
+            raise AdapterUnavailableError(field, str(exc), _kind(exc)) from None
+        return config
+
+    def _start_load(self, key: CacheKey) -> None:
         with self._lock:
             self._failed.pop(key, None)
             self._request_load(key)
-        return key
 
-    def _hit(self, key: AdapterKey) -> bool:
+    def _hit(self, key: CacheKey) -> bool:
         with self._lock:
             if key not in self._cache:
                 return False
@@ -128,13 +177,28 @@ class AdapterManager:
             self.on_event("hit", 1)
             return True
 
-    def _check_rank(self, config: AdapterConfig) -> None:
+    def _check_rank(self, config: AdapterConfig | LoRAConfig) -> None:
         if config.r > self.max_rank:
             raise AdapterUnavailableError(
                 "model", f"rank {config.r} exceeds this server's max {self.max_rank}", "invalid_request"
             )
 
-    def _request_load(self, key: AdapterKey) -> None:
+    def _check_mixture_rank(self, ranks: list[int], combination: str, field: str, combination_field: str) -> None:
+        if combination == "linear" and len(set(ranks)) > 1:
+            raise AdapterUnavailableError(
+                combination_field,
+                f"linear mixes adapters of one rank (PEFT's rule); these have ranks {ranks}",
+                "invalid_request",
+            )
+        rank = mixed_rank(ranks, combination)
+        if rank > self.max_rank:
+            raise AdapterUnavailableError(
+                field,
+                f"the mixture's rank {rank} (ranks {ranks}, {combination}) exceeds this server's max {self.max_rank}",
+                "invalid_request",
+            )
+
+    def _request_load(self, key: CacheKey) -> None:
         """Queue `key` for the loader unless it is already on its way. Caller holds the lock."""
         if key not in self._loading:
             self._loading.add(key)
@@ -150,7 +214,7 @@ class AdapterManager:
         with self._lock:
             self._pinned.discard((ref.tenant, ref.name))
 
-    def state(self, key: AdapterKey) -> str | AdapterUnavailableError:
+    def state(self, key: CacheKey) -> str | AdapterUnavailableError:
         """'ready', 'loading' (again, if it had been evicted), or the error that ended the load."""
         with self._lock:
             if key in self._cache:
@@ -160,13 +224,13 @@ class AdapterManager:
             self._request_load(key)
             return "loading"
 
-    def current(self, key: AdapterKey) -> AdapterKey:
+    def current(self, key: CacheKey) -> CacheKey:
         """The version served to a request that resolved `key`: `key` itself, or the newer
         version that was published while `key` was loading (see `_fetch`)."""
         with self._lock:
             return self._current(key)
 
-    def _current(self, key: AdapterKey) -> AdapterKey:
+    def _current(self, key: CacheKey) -> CacheKey:
         while key in self._newer:
             key = self._newer[key]
         return key
@@ -197,9 +261,12 @@ class AdapterManager:
             self._fetch([key for key in keys if key is not None])
             self._compose_what_fits()
 
-    def _fetch(self, keys: list[AdapterKey]) -> None:
+    def _fetch(self, keys: list[CacheKey]) -> None:
         """Read `keys` from the store into `_fetched` (or fail them)."""
         for key in keys:
+            if isinstance(key, MixtureKey):
+                self._fetch_mixture(key)
+                continue
             try:
                 record, adapter = self.store.get(key[0], key[1])
                 adapter.config.check_compatible(self.base_shapes)
@@ -210,20 +277,42 @@ class AdapterManager:
             except AdapterUnavailableError as exc:
                 self._fail(key, exc)
                 continue
-            latest = (key[0], key[1], record.version)
-            if latest != key:
-                # Republished since the request resolved `key`: the store keeps only the
-                # newest version, and that is the one the request is served (only a deleted
-                # adapter fails it, above); the requests waiting for `key` now want `latest`.
-                with self._lock:
-                    self._loading.discard(key)
-                    self._newer[key] = latest
-                    if key in self._wanted:
-                        self._wanted[latest] += self._wanted.pop(key)
-                    if latest in self._cache:
-                        continue
-                    self._loading.add(latest)
-            self._fetched[latest] = adapter
+            self._keep_fetched(key, (key[0], key[1], record.version), adapter)
+
+    def _fetch_mixture(self, key: MixtureKey) -> None:
+        """Read a mixture's adapters; a component republished since the resolve makes a
+        new recipe (with its new version), served as `_keep_fetched` says."""
+        parts, adapters = [], []
+        for tenant, name, _ in key.parts:
+            try:
+                record, adapter = self.store.get(tenant, name)
+                adapter.config.check_compatible(self.base_shapes)
+            except AdapterError as exc:
+                self._fail(key, AdapterUnavailableError("adapters", f"{name}: {exc}", _kind(exc)))
+                return
+            parts.append((tenant, name, record.version))
+            adapters.append(adapter)
+        try:
+            self._check_mixture_rank([a.config.r for a in adapters], key.combination, "adapters", "adapters")
+        except AdapterUnavailableError as exc:
+            self._fail(key, exc)
+            return
+        self._keep_fetched(key, MixtureKey(tuple(parts), key.weights, key.combination), tuple(adapters))
+
+    def _keep_fetched(self, key: CacheKey, latest: CacheKey, fetched: Fetched) -> None:
+        if latest != key:
+            # Republished since the request resolved `key`: the store keeps only the
+            # newest version, and that is the one the request is served (only a deleted
+            # adapter fails it); the requests waiting for `key` now want `latest`.
+            with self._lock:
+                self._loading.discard(key)
+                self._newer[key] = latest
+                if key in self._wanted:
+                    self._wanted[latest] += self._wanted.pop(key)
+                if latest in self._cache:
+                    return
+                self._loading.add(latest)
+        self._fetched[latest] = fetched
 
     def _compose_what_fits(self) -> None:
         """Compose fetched adapters, wanted ones first and in turns: while the wanted ones
@@ -233,10 +322,9 @@ class AdapterManager:
         start), and loaded again by the `want` of its request."""
         with self._lock:
             used = sum(self._cache[k].nbytes for k in self._wanted if k in self._cache)
-            chosen: list[tuple[AdapterKey, VBLoRAAdapter]] = []
+            chosen: list[tuple[CacheKey, Fetched]] = []
             for key in sorted(self._fetched, key=lambda k: k not in self._wanted):
-                adapter = self._fetched[key]
-                nbytes = composed_nbytes(adapter.config, self.dtype)
+                nbytes = self._nbytes(key, self._fetched[key])
                 if used and used + nbytes > self.cache_bytes:
                     break
                 chosen.append((key, self._fetched.pop(key)))
@@ -245,8 +333,15 @@ class AdapterManager:
                 del self._fetched[key]
                 self._loading.discard(key)
         groups: dict[tuple, list[tuple[AdapterKey, VBLoRAAdapter]]] = {}
-        for key, adapter in chosen:
-            groups.setdefault(adapter.config.composition_key, []).append((key, adapter))
+        for key, fetched in chosen:
+            if isinstance(key, MixtureKey):
+                self._compose_mixture(key, fetched)
+            elif isinstance(fetched, LoRAAdapter):
+                mats, scaling = self._lora_matrices(fetched)
+                own = {name: (a.to(self.dtype), (b * scaling).to(self.dtype)) for name, (a, b) in mats.items()}
+                self._insert(key, _Composed(own, composed_nbytes(fetched.config, self.dtype)))
+            else:
+                groups.setdefault(fetched.config.composition_key, []).append((key, fetched))
         for group in groups.values():
             start = time.perf_counter()
             mats = compose_adapters([a for _, a in group], device=self.device, dtype=self.dtype)
@@ -255,7 +350,31 @@ class AdapterManager:
                 own = {name: (a[i].clone(), b[i].clone()) for name, (a, b) in mats.items()}
                 self._insert(key, _Composed(own, composed_nbytes(adapter.config, self.dtype)))
 
-    def _insert(self, key: AdapterKey, item: _Composed) -> None:
+    def _lora_matrices(self, adapter: Adapter) -> tuple[Matrices, float]:
+        """An adapter's unscaled LoRA matrices (float32, on the device) and PEFT's scaling:
+        alpha/r for a LoRA; 1 for a VB-LoRA adapter, which adds B A x unscaled."""
+        if isinstance(adapter, LoRAAdapter):
+            mats = adapter.matrices(torch.float32)
+            return {n: (a.to(self.device), b.to(self.device)) for n, (a, b) in mats.items()}, adapter.config.scaling
+        mats = compose_adapters([adapter], device=self.device)
+        return {name: (a[0], b[0]) for name, (a, b) in mats.items()}, 1.0
+
+    def _compose_mixture(self, key: MixtureKey, adapters: tuple[Adapter, ...]) -> None:
+        """Compose each component in float32, mix them (PEFT's recipe), then cast."""
+        start = time.perf_counter()
+        parts, scalings = zip(*(self._lora_matrices(adapter) for adapter in adapters), strict=True)
+        mixed = mix_lora(list(parts), list(key.weights), list(scalings), key.combination)
+        self.on_event("compose_seconds", time.perf_counter() - start)
+        own = {name: (a.to(self.dtype), b.to(self.dtype)) for name, (a, b) in mixed.items()}
+        self._insert(key, _Composed(own, self._nbytes(key, adapters)))
+
+    def _nbytes(self, key: CacheKey, fetched: Fetched) -> int:
+        if not isinstance(key, MixtureKey):
+            return composed_nbytes(fetched.config, self.dtype)
+        sizes = [composed_nbytes(adapter.config, self.dtype) for adapter in fetched]
+        return sum(sizes) if key.combination == "cat" else max(sizes)
+
+    def _insert(self, key: CacheKey, item: _Composed) -> None:
         with self._lock:
             self._loading.discard(key)
             if key in self._cache:  # loaded twice: queued again while a redirect loaded it
@@ -266,19 +385,20 @@ class AdapterManager:
             for old in list(self._cache):
                 if self._cached_bytes <= self.cache_bytes:
                     break
-                if old == key or old[:2] in self._pinned or old in self._wanted:
+                pinned = isinstance(old, tuple) and old[:2] in self._pinned
+                if old == key or pinned or old in self._wanted:
                     continue
                 self._cached_bytes -= self._cache.pop(old).nbytes
                 self.on_event("eviction", 1)
 
-    def _fail(self, key: AdapterKey, error: AdapterUnavailableError) -> None:
+    def _fail(self, key: CacheKey, error: AdapterUnavailableError) -> None:
         with self._lock:
             self._loading.discard(key)
             self._failed[key] = error
 
     # -- engine thread ---------------------------------------------------------------
 
-    def want(self, key: AdapterKey) -> None:
+    def want(self, key: CacheKey) -> None:
         """A request waiting for `key` joined the queue: keep `key` cached until `unwant`,
         and load it again if it was evicted since the request's resolve."""
         with self._lock:
@@ -287,7 +407,7 @@ class AdapterManager:
             if key not in self._cache and key not in self._failed:
                 self._request_load(key)
 
-    def unwant(self, key: AdapterKey) -> None:
+    def unwant(self, key: CacheKey) -> None:
         """The request that wanted `key` left the queue (admitted with a slot, or finished)."""
         with self._lock:
             key = self._current(key)
@@ -296,7 +416,7 @@ class AdapterManager:
                 del self._wanted[key]
         self._queue.put(None)  # the loader may now have room for a fetched adapter
 
-    def acquire_slot(self, key: AdapterKey) -> int | None:
+    def acquire_slot(self, key: CacheKey) -> int | None:
         """A slot holding `key`'s matrices, written now if needed; None if every slot is in use."""
         if key in self._slot_key:
             slot = self._slot_key.index(key)
@@ -319,7 +439,7 @@ class AdapterManager:
         self._slot_users[slot] -= 1
 
 
-def composed_nbytes(config: AdapterConfig, dtype: torch.dtype) -> int:
+def composed_nbytes(config: AdapterConfig | LoRAConfig, dtype: torch.dtype) -> int:
     """Bytes of an adapter's composed matrices: A (r, in) and B (out, r) per module."""
     return sum(config.r * (m.in_features + m.out_features) for m in config.modules) * dtype.itemsize
 

@@ -30,7 +30,7 @@ import torch
 import xgrammar
 from transformers import PreTrainedTokenizerBase
 
-from .adapter_manager import AdapterKey, AdapterManager
+from .adapter_manager import AdapterManager, CacheKey
 from .detokenizer import IncrementalDetokenizer
 from .grammar import Grammars, mask_logits
 from .model_runner import ModelRunner
@@ -97,7 +97,7 @@ class _Sampled:
 @dataclass
 class _Sequence:
     handle: RequestHandle
-    adapter_key: AdapterKey | None
+    adapter_key: CacheKey | None
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     deadline: float | None
@@ -464,7 +464,7 @@ class Engine:
                 token_ids=list(seq.output),
                 finish_reason=reason,
                 usage=Usage(len(req.prompt_ids), len(seq.output)),
-                adapter_version=seq.adapter_key[2] if seq.adapter_key else None,
+                adapter_version=seq.adapter_key[2] if isinstance(seq.adapter_key, tuple) else None,
                 time_to_first_token_s=(seq.first_token_at - req.arrival) if seq.first_token_at else None,
                 error=error,
             )

@@ -78,6 +78,72 @@ class AdapterRef:
     name: str
 
 
+# What a mixture may hold: each component is composed and concatenated into one slot, and
+# its total rank must fit the slot tables (`max_lora_rank`) anyway; 8 adapters is already
+# more than any merging recipe we know of uses.
+MAX_MIXTURE_ADAPTERS = 8
+# PEFT accepts any weight (negative ones subtract an adapter); bounded so that a weight
+# times an adapter's matrices stays far inside float16/bfloat16.
+MAX_MIXTURE_WEIGHT = 100.0
+# PEFT `add_weighted_adapter` combination types a mixture may use (see `server/vblora/mixture.py`).
+COMBINATIONS = ("cat", "linear")
+
+
+@dataclass(frozen=True)
+class MixtureComponent:
+    """One adapter of a mixture, and how the caller's request spells its two fields (an
+    error names the one at fault in the caller's own dialect)."""
+
+    name: str
+    weight: float
+    name_field: str
+    weight_field: str
+
+
+@dataclass(frozen=True)
+class MixtureRef:
+    """Several of one tenant's adapters composed into one for a request, exactly as PEFT's
+    `add_weighted_adapter(adapters, weights, combination_type=combination)` composes them.
+    `field` names the whole mixture in the caller's request, `combination_field` its
+    combination type."""
+
+    tenant: str
+    components: tuple[MixtureComponent, ...]
+    combination: str = "cat"
+    field: str = "adapters"
+    combination_field: str = "adapters"
+
+    @property
+    def name(self) -> str:
+        """A readable recipe, e.g. `sql*0.7+chat*0.3` (metrics and logs)."""
+        return "+".join(f"{c.name}*{c.weight:g}" for c in self.components)
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first bad field (no store access)."""
+        if self.combination not in COMBINATIONS:
+            raise InvalidRequestError(
+                self.combination_field,
+                f"must be one of {list(COMBINATIONS)} (the PEFT combination types this server implements), "
+                f"got {self.combination!r}",
+            )
+        if not 1 <= len(self.components) <= MAX_MIXTURE_ADAPTERS:
+            raise InvalidRequestError(self.field, f"must name 1 to {MAX_MIXTURE_ADAPTERS} adapters")
+        seen: set[str] = set()
+        for c in self.components:
+            if not isinstance(c.name, str) or not c.name:
+                raise InvalidRequestError(c.name_field, "must be an adapter name")
+            if c.name in seen:
+                raise InvalidRequestError(c.name_field, f"{c.name!r} is named twice; give it one weight")
+            seen.add(c.name)
+            w = c.weight
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise InvalidRequestError(c.weight_field, f"must be a finite number, got {w!r}")
+            if w == 0 or abs(w) > MAX_MIXTURE_WEIGHT:
+                raise InvalidRequestError(
+                    c.weight_field, f"must be non-zero and in [-{MAX_MIXTURE_WEIGHT:g}, {MAX_MIXTURE_WEIGHT:g}]"
+                )
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings. temperature 0 means greedy."""
@@ -170,7 +236,7 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    adapter: AdapterRef | None = None
+    adapter: AdapterRef | MixtureRef | None = None
     timeout_s: float | None = None  # deadline from submission
     response_format: ResponseFormat | None = None  # None: free text
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -206,6 +272,6 @@ class FinalResult:
     token_ids: list[int]
     finish_reason: str  # stop | length | cancelled | timeout | error
     usage: Usage
-    adapter_version: int | None = None
+    adapter_version: int | None = None  # None: the base model, or a mixture
     time_to_first_token_s: float | None = None
     error: EngineError | None = None

@@ -1,37 +1,25 @@
-"""Export a VB-LoRA adapter as a plain LoRA checkpoint (A/B materialized, `peft_type`
-LORA), for users who move an adapter to vLLM, LoRAX or PEFT's LoRA."""
+"""Export a VB-LoRA adapter as a plain LoRA adapter (A/B materialized), for users who move
+an adapter to vLLM, LoRAX or PEFT's LoRA."""
 
 from __future__ import annotations
 
 import torch
 
-from adapter_store import VBLoRAAdapter
+from adapter_store import LoRAAdapter, LoRAConfig, VBLoRAAdapter
+from adapter_store.peft_io import export_peft_lora
 
 from .compose import compose_adapters
 
 
-def export_lora(adapter: VBLoRAAdapter) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json dict, tensors) of the equivalent LoRA.
-
-    VB-LoRA adds `B (A x)` unscaled; LoRA scales by `lora_alpha / r`, so alpha = r.
-    """
+def to_lora(adapter: VBLoRAAdapter) -> LoRAAdapter:
+    """The equivalent LoRA adapter (float32). VB-LoRA adds `B (A x)` unscaled; LoRA scales
+    by `lora_alpha / r`, so alpha = r."""
     cfg = adapter.config
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (a, b) in compose_adapters([adapter]).items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a[0].contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b[0].contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": cfg.base_model or None,
-        "target_modules": [m.name for m in cfg.modules],
-        "r": cfg.r,
-        "lora_alpha": cfg.r,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
-    return config, tensors
+    mats = compose_adapters([adapter])
+    config = LoRAConfig(cfg.modules, r=cfg.r, lora_alpha=cfg.r, base_model=cfg.base_model)
+    return LoRAAdapter(config, {n: a[0] for n, (a, _) in mats.items()}, {n: b[0] for n, (_, b) in mats.items()})
+
+
+def export_lora(adapter: VBLoRAAdapter) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json dict, tensors) of the equivalent PEFT LoRA checkpoint."""
+    return export_peft_lora(to_lora(adapter))
