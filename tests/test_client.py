@@ -14,18 +14,18 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-
-from adapter_store import decode_adapter, encode_adapter
-from adapter_store.peft_io import load_peft_dir
-from adapter_store.store import SQLiteAdapterStore
-from clients import (
+from vbserve_client import (
     AsyncVBServeClient,
     IncompatibleAdapterError,
     InvalidRequestError,
     NotFoundError,
     VBServeClient,
 )
-from clients.cli import main as vbctl
+from vbserve_client.cli import main as vbctl
+
+from adapter_store import decode_adapter, encode_adapter
+from adapter_store.peft_io import load_peft_dir
+from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
 from tests.conftest import tiny_llama
 from tests.test_api import BASE, api_settings, chat_tokenizer, random_adapter
