@@ -3,6 +3,7 @@ Python client, the `vbctl` CLI and the official `openai` package."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vbserve_client import (
     AsyncVBServeClient,
     IncompatibleAdapterError,
+    InternalServerError,
     InvalidRequestError,
     NotFoundError,
     VBServeClient,
@@ -27,7 +29,7 @@ from adapter_store import decode_adapter, encode_adapter
 from adapter_store.peft_io import load_peft_dir
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
-from tests.conftest import tiny_llama
+from tests.conftest import failing_forward_pass, tiny_llama
 from tests.test_api import BASE, api_settings, chat_tokenizer, random_adapter
 from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture
 
@@ -115,6 +117,29 @@ async def test_async_client(url, peft_dir):
         await vb.adapters.delete("async-peft")
         with pytest.raises(NotFoundError):
             await vb.adapters.get("async-peft")
+
+
+def test_a_failure_after_streaming_began_raises_the_typed_error(server):
+    """Once the first event is sent the status line is 200: the failure comes as an error
+    event, which both clients raise as the error its `type` names (with no status). The
+    fault is injected in the model runner: the fourth forward pass (a decode step) raises."""
+    url, app = server
+    runner = app.state.services.engine.runner
+    with VBServeClient(url) as vb, failing_forward_pass(runner, 4):
+        deltas = vb.stream("Hello", **GREEDY)
+        assert next(deltas)  # the first token arrived
+        with pytest.raises(InternalServerError) as caught:
+            list(deltas)
+    assert caught.value.type == "internal_error" and caught.value.status is None
+
+    async def stream_async() -> None:
+        async with AsyncVBServeClient(url) as vb:
+            async for _ in vb.chat_stream(HI, **GREEDY):
+                pass
+
+    with failing_forward_pass(runner, 4), pytest.raises(InternalServerError) as caught:
+        asyncio.run(stream_async())
+    assert caught.value.status is None
 
 
 def test_openai_package(url, peft_dir):
