@@ -4,6 +4,7 @@ Python client, the `vbctl` CLI and the official `openai` package."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import socket
 import threading
@@ -16,6 +17,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from vbserve_client import (
+    APIError,
     AsyncVBServeClient,
     IncompatibleAdapterError,
     InternalServerError,
@@ -140,6 +142,30 @@ def test_a_failure_after_streaming_began_raises_the_typed_error(server):
     with failing_forward_pass(runner, 4), pytest.raises(InternalServerError) as caught:
         asyncio.run(stream_async())
     assert caught.value.status is None
+
+
+class HtmlPage(http.server.BaseHTTPRequestHandler):
+    """What a misconfigured proxy may answer to anything: 200 and a page."""
+
+    def do_POST(self) -> None:
+        body = b"<html>Welcome</html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_stream_answered_with_no_event_stream_raises_an_api_error():
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlPage) as page:
+        threading.Thread(target=page.serve_forever, daemon=True).start()
+        with VBServeClient(f"http://127.0.0.1:{page.server_port}") as vb, pytest.raises(APIError) as caught:
+            list(vb.stream("Hello"))
+        page.shutdown()
+    assert caught.value.status == 200 and "text/html" in caught.value.message
 
 
 def test_openai_package(url, peft_dir):
