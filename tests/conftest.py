@@ -4,6 +4,7 @@ and PEFT VB-LoRA models with random logits and bank (the oracle)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -102,6 +103,24 @@ def redis_test_prefix() -> Iterator[tuple[redis.Redis, str]]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@contextmanager
+def failing_forward_pass(runner, n: int) -> Iterator[None]:
+    """The `n`-th forward pass of `runner` (a ModelRunner) from now raises, as a fault in the
+    model would; the runner is restored on exit."""
+    forward, calls = runner.forward, itertools.count(1)
+
+    def failing_forward(*args, **kwargs):
+        if next(calls) == n:
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    runner.forward = failing_forward
+    try:
+        yield
+    finally:
+        runner.forward = forward
 
 
 @contextmanager

@@ -3,6 +3,8 @@ Python client, the `vbctl` CLI and the official `openai` package."""
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import io
 import socket
 import threading
@@ -14,20 +16,22 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-
-from adapter_store import decode_adapter, encode_adapter
-from adapter_store.peft_io import load_peft_dir
-from adapter_store.store import SQLiteAdapterStore
-from clients import (
+from vbserve_client import (
+    APIError,
     AsyncVBServeClient,
     IncompatibleAdapterError,
+    InternalServerError,
     InvalidRequestError,
     NotFoundError,
     VBServeClient,
 )
-from clients.cli import main as vbctl
+from vbserve_client.cli import main as vbctl
+
+from adapter_store import decode_adapter, encode_adapter
+from adapter_store.peft_io import load_peft_dir
+from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
-from tests.conftest import tiny_llama
+from tests.conftest import failing_forward_pass, tiny_llama
 from tests.test_api import BASE, api_settings, chat_tokenizer, random_adapter
 from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture
 
@@ -115,6 +119,53 @@ async def test_async_client(url, peft_dir):
         await vb.adapters.delete("async-peft")
         with pytest.raises(NotFoundError):
             await vb.adapters.get("async-peft")
+
+
+def test_a_failure_after_streaming_began_raises_the_typed_error(server):
+    """Once the first event is sent the status line is 200: the failure comes as an error
+    event, which both clients raise as the error its `type` names (with no status). The
+    fault is injected in the model runner: the fourth forward pass (a decode step) raises."""
+    url, app = server
+    runner = app.state.services.engine.runner
+    with VBServeClient(url) as vb, failing_forward_pass(runner, 4):
+        deltas = vb.stream("Hello", **GREEDY)
+        assert next(deltas)  # the first token arrived
+        with pytest.raises(InternalServerError) as caught:
+            list(deltas)
+    assert caught.value.type == "internal_error" and caught.value.status is None
+
+    async def stream_async() -> None:
+        async with AsyncVBServeClient(url) as vb:
+            async for _ in vb.chat_stream(HI, **GREEDY):
+                pass
+
+    with failing_forward_pass(runner, 4), pytest.raises(InternalServerError) as caught:
+        asyncio.run(stream_async())
+    assert caught.value.status is None
+
+
+class HtmlPage(http.server.BaseHTTPRequestHandler):
+    """What a misconfigured proxy may answer to anything: 200 and a page."""
+
+    def do_POST(self) -> None:
+        body = b"<html>Welcome</html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_stream_answered_with_no_event_stream_raises_an_api_error():
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), HtmlPage) as page:
+        threading.Thread(target=page.serve_forever, daemon=True).start()
+        with VBServeClient(f"http://127.0.0.1:{page.server_port}") as vb, pytest.raises(APIError) as caught:
+            list(vb.stream("Hello"))
+        page.shutdown()
+    assert caught.value.status == 200 and "text/html" in caught.value.message
 
 
 def test_openai_package(url, peft_dir):

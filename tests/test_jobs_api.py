@@ -19,10 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-
-from adapter_store import encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from clients import (
+from vbserve_client import (
     AsyncVBServeClient,
     AuthenticationError,
     ConflictError,
@@ -37,7 +34,10 @@ from clients import (
     TooLargeError,
     VBServeClient,
 )
-from clients.cli import main as vbctl
+from vbserve_client.cli import main as vbctl
+
+from adapter_store import encode_adapter
+from adapter_store.store import SQLiteAdapterStore
 from server.api import current_tenant
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits

@@ -7,7 +7,6 @@ is a 400 naming it."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from adapter_store import encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
-from tests.conftest import serve_in_thread, tiny_llama
+from tests.conftest import failing_forward_pass, serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_mixtures import peft_greedy, peft_mixture
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
@@ -337,16 +336,7 @@ def test_a_failure_after_the_first_token_raises_the_clients_generation_error(tmp
     an in-process server: the fourth forward pass (a decode step) raises."""
     store = SQLiteAdapterStore(tmp_path / "adapters.db")
     app = create_app(api_settings(), model=tiny_llama(seed=7), tokenizer=chat_tokenizer(), store=store)
-    with serve_in_thread(app) as url:
-        runner = app.state.services.engine.runner
-        forward, calls = runner.forward, itertools.count(1)
-
-        def failing_forward(*args, **kwargs):
-            if next(calls) == 4:
-                raise RuntimeError("injected fault")
-            return forward(*args, **kwargs)
-
-        runner.forward = failing_forward
+    with serve_in_thread(app) as url, failing_forward_pass(app.state.services.engine.runner, 4):
         events = lorax.Client(url, timeout=60).generate_stream(PROMPT, max_new_tokens=8)
         assert next(events).token.logprob <= 0  # the first token arrived
         with pytest.raises(lorax.errors.GenerationError) as caught:

@@ -1,6 +1,6 @@
 """What a user runs on their side: the Python client (`VBServeClient`,
 `AsyncVBServeClient`) and the `vbctl` command line. HTTP only: imports nothing of the
-server, so it installs and runs without torch."""
+server, and its distribution (`vbserve-client`, clients/pyproject.toml) installs without torch."""
 
 from .client import (
     DEFAULT_URL,

@@ -1,6 +1,6 @@
 """Python client for a vbserve server, on httpx alone (no torch, nothing of the server).
 
-    from clients import VBServeClient
+    from vbserve_client import VBServeClient
 
     with VBServeClient("http://127.0.0.1:8000") as vb:
         vb.adapters.push("support-bot", "checkpoints/support-bot")  # a PEFT VB-LoRA dir
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
+from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "VBSERVE_API_KEY"
@@ -312,21 +313,20 @@ def _completion(body: dict[str, Any], chat: bool) -> Completion:
     )
 
 
-_DONE = object()  # the `data: [DONE]` event
-
-
-def _sse_chunk(line: str) -> dict[str, Any] | object | None:
-    """The JSON of one SSE `data:` line, `_DONE` at the end, None for other lines.
+def _event_chunk(event: ServerSentEvent) -> dict[str, Any] | None:
+    """The JSON of one server-sent event; None for `data: [DONE]`, the stream's end.
     An error event (a failure after streaming began) is raised."""
-    if not line.startswith("data:"):
+    if event.data == "[DONE]":
         return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return _DONE
-    chunk = json.loads(data)
+    chunk = event.json()
     if chunk.keys() == {"error"}:  # an error body, not an object with an `error` field (a job)
         raise error_from_body(chunk, None)
     return chunk
+
+
+def _not_an_event_stream(exc: SSEError, response: httpx.Response) -> APIError:
+    """A success status whose body is not `text/event-stream` (e.g. a proxy's page)."""
+    return APIError(str(exc), status=response.status_code)
 
 
 def _delta(chunk: dict[str, Any], chat: bool) -> str:
@@ -507,16 +507,17 @@ class VBServeClient:
     def _sse(self, call: _Call) -> Iterator[dict[str, Any]]:
         """The JSON events of a server-sent event stream, until `data: [DONE]`."""
         try:
-            with self._http.stream(call.method, call.path, **call.kwargs) as response:
-                if not response.is_success:
-                    response.read()
-                    _raise_for_status(response)
-                for line in response.iter_lines():
-                    chunk = _sse_chunk(line)
-                    if chunk is _DONE:
-                        return
-                    if isinstance(chunk, dict):
+            with connect_sse(self._http, call.method, call.path, **call.kwargs) as source:
+                if not source.response.is_success:
+                    source.response.read()
+                    _raise_for_status(source.response)
+                try:
+                    for event in source.iter_sse():
+                        if (chunk := _event_chunk(event)) is None:
+                            return
                         yield chunk
+                except SSEError as exc:
+                    raise _not_an_event_stream(exc, source.response) from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -667,16 +668,17 @@ class AsyncVBServeClient:
 
     async def _sse(self, call: _Call) -> AsyncIterator[dict[str, Any]]:
         try:
-            async with self._http.stream(call.method, call.path, **call.kwargs) as response:
-                if not response.is_success:
-                    await response.aread()
-                    _raise_for_status(response)
-                async for line in response.aiter_lines():
-                    chunk = _sse_chunk(line)
-                    if chunk is _DONE:
-                        return
-                    if isinstance(chunk, dict):
+            async with aconnect_sse(self._http, call.method, call.path, **call.kwargs) as source:
+                if not source.response.is_success:
+                    await source.response.aread()
+                    _raise_for_status(source.response)
+                try:
+                    async for event in source.aiter_sse():
+                        if (chunk := _event_chunk(event)) is None:
+                            return
                         yield chunk
+                except SSEError as exc:
+                    raise _not_an_event_stream(exc, source.response) from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
