@@ -167,7 +167,6 @@ def _lora_shrink_kernel(
     skip_ptr,  # (N,) bool, True = base-only row (read only when HAS_SKIP)
     xa_ptr,  # (N, L, r) out, contiguous
     L,
-    K,
     R,
     stride_x_n,
     stride_x_l,
@@ -175,6 +174,7 @@ def _lora_shrink_kernel(
     stride_a_slot,
     stride_a_r,
     stride_a_k,
+    K: tl.constexpr,  # input features: a model has a few sizes, so a few compilations
     HAS_SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -285,10 +285,10 @@ def add_routed_lora_(
     with _launch_lock:
         _lora_shrink_kernel[(n, l_blocks)](
             x, lora_a, index, skip, xa,
-            length, k, r,
+            length, r,
             x.stride(0), x.stride(1), x.stride(2),
             lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-            HAS_SKIP=row_mask is not None, PRECISION=precision, UPCAST=INTERPRETED,
+            K=k, HAS_SKIP=row_mask is not None, PRECISION=precision, UPCAST=INTERPRETED,
             BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_K=_BLOCK_K,
         )  # fmt: skip
         _lora_expand_kernel[(n, l_blocks, triton.cdiv(n_out, _BLOCK_N))](
