@@ -177,7 +177,7 @@ async def test_engine_greedy_tokens_equal_with_either_kernels(tmp_path, monkeypa
 
     async def tokens(kernels: str) -> list[list[int]]:
         settings = Settings(kernels=kernels, max_lora_rank=8, max_model_len=64, max_batch_size=8)
-        engine = build_engine(tiny_llama(seed=model_seed), byte_tokenizer(), store, settings)
+        engine = build_engine(tiny_llama(seed=model_seed).to(DEVICE), byte_tokenizer(), store, settings)
         try:
             handles = [
                 await engine.submit(
