@@ -23,7 +23,9 @@ What is timed, per model:
 - cold-adapter TTFT: an adapter put in a store (SQLite), then through the engine's adapter
   manager (fetch, compose, slot write) and a 128-token prefill to the first token; and the
   same again warm (composed, in its slot);
-- peak memory (CUDA: max allocated; CPU: peak RSS).
+- peak memory (CUDA: max allocated; CPU: peak RSS);
+- before timing, the relative error between one decode step's logits under the two kernel
+  variants (64 distinct adapters): the kernels' correctness on the real shapes and dtype.
 
     python benchmarks/gpu.py                      # 1B and 8B on CUDA (benchmarks/gpu_check.sh)
     python benchmarks/gpu.py --device cpu --tiny  # the same code on CPU in about a minute
@@ -192,6 +194,12 @@ class DecodeBench:
         distinct = int(scenario.split()[0])  # "N distinct": the next `batch` of N slots each step
         return (step * self.batch + rows) % distinct
 
+    def logits(self, scenario: str) -> torch.Tensor:
+        """One decode step's logits (the same KV position every time, so repeatable)."""
+        positions = torch.full((self.batch, 1), self.prompt_len)
+        index = torch.zeros(self.batch, dtype=torch.long)
+        return self.runner.forward(0, self.first_ids, positions, index, self.slots(scenario, 0))
+
     def tok_s(self, scenario: str) -> float:
         def decode(steps: int) -> None:
             ids = self.first_ids
@@ -216,10 +224,11 @@ def fill_slots(runner, adapters: list, variant: str) -> float:
     tables = {}
     for m in config.modules:
         layer = runner.layers[m.name]
-        if layer.lora_a is None:  # the layer allocates its tables on the first slot write
+        if layer.lora_a is None:
+            # A first slot write allocates the layer's tables and sets the rank its forward
+            # reads (r: every adapter here has rank r); compose_into_slots then fills them.
             layer.set_slot(0, torch.zeros(config.r, m.in_features), torch.zeros(m.out_features, config.r))
         tables[m.name] = (layer.lora_a, layer.lora_b)
-        layer.slot_rank[: len(adapters)] = [config.r] * len(adapters)
     ops.use_kernels(variant)
     return timed(runner.device, lambda: compose_into_slots(adapters, tables, torch.arange(len(adapters))))
 
@@ -301,6 +310,14 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
 
     log(f"[{shape}] decode, batch {args.batch}, {args.rounds} alternating rounds")
     bench = DecodeBench(runner, args.batch, args.prompt_len, args.steps)
+    if {"torch", "triton"} <= set(args.variants):
+        # Before any timing: the kernels agree on this model (distinct adapters, one step).
+        distinct = f"{args.batch} distinct"
+        ops.use_kernels("torch")
+        reference = bench.logits(distinct)
+        ops.use_kernels("triton")
+        diff = (bench.logits(distinct) - reference).norm() / reference.norm()
+        result["logits_rel_err_triton_vs_torch"] = float(diff)
     runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for variant in args.variants:
@@ -359,6 +376,8 @@ def print_table(r: dict) -> None:
         f"| TTFT cold adapter / warm, {ttft['kernels']} (ms) | {ttft['cold'] * 1e3:,.1f} / {ttft['warm'] * 1e3:,.1f} |"
     )
     print(f"| peak memory (MiB) | {r['peak_memory_mib']:,.0f} |")
+    if "logits_rel_err_triton_vs_torch" in r:
+        print(f"| logits, Triton vs torch kernels (relative error) | {r['logits_rel_err_triton_vs_torch']:.2e} |")
     for key, value in r["ratios"].items():
         print(f"| {key} | {value:.3f} |")
 
