@@ -112,8 +112,8 @@ def random_adapter(modules: tuple[ModuleSpec, ...], r: int, seed: int, b: int = 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compose_into_slots_writes_what_the_torch_path_writes(dtype: torch.dtype) -> None:
-    """Three adapters into slots (3, 0, 3 again: the last write of a slot wins) of two
-    layers' tables: each slot then holds, in the table's dtype, what `compose_adapters` +
+    """Two adapters into slots 3 and 0 of two layers' tables, then a third into slot 3 again
+    (a slot reused): each slot then holds, in the table's dtype, what `compose_adapters` +
     `write_adapter_slot` put there."""
     modules = (ModuleSpec("up", 48, 80), ModuleSpec("down", 80, 48))
     adapters = [random_adapter(modules, r=4, seed=s) for s in (1, 2, 3)]
@@ -136,9 +136,9 @@ def test_compose_into_slots_writes_what_the_torch_path_writes(dtype: torch.dtype
         ops.use_kernels(kernels)
         try:
             got = layers()
-            compose_into_slots(
-                adapters, {name: (lay.lora_a, lay.lora_b) for name, lay in got.items()}, torch.tensor([3, 0, 3])
-            )
+            tables = {name: (lay.lora_a, lay.lora_b) for name, lay in got.items()}
+            compose_into_slots(adapters[:2], tables, torch.tensor([3, 0]))
+            compose_into_slots(adapters[2:], tables, torch.tensor([3]))
         finally:
             ops.use_kernels("auto")
         for name, layer in got.items():

@@ -80,7 +80,7 @@ def compose_into_slots(
 
     tables: {module name: (A table (slots, r_max, in), B^T table (slots, r_max, out))}, as
             `MultiAdapterLinear.lora_a` / `lora_b`; every module of the config must have one
-    slots:  (n,) long, the slot of each adapter
+    slots:  (n,) long, the slot of each adapter, all distinct (their writes run in parallel)
     Rows r..r_max of those slots, and modules an adapter does not target, are left as they
     are: clear the slots first (`MultiAdapterLinear.clear_slot`).
     """

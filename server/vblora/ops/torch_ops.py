@@ -39,7 +39,7 @@ def compose_into_slots_(
     """Compose n adapters straight into slot tables, in the tables' dtype.
 
     bank, indices, weights: as `compose_subvectors` (composition in bank's dtype)
-    slots: (n,) long, the slot of each adapter
+    slots: (n,) long, the slot of each adapter, all distinct (writes to one slot would race)
     parts: (start, stop, table): sub-vectors [start, stop) of adapter i, laid end to end,
            fill the first rows of `table[slots[i]]`, a (num_slots, rows, cols) table. A
            module's A (r, in) and, in `rank_major_order`, its B^T (r, out) are such parts.
