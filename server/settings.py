@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     max_queue: int = 64
     max_adapter_slots: int = 64  # adapters resident in the batched layers at once
     max_lora_rank: int = 16
+    # VB-LoRA kernels (server/vblora/ops): auto = fused Triton kernels on CUDA when triton
+    # imports, torch otherwise; torch or triton forces one (triton on CPU needs TRITON_INTERPRET=1).
+    kernels: Literal["auto", "torch", "triton"] = "auto"
     adapter_cache_bytes: int = 512 << 20  # composed adapters kept, LRU
     max_new_tokens_limit: int = 4096
     max_model_len: int = 2048  # context per request; sizes the KV cache (rows x len)

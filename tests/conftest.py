@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+
+# The Triton kernels are tested on CPU tensors under Triton's interpreter, which has to be
+# chosen before triton is first imported (the engine's imports do, through peft): here,
+# before any of them. Ignored by everything that runs the torch kernels (all of CPU serving).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.engine.model_loader import load_model

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapter_store.store import AdapterStore
 from server.settings import Settings
+from server.vblora.ops import use_kernels
 
 from .adapter_manager import AdapterManager
 from .batcher import Engine, RequestHandle, eos_token_ids
@@ -62,6 +63,7 @@ def build_engine(
     on_step: Callable[[dict], None] | None = None,
 ) -> Engine:
     """Wrap `model` for multi-adapter batches and start the engine thread."""
+    use_kernels(settings.kernels)
     runner = ModelRunner(
         model,
         max_rows=settings.max_batch_size,

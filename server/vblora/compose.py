@@ -12,7 +12,7 @@ import torch
 
 from adapter_store import AdapterConfig, VBLoRAAdapter
 
-from .ops import compose_subvectors
+from .ops import compose_into_slots_, compose_subvectors
 
 
 def split_lora_matrices(
@@ -67,12 +67,43 @@ def compose_adapters(
     Composition runs in float32 at least, whatever the stored dtype, then casts.
     """
     config = adapters[0].config
+    bank, indices, weights = _stacked_rank_major(adapters, device, torch.promote_types(dtype, torch.float32))
+    mats = split_lora_matrices(config, compose_subvectors(bank, indices, weights), b_rank_major=True)
+    return {name: (a.to(dtype), b.to(dtype)) for name, (a, b) in mats.items()}
+
+
+def compose_into_slots(
+    adapters: list[VBLoRAAdapter], tables: dict[str, tuple[torch.Tensor, torch.Tensor]], slots: torch.Tensor
+) -> None:
+    """Compose n adapters of one config straight into slot tables, in one kernel call per
+    table (the Triton variant writes the tables' dtype directly; no composed copy is kept).
+
+    tables: {module name: (A table (slots, r_max, in), B^T table (slots, r_max, out))}, as
+            `MultiAdapterLinear.lora_a` / `lora_b`; every module of the config must have one
+    slots:  (n,) long, the slot of each adapter, all distinct (their writes run in parallel)
+    Rows r..r_max of those slots, and modules an adapter does not target, are left as they
+    are: clear the slots first (`MultiAdapterLinear.clear_slot`).
+    """
+    config = adapters[0].config
+    device = next(iter(tables.values()))[0].device
+    bank, indices, weights = _stacked_rank_major(adapters, device, torch.float32)
+    parts = []
+    for sl in config.layout:
+        a_table, b_t_table = tables[sl.module.name]
+        parts += [(sl.a_start, sl.b_start, a_table), (sl.b_start, sl.end, b_t_table)]
+    compose_into_slots_(bank, indices, weights, slots.to(device), parts)
+
+
+def _stacked_rank_major(
+    adapters: list[VBLoRAAdapter], device: torch.device | str, work: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bank, indices, weights) of n adapters of one config, on `device`, the sub-vectors in
+    `rank_major_order` (so each module's B^T is a plain reshape), floats in `work`."""
+    config = adapters[0].config
     if any(a.config.composition_key != config.composition_key for a in adapters):
-        raise ValueError("compose_adapters needs adapters of one config; group them by composition_key")
-    work = torch.promote_types(dtype, torch.float32)
+        raise ValueError("composition needs adapters of one config; group them by composition_key")
     order = rank_major_order(config)
     bank = torch.stack([a.bank for a in adapters]).to(device=device, dtype=work)
     indices = torch.stack([a.indices for a in adapters])[:, order].to(device)
     weights = torch.stack([a.weights for a in adapters])[:, order].to(device=device, dtype=work)
-    mats = split_lora_matrices(config, compose_subvectors(bank, indices, weights), b_rank_major=True)
-    return {name: (a.to(dtype), b.to(dtype)) for name, (a, b) in mats.items()}
+    return bank, indices, weights

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,30 @@ def compose_subvectors(bank: torch.Tensor, indices: torch.Tensor, weights: torch
     flat_w = weights.to(bank.dtype).reshape(n * s, k)
     out = F.embedding_bag(flat_idx, bank.reshape(n * h, b), per_sample_weights=flat_w, mode="sum")
     return out.view(n, s, b)
+
+
+def compose_into_slots_(
+    bank: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    slots: torch.Tensor,
+    parts: Sequence[tuple[int, int, torch.Tensor]],
+) -> None:
+    """Compose n adapters straight into slot tables, in the tables' dtype.
+
+    bank, indices, weights: as `compose_subvectors` (composition in bank's dtype)
+    slots: (n,) long, the slot of each adapter, all distinct (writes to one slot would race)
+    parts: (start, stop, table): sub-vectors [start, stop) of adapter i, laid end to end,
+           fill the first rows of `table[slots[i]]`, a (num_slots, rows, cols) table. A
+           module's A (r, in) and, in `rank_major_order`, its B^T (r, out) are such parts.
+    Rows past the part's are left as they are (a slot is cleared before it is written).
+    """
+    composed = compose_subvectors(bank, indices, weights)
+    n, b = composed.shape[0], composed.shape[2]
+    for start, stop, table in parts:
+        cols = table.shape[2]
+        rows = (stop - start) * b // cols
+        table[slots.to(table.device), :rows] = composed[:, start:stop].reshape(n, rows, cols).to(table.dtype)
 
 
 def route_rows(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
