@@ -18,10 +18,12 @@ from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
 from server.engine import (
     AdapterRef,
+    AdapterUnavailableError,
     GenerationRequest,
     InvalidRequestError,
     RequestFailedError,
     SamplingParams,
+    adapter_manager,
     build_engine,
 )
 from server.engine.adapter_manager import composed_nbytes
@@ -407,6 +409,48 @@ async def test_a_base_row_is_untouched_by_the_adapter_left_in_slot_0(tmp_path):
         )
         assert beside.finish_reason == "length"
         assert alone.finish_reason == "length" and alone.token_ids == expected
+    finally:
+        engine.shutdown()
+        store.close()
+
+
+async def test_an_adapter_whose_load_raises_fails_alone_and_loads_again_later(tmp_path, monkeypatch):
+    """A store error nobody mapped (a RuntimeError from `get`) and a compose that raises end
+    only the requests for that adapter (a 503-kind error), and its next request loads it
+    again. Before, either ended the loader thread: every later load, any tenant's, waited
+    forever."""
+    engine, store, _ = thrash_engine(tmp_path, adapters=3, cached=3, max_batch_size=8, max_adapter_slots=4)
+    broken_get, poisoned_bank = {"ad0"}, store.get(TENANT, "ad2")[1].bank_id
+    get, compose = store.get, adapter_manager.compose_adapters
+
+    def flaky_get(tenant, name):
+        if name in broken_get:
+            raise RuntimeError("a store failure nobody mapped")
+        return get(tenant, name)
+
+    def flaky_compose(adapters, **kw):
+        if any(a.bank_id == poisoned_bank for a in adapters):
+            raise RuntimeError("a compose failure")
+        return compose(adapters, **kw)
+
+    monkeypatch.setattr(store, "get", flaky_get)
+    monkeypatch.setattr(adapter_manager, "compose_adapters", flaky_compose)
+    p = prompts(1, seed=41)[0]
+    try:
+        failed = await asyncio.wait_for(run(engine, greedy(p, "ad0", n=5)), timeout=30)
+        assert isinstance(failed.error, AdapterUnavailableError) and failed.error.kind == "unavailable"
+        # ad1 and ad2 arrive together, so they are composed in one batch: ad2 fails alone.
+        both = await asyncio.wait_for(
+            asyncio.gather(run(engine, greedy(p, "ad1", n=5)), run(engine, greedy(p, "ad2", n=5))), timeout=30
+        )
+        assert both[0].error is None and len(both[0].token_ids) == 5
+        assert isinstance(both[1].error, AdapterUnavailableError) and both[1].error.kind == "unavailable"
+        broken_get.clear()
+        poisoned_bank = None
+        again = await asyncio.wait_for(
+            asyncio.gather(run(engine, greedy(p, "ad0", n=5)), run(engine, greedy(p, "ad2", n=5))), timeout=30
+        )
+        assert all(r.error is None and len(r.token_ids) == 5 for r in again)
     finally:
         engine.shutdown()
         store.close()

@@ -258,26 +258,35 @@ class AdapterManager:
                     keys.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._fetch([key for key in keys if key is not None])
+            for key in keys:
+                if key is not None:
+                    self._fetch(key)
             self._compose_what_fits()
 
-    def _fetch(self, keys: list[CacheKey]) -> None:
-        """Read `keys` from the store into `_fetched` (or fail them)."""
-        for key in keys:
+    def _fetch(self, key: CacheKey) -> None:
+        """Read `key` from the store into `_fetched` (or fail it). An error nobody foresaw
+        (a bug, a store error it did not map) fails this adapter's requests alone: were it
+        to end the loader thread, every tenant's next load would wait forever."""
+        try:
             if isinstance(key, MixtureKey):
                 self._fetch_mixture(key)
-                continue
-            try:
-                record, adapter = self.store.get(key[0], key[1])
-                adapter.config.check_compatible(self.base_shapes)
-                self._check_rank(adapter.config)
-            except AdapterError as exc:
-                self._fail(key, AdapterUnavailableError("model", str(exc), _kind(exc)))
-                continue
-            except AdapterUnavailableError as exc:
-                self._fail(key, exc)
-                continue
-            self._keep_fetched(key, (key[0], key[1], record.version), adapter)
+            else:
+                self._fetch_adapter(key)
+        except Exception:
+            self._fail_unexpectedly(key)
+
+    def _fetch_adapter(self, key: AdapterKey) -> None:
+        try:
+            record, adapter = self.store.get(key[0], key[1])
+            adapter.config.check_compatible(self.base_shapes)
+            self._check_rank(adapter.config)
+        except AdapterError as exc:
+            self._fail(key, AdapterUnavailableError("model", str(exc), _kind(exc)))
+            return
+        except AdapterUnavailableError as exc:
+            self._fail(key, exc)
+            return
+        self._keep_fetched(key, (key[0], key[1], record.version), adapter)
 
     def _fetch_mixture(self, key: MixtureKey) -> None:
         """Read a mixture's adapters; a component republished since the resolve makes a
@@ -332,6 +341,19 @@ class AdapterManager:
             for key in [k for k in self._fetched if k not in self._wanted]:
                 del self._fetched[key]
                 self._loading.discard(key)
+        try:
+            self._compose(chosen)
+        except Exception:
+            # Composed in one batch, one bad adapter would fail the others beside it: compose
+            # them one at a time, so the error ends only the requests of the one that raises.
+            for item in chosen:
+                try:
+                    self._compose([item])
+                except Exception:
+                    self._fail_unexpectedly(item[0])
+
+    def _compose(self, chosen: list[tuple[CacheKey, Fetched]]) -> None:
+        """Compose fetched adapters into the cache: VB-LoRA adapters of one shape in one batch."""
         groups: dict[tuple, list[tuple[AdapterKey, VBLoRAAdapter]]] = {}
         for key, fetched in chosen:
             if isinstance(key, MixtureKey):
@@ -395,6 +417,12 @@ class AdapterManager:
         with self._lock:
             self._loading.discard(key)
             self._failed[key] = error
+
+    def _fail_unexpectedly(self, key: CacheKey) -> None:
+        log.exception("loading adapter %s failed", key)
+        # 503 (Retry-After): the next request for it loads it again (`_start_load`).
+        field = "adapters" if isinstance(key, MixtureKey) else "model"
+        self._fail(key, AdapterUnavailableError(field, "this server could not load the adapter", "unavailable"))
 
     # -- engine thread ---------------------------------------------------------------
 
