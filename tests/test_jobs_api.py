@@ -42,7 +42,7 @@ from server.api import current_tenant
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
 from tests.conftest import serve_in_thread
-from tests.test_api import BASE, api_settings, chat_tokenizer, error_of, random_adapter, sse_events
+from tests.test_api import BASE, api_settings, assert_sse_framing, chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
 
@@ -144,6 +144,7 @@ async def test_a_job_learns_the_task_publishes_and_serves_it(api):
 
     r = await api.get(f"/v1/fine_tuning/jobs/{created['id']}/events", params={"stream": "true"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert_sse_framing(r)
     stream = sse_events(r.text)
     assert stream[-1] == "[DONE]"
     statuses = [s["status"] for s in stream[:-1] if s["object"] == "fine_tuning.job"]
