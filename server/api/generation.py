@@ -233,12 +233,12 @@ def sse_response(events: AsyncIterator[bytes]) -> EventSourceResponse:
     no-proxy-buffering headers.
 
     FastAPI's own SSE path (a generator path operation with
-    `response_class=EventSourceResponse`) is not used: it sends the 200 before the
-    generator's first step, and a generation stream must still answer a 4xx (an adapter
-    that fails to load, an engine refusal) until its first event (`open_streams`); the job
-    event stream answers JSON or SSE at one URL, chosen by `?stream` and `Accept`, which a
-    path operation cannot (FastAPI makes a generator path operation SSE, always). What FastAPI
-    does besides, its periodic keep-alive comment, `jobs_api.follow` does itself."""
+    `response_class=EventSourceResponse`) is not used, for two reasons. It sends the 200
+    without waiting for the generator's first event, and a generation must still answer
+    an error status until its first event (`open_streams`: an adapter that fails to load).
+    And the job event stream shares its URL with the JSON list, chosen by `?stream` and
+    `Accept`, while FastAPI makes a generator path operation SSE for every request. What
+    FastAPI adds besides, a keep-alive comment when idle, `jobs_api.follow` sends itself."""
     return EventSourceResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -136,11 +136,11 @@ class _FormReader:
         return Form(self.files, self.fields)
 
 
-def _text(data: bytes | bytearray, field: str) -> str:
+def _text(data: bytes | bytearray, field_name: str) -> str:
     try:
         return data.decode()
     except UnicodeDecodeError:
-        raise APIError("invalid_request", "is not valid UTF-8", field) from None
+        raise APIError("invalid_request", "is not valid UTF-8", field_name) from None
 
 
 def _malformed(reason: str) -> APIError:
