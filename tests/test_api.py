@@ -125,6 +125,14 @@ def multipart(peft_dir):
     }
 
 
+def assert_sse_framing(r: httpx.Response) -> None:
+    """The wire format OpenAI's and LoRAX's clients read: one `data:` line per event, each
+    ended by a blank line; no caching, no proxy buffering."""
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    blocks = r.text.split("\n\n")
+    assert blocks[-1] == "" and all(b.startswith("data: ") and "\n" not in b for b in blocks[:-1]), r.text
+
+
 def sse_events(text: str) -> list:
     """`data:` payloads of an SSE body, JSON-decoded except the final `[DONE]`."""
     events = []
@@ -183,8 +191,9 @@ async def test_streaming_matches_non_streaming(api, path):
     full = (await api.post(path, json=request)).json()
     r = await api.post(path, json={**request, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert_sse_framing(r)
     events = sse_events(r.text)
-    assert events[-1] == "[DONE]"
+    assert events[-1] == "[DONE]" and r.text.endswith("\n\ndata: [DONE]\n\n")
     chunks = events[:-1]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
@@ -210,6 +219,7 @@ async def test_lorax_generate_and_stream(api):
 
     r = await api.post("/generate_stream", json=request)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert_sse_framing(r)
     events = sse_events(r.text)
     assert len(events) == 10 and all(e["details"] is None for e in events[:-1])
     assert events[-1]["generated_text"] == body["generated_text"]

@@ -42,7 +42,7 @@ from server.api import current_tenant
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
 from tests.conftest import serve_in_thread
-from tests.test_api import BASE, api_settings, chat_tokenizer, error_of, random_adapter, sse_events
+from tests.test_api import BASE, api_settings, assert_sse_framing, chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
 
@@ -144,6 +144,7 @@ async def test_a_job_learns_the_task_publishes_and_serves_it(api):
 
     r = await api.get(f"/v1/fine_tuning/jobs/{created['id']}/events", params={"stream": "true"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert_sse_framing(r)
     stream = sse_events(r.text)
     assert stream[-1] == "[DONE]"
     statuses = [s["status"] for s in stream[:-1] if s["object"] == "fine_tuning.job"]
@@ -258,6 +259,34 @@ async def test_oversized_and_non_multipart_bodies(api):
     r = await api.post("/v1/fine_tuning/jobs", content=endless_file(), headers=headers)
     assert r.status_code == 413 and error_of(r)["field"] == "training_file", r.text
     assert sent <= MAX_FILE_BYTES + (64 << 10)  # stopped right after the limit
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+
+
+def raw_part(name: bytes, content: bytes, filename: bytes | None = None) -> bytes:
+    disposition = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename else b"")
+    return b"--B\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + b"\r\n"
+
+
+# A raw multipart body (boundary B, each part already framed), the field its 400 names, words of the message
+MALFORMED_FORMS = [
+    (b"--B\r\nbad header\r\n\r\nx\r\n--B--\r\n", "body", "malformed"),
+    (b"garbage", "body", "malformed"),
+    (b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n--B--\r\n", "body", '"name"'),
+    (raw_part(b"adapter", b"\xff\xfe") + b"--B--\r\n", "adapter", "UTF-8"),
+    (raw_part(b"hyperparameters", b" " * (65 << 10)) + b"--B--\r\n", "body", "'hyperparameters' is over"),
+    (b"".join(raw_part(b"r", b"4") for _ in range(20)) + b"--B--\r\n", "body", "fields"),
+    (b"".join(raw_part(b"training_file", TASK_FILE, b"t.jsonl") for _ in range(3)) + b"--B--\r\n", "body", "files"),
+]
+
+
+async def test_malformed_multipart_bodies_are_400_naming_the_part(api):
+    for body, field, words in MALFORMED_FORMS:
+        r = await api.post(
+            "/v1/fine_tuning/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=B"}
+        )
+        assert r.status_code == 400 and error_of(r)["field"] == field and words in error_of(r)["message"], r.text
+    r = await api.post("/v1/fine_tuning/jobs", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400 and error_of(r)["field"] == "body", r.text  # no boundary
     assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 
 from server.engine import (
@@ -228,24 +228,33 @@ def _cancel(handles: list[RequestHandle]) -> None:
         handle.cancel()
 
 
-def sse_response(lines: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+def sse_response(events: AsyncIterator[bytes]) -> EventSourceResponse:
+    """A stream of `sse` events, with FastAPI's SSE media type and its no-cache and
+    no-proxy-buffering headers.
+
+    FastAPI's own SSE path (a generator path operation with
+    `response_class=EventSourceResponse`) is not used, for two reasons. It sends the 200
+    without waiting for the generator's first event, and a generation must still answer
+    an error status until its first event (`open_streams`: an adapter that fails to load).
+    And the job event stream shares its URL with the JSON list, chosen by `?stream` and
+    `Accept`, while FastAPI makes a generator path operation SSE for every request. What
+    FastAPI adds besides, a keep-alive comment when idle, `jobs_api.follow` sends itself."""
+    return EventSourceResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def sse(data: BaseModel | dict | str) -> str:
-    """One server-sent event (`data: ...` and a blank line)."""
+def sse(data: BaseModel | dict | str) -> bytes:
+    """One server-sent event: `data: <payload>` and a blank line, the payload a model's or
+    dict's compact JSON or a string as it is (OpenAI's `[DONE]`)."""
     if isinstance(data, BaseModel):
         payload = data.model_dump_json()
     elif isinstance(data, dict):
         payload = json.dumps(data, separators=(",", ":"))
     else:
         payload = data
-    return f"data: {payload}\n\n"
+    return format_sse_event(data_str=payload)
 
 
-def error_event(error: EngineError, field_names: Mapping[str, str]) -> str:
+def error_event(error: EngineError, field_names: Mapping[str, str]) -> bytes:
     """A failure after streaming began: the status line is gone, so the error travels as
     an event with the usual error body (OpenAI's client raises on it)."""
     return sse(from_engine_error(error, field_names).body())

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
@@ -178,7 +178,7 @@ async def job_events(
     jobs: JobsDep,
     stream: Annotated[bool, Query(description="Follow the job as server-sent events until it ends")] = False,
     accept: Annotated[str | None, Header()] = None,
-) -> JobEventList | StreamingResponse:
+) -> JobEventList | EventSourceResponse:
     """The job's progress reports (step, loss, validation loss, tokens/s), oldest first.
     Streamed (`?stream=true` or `Accept: text/event-stream`), each `data:` line is an event
     or, whenever the job's status changes, the job itself; `data: [DONE]` ends the stream
@@ -390,7 +390,7 @@ def _hyperparameters(fields: dict[str, list[str]]) -> TrainingHyperparameters:
 # -- following a job -----------------------------------------------------------------------
 
 
-async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> AsyncIterator[str]:
+async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> AsyncIterator[bytes]:
     """SSE lines: the job, then new events and status changes until it ends. `model`: the
     served base model's name."""
     yield sse(FineTuningJob.of(first, model))
@@ -419,7 +419,7 @@ async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> A
             yield sse("[DONE]")
             return
         if time.monotonic() - last_sent > KEEPALIVE_S:
-            yield ": keep-alive\n\n"
+            yield format_sse_event(comment="keep-alive")
             last_sent = time.monotonic()
         await asyncio.sleep(FOLLOW_POLL_S)
 

@@ -213,7 +213,9 @@ def _merge_held_text(tokens: list[TokenEvent]) -> list[TokenEvent]:
     return merged
 
 
-async def _stream_events(services: Services, body: GenerateRequest, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+async def _stream_events(
+    services: Services, body: GenerateRequest, events: AsyncIterator[Event]
+) -> AsyncIterator[bytes]:
     """Each token is sent when the next event arrives: the last token's event must carry
     `generated_text` and `details`, and whether a token is the last is known only then."""
     token = _token_maker(services)

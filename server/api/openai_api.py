@@ -333,8 +333,8 @@ def _chat_logprobs(token_text: Callable[[int], str], tokens: list[TokenEvent]) -
 
 async def _completion_chunks(
     meta: _Meta, events: AsyncIterator[tuple[int, Event]], n: int, echo: str, logprobs: bool, include_usage: bool
-) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> str:
+) -> AsyncIterator[bytes]:
+    def chunk(index: int, text: str, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None) -> bytes:
         lp = _completion_logprobs(meta.token_text, tokens) if logprobs and tokens else None
         choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=lp)
         return sse(CompletionResponse(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))
@@ -394,10 +394,10 @@ async def _chat_chunks(
     logprobs: bool,
     include_usage: bool,
     new_reader: Callable[[], Reader],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     def chunk(
         index: int, delta: ChatDelta, finish_reason: str | None = None, tokens: list[TokenEvent] | None = None
-    ) -> str:
+    ) -> bytes:
         lp = _chat_logprobs(meta.token_text, tokens) if logprobs and tokens else None
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=lp)
         return sse(ChatChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice]))

@@ -1,38 +1,30 @@
 """Incremental detokenization with stop strings.
 
-Text is released only when complete: a token that ends inside a multi-byte character
-decodes to U+FFFD and is held back until the character is whole, and text that could be
-the start of a stop string is held back until it is known not to be one.
+`tokenizers`' `DecodeStream` turns tokens into text as they come: a token that ends inside
+a multi-byte character yields nothing until the character is whole. On top of it, text
+that could be the start of a stop string is held back until it is known not to be one.
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from tokenizers.decoders import DecodeStream
+from transformers import PreTrainedTokenizerFast
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], context_ids: list[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, stop: list[str], context_ids: list[int]) -> None:
         """`context_ids`: the prompt's last few tokens, decoded with the first new ones so
         tokenizers that merge across the boundary (leading spaces) come out right."""
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(ids=_whole_characters(tokenizer, context_ids), skip_special_tokens=True)
         self.stop = stop
-        self.tokens: list[int] = list(context_ids)
-        self.prefix_offset = 0  # tokens[prefix_offset:read_offset] were decoded already
-        self.read_offset = len(self.tokens)
         self.text = ""  # all complete text so far
         self.emitted = 0  # chars of self.text already handed out
         self.stopped = False
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text newly safe to emit (maybe empty)."""
-        self.tokens.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.tokens)
+        self.text += self._stream.step(self._tokenizer, token_id) or ""
         return self._release()
 
     def _release(self) -> str:
@@ -59,3 +51,12 @@ class IncrementalDetokenizer:
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out
+
+
+def _whole_characters(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> list[int]:
+    """`ids` less the tokens of a character they end inside (a prompt given as token ids
+    may end so). `DecodeStream` starts from context only when the context's text is
+    complete; otherwise it would hand out the context's own text as the first new text."""
+    while ids and tokenizer.decode(ids, skip_special_tokens=True).endswith("\ufffd"):
+        ids = ids[:-1]
+    return ids
