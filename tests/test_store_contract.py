@@ -36,6 +36,7 @@ from adapter_store import (
     open_store,
 )
 from adapter_store.lora import LoRAAdapter, LoRAConfig, encode_lora
+from server.backends import BackendInputError
 from tests.redis_cluster import redis_under_test
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -692,5 +693,6 @@ def test_open_store_picks_the_backend_from_the_url(tmp_path) -> None:
         assert isinstance(redis_store, RedisAdapterStore) and redis_store.prefix == "custom"
         redis_store.close()
     for url in ("http://example.com/store", "sqlite:///:memory:", "", "sqlite:///"):
-        with pytest.raises(AdapterValidationError):
+        with pytest.raises(BackendInputError) as bad_url:
             open_store(url)
+        assert bad_url.value.field == "store_url"

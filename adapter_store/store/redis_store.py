@@ -62,6 +62,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
+from server.backends import REDIS_UNAVAILABLE_ERRORS, redis_client
+
 from ..errors import BankNotFoundError, StoreUnavailableError, VersionConflictError
 from .base import (
     Adapter,
@@ -69,12 +71,11 @@ from .base import (
     AdapterStore,
     Records,
     StoreQuota,
+    check_key,
     encode_for_store,
     not_found,
     quota_exceeded,
-    validate_key,
 )
-from .redis_url import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class RedisAdapterStore(AdapterStore):
         super().__init__()
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisAdapterStore needs a client with decode_responses=False")
-        self.prefix = validate_key("prefix", prefix)
+        self.prefix = check_key("prefix", prefix)
         self._redis = client
         self._grace_ms = max(1, round(bank_grace_s * 1000))
         self._ref_timeout_ms = max(1, round(ref_timeout_s * 1000))
@@ -235,7 +236,12 @@ class RedisAdapterStore(AdapterStore):
         (`StoreUnavailableError` if no node answers). timeout: seconds for connecting and
         for each command."""
         options = {"decode_responses": False, "socket_timeout": timeout, "socket_connect_timeout": timeout}
-        return cls(redis_client(url, **options), prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
+        return cls(
+            redis_client(url, error=StoreUnavailableError, **options),
+            prefix=prefix,
+            bank_grace_s=bank_grace_s,
+            ref_timeout_s=ref_timeout_s,
+        )
 
     def __repr__(self) -> str:
         return f"RedisAdapterStore({self._redis!r}, prefix={self.prefix!r})"
@@ -279,10 +285,10 @@ class RedisAdapterStore(AdapterStore):
         benchmark). Each adapter is published atomically, as by `put`; the steps of all
         of them are pipelined, so the batch costs a few round trips instead of three per
         adapter (except on a cluster, whose client cannot pipeline scripts)."""
-        validate_key("tenant", tenant)
+        check_key("tenant", tenant)
         puts = []
         for name, adapter in adapters.items():
-            validate_key("name", name)
+            check_key("name", name)
             puts.append(_Put(name, None, *encode_for_store(adapter)))
         now = time.time()
         with self._guard("put_many"):

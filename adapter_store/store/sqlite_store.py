@@ -1,6 +1,6 @@
 """The embedded store: one SQLite file, so a machine with no Redis still serves.
 
-Connections and write transactions come from `adapter_store.sqlite_db` (WAL, a connection
+Connections and write transactions come from `server.backends.sqlite_db` (WAL, a connection
 per thread, `BEGIN IMMEDIATE` writes); every read is one SQL statement, so it sees one
 committed version.
 """
@@ -12,8 +12,9 @@ import os
 import sqlite3
 from pathlib import Path
 
+from server.backends import SQLiteDatabase
+
 from ..errors import VersionConflictError
-from ..sqlite_db import SQLiteDatabase
 from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded
 
 SCHEMA = """

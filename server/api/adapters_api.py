@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from adapter_store import AdapterNotFoundError
-from adapter_store.store import validate_key
+from server.backends import validate_key
 from server.tenancy import withdraw_adapter
 
 from .adapter_io import (
