@@ -28,7 +28,7 @@ from typing import Any
 from server.backends import Backend, validate_key
 
 from ..adapter import VBLoRAAdapter
-from ..codec import decode_adapter, decode_bank, encode_adapter, encode_bank
+from ..codec import attach_bank, decode_adapter, decode_bank, encode_adapter, encode_bank
 from ..errors import (
     AdapterNotFoundError,
     AdapterValidationError,
@@ -106,7 +106,8 @@ def encode_for_store(adapter: object) -> tuple[str, str, bytes, bytes]:
     if not isinstance(adapter, VBLoRAAdapter):
         raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter or LoRAAdapter, got {type(adapter).__name__}")
     config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
-    return adapter.bank_id, config, encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
+    body = encode_adapter(adapter, include_bank=False)
+    return adapter.bank_id, config, body, encode_bank(adapter.bank, adapter.bank_id)
 
 
 def validate_bank_id(bank_id: object) -> str:
@@ -167,9 +168,21 @@ class AdapterStore(Backend):
         if not record.bank_id:
             # A stored body passed the size limit of the upload that stored it.
             return record, decode_lora(body, max_bytes=len(body))
-        bank = decode_bank(bank_blob)
+        bank = decode_bank(bank_blob, verify=False)  # decode_adapter checks it against the body's bank id
         adapter = decode_adapter(body, bank_resolver=lambda bank_id: bank if bank_id == record.bank_id else None)
         return record, adapter
+
+    def get_blob(self, tenant: str, name: str, *, include_bank: bool = True) -> tuple[AdapterRecord, bytes]:
+        """The stored version's record and its blob as `encode_adapter` (or `encode_lora`)
+        gives it, read as one consistent pair: the stored bytes, with the bank put back in
+        if asked, and no adapter decoded or validated on the way (downloads need none)."""
+        check_key("tenant", tenant)
+        check_key("name", name)
+        with self._guard("get_blob"):
+            record, body, bank_blob = self._read(tenant, name)
+        if record.bank_id and include_bank:
+            return record, attach_bank(body, bank_blob)
+        return record, body
 
     def get_record(self, tenant: str, name: str) -> AdapterRecord:
         """Metadata only: no tensor is read or decoded."""
@@ -219,6 +232,18 @@ class AdapterStore(Backend):
             raise BankNotFoundError("bank_id", f"bank {bank_id!r} is not stored")
         return blob
 
+    def tenant_uses_bank(self, tenant: str, bank_id: object) -> bool:
+        """Whether one of the tenant's adapters uses the bank: one lookup in an index the
+        backend keeps with every put and delete, so its cost does not grow with the
+        tenant's adapters. Banks are global and content addressed; a tenant may read (or
+        reference in an upload) only a bank that one of its own adapters uses, so a bank
+        id learnt elsewhere reveals nothing. A string that is no bank id: False."""
+        check_key("tenant", tenant)
+        if not isinstance(bank_id, str) or not _BANK_ID.fullmatch(bank_id):
+            return False
+        with self._guard("tenant_uses_bank"):
+            return self._tenant_uses_bank(tenant, bank_id)
+
     def has_bank(self, bank_id: str) -> bool:
         validate_bank_id(bank_id)
         with self._guard("has_bank"):
@@ -262,6 +287,9 @@ class AdapterStore(Backend):
 
     @abstractmethod
     def _delete(self, tenant: str, name: str) -> None: ...
+
+    @abstractmethod
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool: ...
 
     @abstractmethod
     def _get_bank(self, bank_id: str) -> bytes | None: ...

@@ -8,6 +8,9 @@ so all keys of one tenant share a slot):
     p:a:{tenant}:versions   hash: name -> last version ever given (survives delete)
     p:a:{tenant}:names      sorted set, all scores 0: names in byte order, for paging
     p:a:{tenant}:bytes      integer: sum of stored_bytes of the tenant's adapters
+    p:a:{tenant}:banks      hash: bank_id -> how many of the tenant's adapters use it (the
+                            index behind `tenant_uses_bank`: one HEXISTS, whatever the
+                            number of adapters; kept by the same scripts as the records)
     p:b:<bank_id>           hash: data (encode_bank blob), and one field per reference,
                             r:<tenant>/<name>/<token> -> server time (ms) it was taken
 
@@ -107,7 +110,7 @@ return {'ok', redis.call('HSTRLEN', KEYS[1], 'data'), taken}
 """
 )
 
-# Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter.
+# Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter, banks-in-use hash.
 # ARGV: name, expected version ('' = unconditional), bank_id, bank reference field,
 #       config JSON, body, bank blob length, now (unix s), reference time (ms, '' = no
 #       bank: a LoRA adapter), reference timeout (ms), max adapters ('' = no limit), max
@@ -143,11 +146,18 @@ redis.call('HSET', KEYS[1], 'version', version, 'bank_id', ARGV[3], 'bank_ref', 
            'updated', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, name)
 redis.call('INCRBY', KEYS[4], delta)
+-- The new bank's use first: a replacement with the same bank never drops it from the index.
+if ARGV[3] ~= '' then
+    redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+end
+if cur[2] and cur[2] ~= '' and redis.call('HINCRBY', KEYS[5], cur[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[5], cur[2])
+end
 return {'ok', version, created, cur[2], cur[3]}
 """
 )
 
-# Step 2 of a delete. KEYS: adapter hash, names zset, bytes counter. ARGV: name.
+# Step 2 of a delete. KEYS: adapter hash, names zset, bytes counter, banks-in-use hash. ARGV: name.
 # Returns false if absent, else {bank_id, reference} to drop.
 _DELETE_LUA = """
 local cur = redis.call('HMGET', KEYS[1], 'bank_id', 'bank_ref', 'body_bytes', 'bank_bytes')
@@ -160,6 +170,9 @@ if redis.call('ZCARD', KEYS[2]) == 0 then
     redis.call('DEL', KEYS[3])
 else
     redis.call('DECRBY', KEYS[3], tonumber(cur[3]) + tonumber(cur[4]))
+end
+if cur[1] ~= '' and redis.call('HINCRBY', KEYS[4], cur[1], -1) <= 0 then
+    redis.call('HDEL', KEYS[4], cur[1])
 end
 return {cur[1], cur[2]}
 """
@@ -316,7 +329,7 @@ class RedisAdapterStore(AdapterStore):
         calls = []
         for put, ref, (_, bank_bytes, taken_ms) in zip(puts, refs, taken, strict=True):
             keys = [self._adapter_key(tenant, put.name)] + [
-                self._tenant_key(tenant, suffix) for suffix in ("versions", "names", "bytes")
+                self._tenant_key(tenant, suffix) for suffix in ("versions", "names", "bytes", "banks")
             ]
             expected = "" if put.expected_version is None else str(put.expected_version)
             args = [put.name, expected, put.bank_id, ref, put.config_json, put.body, bank_bytes, repr(now)]
@@ -408,6 +421,7 @@ class RedisAdapterStore(AdapterStore):
             self._adapter_key(tenant, name),
             self._tenant_key(tenant, "names"),
             self._tenant_key(tenant, "bytes"),
+            self._tenant_key(tenant, "banks"),
         ]
         reply = self._delete_script(keys=keys, args=[name])
         if reply is None:
@@ -415,6 +429,9 @@ class RedisAdapterStore(AdapterStore):
         bank_id, ref = reply
         if bank_id:
             self._release([(bank_id.decode(), ref)])
+
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool:
+        return bool(self._redis.hexists(self._tenant_key(tenant, "banks"), bank_id))
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         return self._live_bank_script(keys=[self._bank_key(bank_id)])

@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     updated REAL NOT NULL,
     PRIMARY KEY (tenant, name)
 );
+-- "Does this tenant use bank X" (may it read the bank, reference it in an upload) is one
+-- index lookup, whatever the number of the tenant's adapters.
+CREATE INDEX IF NOT EXISTS adapters_by_bank ON adapters (tenant, bank_id);
 -- Survives delete, so a re-put name continues from a higher version.
 CREATE TABLE IF NOT EXISTS versions (
     tenant TEXT NOT NULL,
@@ -178,6 +181,10 @@ class SQLiteAdapterStore(AdapterStore):
             conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
             if row[0]:
                 _release_bank(conn, row[0])
+
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool:
+        query = "SELECT 1 FROM adapters WHERE tenant = ? AND bank_id = ? LIMIT 1"
+        return self._db.conn().execute(query, (tenant, bank_id)).fetchone() is not None
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         row = self._db.conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()
