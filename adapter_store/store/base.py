@@ -14,6 +14,9 @@ Storage model, common to every backend:
 - Versions grow per (tenant, name) from 1 and a counter survives delete, so a cache
   keyed by (tenant, name, version) never takes a new adapter for an old one.
 - Only the latest version's bytes are kept.
+- Every backend indexes which banks each tenant's adapters use, updated in the same
+  atomic step as a put or delete, so `tenant_uses_bank` (may this tenant read a bank, or
+  name it in an upload) is one lookup however many adapters the tenant has.
 """
 
 from __future__ import annotations
