@@ -9,13 +9,12 @@ builds on it, as do the tenant registry and the training job queue and file stor
 from .base import Backend
 from .breaker import CircuitBreaker
 from .errors import BackendInputError, BackendUnavailableError, FieldError
-from .keys import MAX_KEY_LENGTH, validate_key
+from .keys import validate_key
 from .redis_client import REDIS_UNAVAILABLE_ERRORS, redis_client
 from .sqlite_db import SQLiteDatabase
 from .urls import BackendURL, parse_backend_url
 
 __all__ = [
-    "MAX_KEY_LENGTH",
     "REDIS_UNAVAILABLE_ERRORS",
     "Backend",
     "BackendInputError",
