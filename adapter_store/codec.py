@@ -105,18 +105,35 @@ def decode_adapter(
     return adapter
 
 
-def encode_bank(bank: torch.Tensor) -> bytes:
-    return save_safetensors({"bank": bank}, {"format": BANK_FORMAT, "bank_id": bank_id_of(bank)})
+def encode_bank(bank: torch.Tensor, bank_id: str | None = None) -> bytes:
+    """bank_id: the bank's id where the caller has it (`VBLoRAAdapter.bank_id`), which
+    saves hashing the whole bank again."""
+    return save_safetensors({"bank": bank}, {"format": BANK_FORMAT, "bank_id": bank_id or bank_id_of(bank)})
 
 
-def decode_bank(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> torch.Tensor:
+def decode_bank(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BLOB_BYTES, verify: bool = True) -> torch.Tensor:
+    """verify=False skips hashing the bank against its declared id: for a bank handed to
+    `decode_adapter` as resolved, which hashes it anyway (the `VBLoRAAdapter` it builds)
+    and refuses it if it is not the bank the blob names."""
     metadata, tensors = _load(blob, max_bytes, BANK_FORMAT)
     bank = tensors.get("bank")
     if bank is None or bank.dim() != 2:
         raise AdapterFormatError("bank", "bank blob must hold one 2-D tensor 'bank'")
-    if metadata.get("bank_id") != bank_id_of(bank):
+    if verify and metadata.get("bank_id") != bank_id_of(bank):
         raise AdapterValidationError("bank_id", "bank content does not match its declared hash")
     return bank
+
+
+def attach_bank(body: bytes, bank_blob: bytes) -> bytes:
+    """The blob `encode_adapter(adapter)` gives, built from what a store keeps of that
+    adapter (`encode_adapter(adapter, include_bank=False)` and `encode_bank(adapter.bank)`)
+    without decoding or validating it: the tensors are copied as stored and the metadata
+    is the body's (it names the bank with or without it), so the bytes are the same."""
+    try:
+        tensors = {**st_load(body), "bank": st_load(bank_blob)["bank"]}
+    except (SafetensorError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise AdapterFormatError("blob", f"stored adapter is not a valid safetensors file ({exc})") from None
+    return save_safetensors(tensors, read_metadata(body, len(body)))
 
 
 def read_metadata(blob: bytes, max_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> dict[str, str]:

@@ -3,18 +3,7 @@ layer can turn it into a 4xx body without parsing messages."""
 
 from __future__ import annotations
 
-
-class FieldError(Exception):
-    """An error about one field of some input: which field, why, and a stable `kind` that
-    the HTTP layer maps to a status. The store's, the trainer's and tenancy's errors all
-    derive from it, so one handler serves them all."""
-
-    kind = "invalid_request"
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+from server.backends import BackendUnavailableError, FieldError
 
 
 class AdapterError(FieldError):
@@ -68,7 +57,8 @@ class QuotaExceededError(AdapterError):
     kind = "quota_exceeded"
 
 
-class StoreUnavailableError(AdapterError):
-    """The backing store cannot be reached; retry later."""
+class StoreUnavailableError(AdapterError, BackendUnavailableError):
+    """The adapter store cannot be reached; retry later. The store's own type, so a
+    caller of the store catches one error from its API."""
 
     kind = "unavailable"

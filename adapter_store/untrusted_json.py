@@ -18,7 +18,9 @@ import math
 import sys
 from typing import NoReturn
 
-from .errors import AdapterFormatError, FieldError
+from server.backends import FieldError
+
+from .errors import AdapterFormatError
 
 # The deepest any accepted document goes is 4 (a chat row: row, messages, message, content);
 # 32 leaves room for what may come and is far below the parser's recursion limit.

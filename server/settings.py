@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adapter_store.store import is_redis_url
+from server.backends import parse_backend_url
 
 
 class Settings(BaseSettings):
@@ -118,10 +118,10 @@ class Settings(BaseSettings):
         """Where shared state other than adapters lives (jobs, tenants): the store's Redis
         when the store is on Redis (every replica and worker reaches it already), else the
         SQLite file `sqlite_name` beside the SQLite store."""
-        if is_redis_url(self.store_url):
+        where = parse_backend_url(self.store_url, "store_url")
+        if where.kind == "redis":
             return self.store_url
-        store_path = Path(self.store_url.removeprefix("sqlite:///"))
-        return f"sqlite:///{store_path.with_name(sqlite_name)}"
+        return f"sqlite:///{where.path.with_name(sqlite_name)}"
 
 
 @lru_cache

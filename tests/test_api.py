@@ -19,7 +19,17 @@ import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter, decode_adapter, decode_bank, encode_adapter
+import adapter_store.adapter
+import adapter_store.codec
+from adapter_store import (
+    AdapterConfig,
+    ModuleSpec,
+    VBLoRAAdapter,
+    bank_id_of,
+    decode_adapter,
+    decode_bank,
+    encode_adapter,
+)
 from adapter_store.peft_io import load_peft_dir, read_peft_files
 from adapter_store.store import SQLiteAdapterStore
 from server import cli
@@ -329,6 +339,26 @@ async def test_downloads_are_byte_stable(api, peft_dir):
     r = await api.put("/v1/adapters/copy", content=native, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 201, r.text
     assert (await api.get("/v1/adapters/copy/content")).content == native
+
+
+async def test_a_native_upload_hashes_its_bank_once(api, peft_dir, monkeypatch):
+    """The bank is the bulk of an adapter: an upload hashes it once (building the adapter),
+    whether the blob carries it or names a bank of the tenant's by id."""
+    hashed = []
+
+    def counting(bank: torch.Tensor) -> str:
+        hashed.append(tuple(bank.shape))
+        return bank_id_of(bank)
+
+    adapter = load_peft_dir(peft_dir)
+    octet = {"content-type": "application/octet-stream"}
+    for module in (adapter_store.adapter, adapter_store.codec):
+        monkeypatch.setattr(module, "bank_id_of", counting)
+    for name, blob in (("full", encode_adapter(adapter)), ("slim", encode_adapter(adapter, include_bank=False))):
+        hashed.clear()
+        r = await api.put(f"/v1/adapters/{name}", content=blob, headers=octet)
+        assert r.status_code == 201, r.text
+        assert hashed == [tuple(adapter.bank.shape)], name
 
 
 async def test_generation_with_uploaded_adapter(api, peft_dir):

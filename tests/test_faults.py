@@ -546,7 +546,7 @@ def test_tenant_limits_hold_under_concurrency_and_a_noisy_tenant_does_not_starve
 def test_a_hung_redis_costs_one_timeout_then_fails_fast(tmp_path) -> None:
     """Redis paused (SIGSTOP: connections stay open, nothing answers) is worse than Redis
     gone: every call waits for the client's 5 s timeout. After the first timeouts the
-    store and the tenant registry fail fast (adapter_store/breaker.py), so cached adapters
+    store and the tenant registry fail fast (server/backends/breaker.py), so cached adapters
     are served at once again and the rest get 503 at once; resumed, it recovers."""
     with private_redis(tmp_path) as rds:
         settings = api_settings(store_url=rds.url, admin_key=ADMIN_KEY, training_enabled=False)

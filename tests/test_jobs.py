@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore, StoreUnavailableError
+from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
 from adapter_store.store import StoreQuota
+from server.backends import BackendInputError, BackendUnavailableError
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -408,15 +409,17 @@ def test_open_job_queue_urls(tmp_path: Path) -> None:
     queue.close()
     assert isinstance(open_job_queue("redis://127.0.0.1:6379/15"), RedisJobQueue)
     for bad in ("", "http://x", "sqlite:///:memory:"):
-        with pytest.raises(ValueError):
+        with pytest.raises(BackendInputError) as bad_url:
             open_job_queue(bad)
+        assert bad_url.value.field == "jobs_url"  # names the setting, not an adapter
     assert jobs_url(Settings(store_url="sqlite:////var/x/adapters.db")) == "sqlite:////var/x/jobs.db"
     assert jobs_url(Settings(store_url="redis://r:6379/0")) == "redis://r:6379/0"
     assert jobs_url(Settings(jobs_url="sqlite:///j.db", store_url="redis://r")) == "sqlite:///j.db"
     assert jobs_url(Settings(store_url="redis+cluster://r:7000")) == "redis+cluster://r:7000"
     # A cluster is contacted at once: no node answering is a typed error naming the setting.
-    with pytest.raises(StoreUnavailableError) as err:
+    with pytest.raises(BackendUnavailableError) as err:
         RedisJobQueue.from_url("redis+cluster://127.0.0.1:1", timeout=0.5)
+    assert type(err.value) is BackendUnavailableError  # a queue outage is not the adapter store's
     assert err.value.field == "jobs_url" and "no Redis Cluster node answers" in err.value.reason
 
 

@@ -588,3 +588,20 @@ def test_vbctl_train_follow_and_jobs(deployment, tmp_path, capsys, monkeypatch):
     assert "cancelled" in run("jobs", "events", running[0].id, "--follow", code=1).out
     assert vbctl(["--url", url, "--api-key", "wrong", "jobs", "ls"]) == 1
     assert "unauthorized" in capsys.readouterr().err
+
+
+async def test_a_job_queue_outage_is_503_naming_the_queue(tmp_path, caplog):
+    """The queue's own unavailable error (not the adapter store's) maps to 503 with
+    Retry-After, like any backend outage; the log names what failed."""
+    store = SQLiteAdapterStore(tmp_path / "adapters.db")
+    # No embedded worker: none may be inside a claim when the queue closes under it.
+    app = create_app(
+        settings(tmp_path, embedded_worker=False), model=task_model(), tokenizer=chat_tokenizer(), store=store
+    )
+    async with served(app) as api:
+        app.state.services.jobs.close()  # every later call: BackendUnavailableError("jobs")
+        r = await api.get("/v1/fine_tuning/jobs")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert error_of(r)["type"] == "unavailable" and error_of(r)["field"] == "jobs"
+        assert "the job queue is closed" in caplog.text
+    store.close()

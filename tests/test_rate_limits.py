@@ -27,7 +27,7 @@ from tests.test_api import api_settings, chat_tokenizer, error_of
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
-LOGGER = "adapter_store.breaker"  # the limiter falls back through the store's circuit breaker
+LOGGER = "server.backends.breaker"  # the limiter falls back through the store's circuit breaker
 
 
 @pytest.fixture(

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,8 @@ from adapter_store import (
     open_store,
 )
 from adapter_store.lora import LoRAAdapter, LoRAConfig, encode_lora
+from server.backends import BackendInputError
+from server.tenancy import SQLiteTenantRegistry, delete_tenant
 from tests.redis_cluster import redis_under_test
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -305,6 +308,64 @@ def test_replacing_with_the_same_bank_keeps_it(store: AdapterStore, backend: Bac
     assert backend.bank_count() == 0
 
 
+def test_the_bank_index_follows_put_overwrite_and_delete(store: AdapterStore) -> None:
+    shared = make_bank(7)
+    first, second = make_adapter(1, shared_bank=shared), make_adapter(2, shared_bank=shared)
+    replacement = make_adapter(3)
+    assert not store.tenant_uses_bank("acme", first.bank_id)
+    store.put("acme", "first", first)
+    store.put("acme", "second", second)
+    store.put("globex", "own", replacement)
+    assert store.tenant_uses_bank("acme", first.bank_id)
+    assert not store.tenant_uses_bank("globex", first.bank_id)  # a bank another tenant uses
+    assert not store.tenant_uses_bank("acme", replacement.bank_id)
+    # Overwrite with another bank: the old one is still used by "second", the new one is in.
+    store.put("acme", "first", replacement)
+    assert store.tenant_uses_bank("acme", first.bank_id) and store.tenant_uses_bank("acme", replacement.bank_id)
+    store.delete("acme", "second")
+    assert not store.tenant_uses_bank("acme", first.bank_id)  # its last user is gone
+    # Overwrite with the same bank keeps it; a LoRA adapter (no bank) drops it.
+    store.put("acme", "first", make_adapter(4, shared_bank=replacement.bank))
+    assert store.tenant_uses_bank("acme", replacement.bank_id)
+    store.put("acme", "first", make_lora(1))
+    assert not store.tenant_uses_bank("acme", replacement.bank_id)
+    assert store.tenant_uses_bank("globex", replacement.bank_id)  # another tenant's use is its own
+    for not_a_bank_id in ("", "sha256-*", "../x", None):
+        assert not store.tenant_uses_bank("acme", not_a_bank_id)
+
+
+def test_deleting_a_tenant_empties_its_bank_index(store: AdapterStore, tmp_path: Path) -> None:
+    registry = SQLiteTenantRegistry(tmp_path / "tenants.db")
+    registry.create_tenant("acme")
+    adapters = {f"a{i}": make_adapter(i, shared_bank=make_bank(i % 2)) for i in range(4)}
+    for name, adapter in adapters.items():
+        store.put("acme", name, adapter)
+    store.put("globex", "kept", adapters["a0"])
+    delete_tenant(registry, store, None, None, "acme")
+    registry.close()
+    assert not any(store.tenant_uses_bank("acme", a.bank_id) for a in adapters.values())
+    assert store.tenant_uses_bank("globex", adapters["a0"].bank_id)
+    # A new tenant of the same name starts with no banks: it cannot read the old ones.
+    store.put("acme", "fresh", make_adapter(9))
+    assert not store.tenant_uses_bank("acme", adapters["a1"].bank_id)
+
+
+def test_get_blob_is_the_encoded_adapter_byte_for_byte(store: AdapterStore) -> None:
+    """A native download hands out the stored bytes (no decode and re-encode): they must
+    be exactly what encoding the adapter gives, so `Repr-Digest` stays the same."""
+    adapter, lora = make_adapter(1), make_lora(2)
+    store.put("acme", "bot", adapter)
+    store.put("acme", "plain", lora)
+    for include_bank in (True, False):
+        record, blob = store.get_blob("acme", "bot", include_bank=include_bank)
+        assert record == store.get_record("acme", "bot")
+        assert blob == encode_adapter(adapter, include_bank=include_bank)
+        assert store.get_blob("acme", "plain", include_bank=include_bank)[1] == encode_lora(lora)
+    assert_same_adapter(decode_adapter(store.get_blob("acme", "bot")[1]), adapter)
+    with pytest.raises(AdapterNotFoundError):
+        store.get_blob("globex", "bot")
+
+
 def test_unknown_bank(store: AdapterStore) -> None:
     unknown = "sha256-" + "0" * 40
     assert not store.has_bank(unknown)
@@ -408,6 +469,8 @@ def test_invalid_tenant_or_name_is_rejected_and_stores_nothing(store: AdapterSto
         ("name", lambda: store.put("acme", bad, intruder)),
         ("tenant", lambda: store.put(bad, "bot", intruder)),
         ("name", lambda: store.get("acme", bad)),
+        ("name", lambda: store.get_blob("acme", bad)),
+        ("tenant", lambda: store.tenant_uses_bank(bad, intruder.bank_id)),
         ("name", lambda: store.get_version("acme", bad)),
         ("name", lambda: store.delete("acme", bad)),
         ("tenant", lambda: store.list(bad)),
@@ -692,5 +755,6 @@ def test_open_store_picks_the_backend_from_the_url(tmp_path) -> None:
         assert isinstance(redis_store, RedisAdapterStore) and redis_store.prefix == "custom"
         redis_store.close()
     for url in ("http://example.com/store", "sqlite:///:memory:", "", "sqlite:///"):
-        with pytest.raises(AdapterValidationError):
+        with pytest.raises(BackendInputError) as bad_url:
             open_store(url)
+        assert bad_url.value.field == "store_url"

@@ -14,6 +14,9 @@ Storage model, common to every backend:
 - Versions grow per (tenant, name) from 1 and a counter survives delete, so a cache
   keyed by (tenant, name, version) never takes a new adapter for an old one.
 - Only the latest version's bytes are kept.
+- Every backend indexes which banks each tenant's adapters use, updated in the same
+  atomic step as a put or delete, so `tenant_uses_bank` (may this tenant read a bank, or
+  name it in an upload) is one lookup however many adapters the tenant has.
 """
 
 from __future__ import annotations
@@ -21,15 +24,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from server.backends import Backend, validate_key
+
 from ..adapter import VBLoRAAdapter
-from ..breaker import CircuitBreaker
-from ..codec import decode_adapter, decode_bank, encode_adapter, encode_bank
+from ..codec import attach_bank, decode_adapter, decode_bank, encode_adapter, encode_bank
 from ..errors import (
     AdapterNotFoundError,
     AdapterValidationError,
@@ -39,11 +41,7 @@ from ..errors import (
 )
 from ..lora import LoRAAdapter, decode_lora, encode_lora
 
-MAX_KEY_LENGTH = 128
 MAX_LIST_LIMIT = 1000
-# Tenants and names become parts of Redis keys and SQL values: one safe alphabet for both,
-# no separators (`/`, `:`), no braces (Redis Cluster hash tags), no leading dot (hidden files).
-_KEY_ALPHABET = re.compile(r"[A-Za-z0-9._-]+")
 _BANK_ID = re.compile(r"sha256-[0-9a-f]{40}")
 
 
@@ -91,19 +89,9 @@ class AdapterRecord:
 Records = list[AdapterRecord]
 
 
-def validate_key(field: str, value: object) -> str:
-    """Check a tenant or adapter name; raise `AdapterValidationError(field, reason)`."""
-    if not isinstance(value, str):
-        raise AdapterValidationError(field, f"must be a string, got {type(value).__name__}")
-    if not value:
-        raise AdapterValidationError(field, "must not be empty")
-    if len(value) > MAX_KEY_LENGTH:
-        raise AdapterValidationError(field, f"{len(value)} characters exceed the limit of {MAX_KEY_LENGTH}")
-    if not _KEY_ALPHABET.fullmatch(value):
-        raise AdapterValidationError(field, "only letters, digits, '.', '_' and '-' are allowed")
-    if value.startswith("."):
-        raise AdapterValidationError(field, "must not start with '.'")
-    return value
+def check_key(field: str, value: object) -> str:
+    """A tenant or adapter name that is safe as a storage key, else `AdapterValidationError`."""
+    return validate_key(field, value, error=AdapterValidationError)
 
 
 def not_found(tenant: str, name: str) -> AdapterNotFoundError:
@@ -121,7 +109,8 @@ def encode_for_store(adapter: object) -> tuple[str, str, bytes, bytes]:
     if not isinstance(adapter, VBLoRAAdapter):
         raise AdapterValidationError("adapter", f"must be a VBLoRAAdapter or LoRAAdapter, got {type(adapter).__name__}")
     config = json.dumps(adapter.config.to_json(), separators=(",", ":"))
-    return adapter.bank_id, config, encode_adapter(adapter, include_bank=False), encode_bank(adapter.bank)
+    body = encode_adapter(adapter, include_bank=False)
+    return adapter.bank_id, config, body, encode_bank(adapter.bank, adapter.bank_id)
 
 
 def validate_bank_id(bank_id: object) -> str:
@@ -130,18 +119,14 @@ def validate_bank_id(bank_id: object) -> str:
     return bank_id
 
 
-class AdapterStore(ABC):
+class AdapterStore(Backend):
     """Where adapters live, per tenant. Synchronous and thread-safe: the server calls it
-    from worker threads. Every method may raise `StoreUnavailableError`."""
+    from worker threads. Every method may raise `StoreUnavailableError`; `ping`, `close`,
+    the context manager and the guard around each storage call come from `Backend`."""
 
-    #: Driver exceptions that mean "the storage cannot be reached right now".
-    unavailable_errors: tuple[type[BaseException], ...] = ()
-
-    def __init__(self) -> None:
-        self._closed = False
-        self.on_latency: Callable[[str, float], None] | None = None
-        # Fail fast while the storage hangs (see breaker.py); probed with the backend's ping.
-        self._breaker = CircuitBreaker(self._ping, self.unavailable_errors, name="adapter store")
+    backend = "store"
+    description = "adapter store"
+    unavailable_error = StoreUnavailableError
 
     # -- public API --------------------------------------------------------------------
 
@@ -163,8 +148,8 @@ class AdapterStore(ABC):
         a replacement counts its size difference). Over them: `QuotaExceededError`, and
         nothing changes. A replacement that shrinks is always allowed.
         """
-        validate_key("tenant", tenant)
-        validate_key("name", name)
+        check_key("tenant", tenant)
+        check_key("name", name)
         bank_id, config, body, bank = encode_for_store(adapter)
         if expected_version is not None and (
             not isinstance(expected_version, int) or isinstance(expected_version, bool) or expected_version < 0
@@ -179,37 +164,49 @@ class AdapterStore(ABC):
 
     def get(self, tenant: str, name: str) -> tuple[AdapterRecord, Adapter]:
         """The stored version's record and adapter, read as one consistent pair."""
-        validate_key("tenant", tenant)
-        validate_key("name", name)
+        check_key("tenant", tenant)
+        check_key("name", name)
         with self._guard("get"):
             record, body, bank_blob = self._read(tenant, name)
         if not record.bank_id:
             # A stored body passed the size limit of the upload that stored it.
             return record, decode_lora(body, max_bytes=len(body))
-        bank = decode_bank(bank_blob)
+        bank = decode_bank(bank_blob, verify=False)  # decode_adapter checks it against the body's bank id
         adapter = decode_adapter(body, bank_resolver=lambda bank_id: bank if bank_id == record.bank_id else None)
         return record, adapter
 
+    def get_blob(self, tenant: str, name: str, *, include_bank: bool = True) -> tuple[AdapterRecord, bytes]:
+        """The stored version's record and its blob as `encode_adapter` (or `encode_lora`)
+        gives it, read as one consistent pair: the stored bytes, with the bank put back in
+        if asked, and no adapter decoded or validated on the way (downloads need none)."""
+        check_key("tenant", tenant)
+        check_key("name", name)
+        with self._guard("get_blob"):
+            record, body, bank_blob = self._read(tenant, name)
+        if record.bank_id and include_bank:
+            return record, attach_bank(body, bank_blob)
+        return record, body
+
     def get_record(self, tenant: str, name: str) -> AdapterRecord:
         """Metadata only: no tensor is read or decoded."""
-        validate_key("tenant", tenant)
-        validate_key("name", name)
+        check_key("tenant", tenant)
+        check_key("name", name)
         with self._guard("get_record"):
             return self._get_record(tenant, name)
 
     def get_version(self, tenant: str, name: str) -> int | None:
         """The stored version, or None if absent: one cheap lookup, for cache invalidation."""
-        validate_key("tenant", tenant)
-        validate_key("name", name)
+        check_key("tenant", tenant)
+        check_key("name", name)
         with self._guard("get_version"):
             return self._get_version(tenant, name)
 
     def list(self, tenant: str, *, after: str | None = None, limit: int = 100) -> Records:
         """One page of the tenant's adapters in name order (byte order), names > `after`.
         Pass the last name of a page as `after` to get the next page."""
-        validate_key("tenant", tenant)
+        check_key("tenant", tenant)
         if after is not None:
-            validate_key("after", after)
+            check_key("after", after)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIST_LIMIT:
             raise AdapterValidationError("limit", f"must be an integer in [1, {MAX_LIST_LIMIT}], got {limit!r}")
         with self._guard("list"):
@@ -217,14 +214,14 @@ class AdapterStore(ABC):
 
     def count(self, tenant: str) -> tuple[int, int]:
         """(number of adapters, sum of their `stored_bytes`), for quotas."""
-        validate_key("tenant", tenant)
+        check_key("tenant", tenant)
         with self._guard("count"):
             return self._count(tenant)
 
     def delete(self, tenant: str, name: str) -> None:
         """Remove the adapter (`AdapterNotFoundError` if absent) and release its bank."""
-        validate_key("tenant", tenant)
-        validate_key("name", name)
+        check_key("tenant", tenant)
+        check_key("name", name)
         with self._guard("delete"):
             self._delete(tenant, name)
 
@@ -238,42 +235,22 @@ class AdapterStore(ABC):
             raise BankNotFoundError("bank_id", f"bank {bank_id!r} is not stored")
         return blob
 
+    def tenant_uses_bank(self, tenant: str, bank_id: object) -> bool:
+        """Whether one of the tenant's adapters uses the bank: one lookup in an index the
+        backend keeps with every put and delete, so its cost does not grow with the
+        tenant's adapters. Banks are global and content addressed; a tenant may read (or
+        reference in an upload) only a bank that one of its own adapters uses, so a bank
+        id learnt elsewhere reveals nothing. A string that is no bank id: False."""
+        check_key("tenant", tenant)
+        if not isinstance(bank_id, str) or not _BANK_ID.fullmatch(bank_id):
+            return False
+        with self._guard("tenant_uses_bank"):
+            return self._tenant_uses_bank(tenant, bank_id)
+
     def has_bank(self, bank_id: str) -> bool:
         validate_bank_id(bank_id)
         with self._guard("has_bank"):
             return self._has_bank(bank_id)
-
-    def ping(self) -> None:
-        """Return if the storage answers, else raise `StoreUnavailableError`."""
-        with self._guard("ping"):
-            self._ping()
-
-    def close(self) -> None:
-        """Release connections. Later calls raise `StoreUnavailableError`."""
-        if not self._closed:
-            self._closed = True
-            self._breaker.stop()
-            self._close()
-
-    def __enter__(self) -> AdapterStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _guard(self, operation: str) -> Iterator[None]:
-        """Turn the driver's connection failures into `StoreUnavailableError`, and report
-        how long the storage took to `on_latency(operation, seconds)` (metrics)."""
-        if self._closed:
-            raise StoreUnavailableError("store", "the store is closed")
-        start = time.perf_counter()
-        try:
-            with self._breaker.call(lambda reason: StoreUnavailableError("store", reason)):
-                yield
-        finally:
-            if self.on_latency is not None:
-                self.on_latency(operation, time.perf_counter() - start)
 
     # -- what a backend implements (arguments already validated) --------------------------
 
@@ -315,13 +292,10 @@ class AdapterStore(ABC):
     def _delete(self, tenant: str, name: str) -> None: ...
 
     @abstractmethod
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool: ...
+
+    @abstractmethod
     def _get_bank(self, bank_id: str) -> bytes | None: ...
 
     @abstractmethod
     def _has_bank(self, bank_id: str) -> bool: ...
-
-    @abstractmethod
-    def _ping(self) -> None: ...
-
-    @abstractmethod
-    def _close(self) -> None: ...

@@ -8,6 +8,9 @@ so all keys of one tenant share a slot):
     p:a:{tenant}:versions   hash: name -> last version ever given (survives delete)
     p:a:{tenant}:names      sorted set, all scores 0: names in byte order, for paging
     p:a:{tenant}:bytes      integer: sum of stored_bytes of the tenant's adapters
+    p:a:{tenant}:banks      hash: bank_id -> how many of the tenant's adapters use it (the
+                            index behind `tenant_uses_bank`: one HEXISTS, whatever the
+                            number of adapters; kept by the same scripts as the records)
     p:b:<bank_id>           hash: data (encode_bank blob), and one field per reference,
                             r:<tenant>/<name>/<token> -> server time (ms) it was taken
 
@@ -62,6 +65,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
+from server.backends import REDIS_UNAVAILABLE_ERRORS, redis_client
+
 from ..errors import BankNotFoundError, StoreUnavailableError, VersionConflictError
 from .base import (
     Adapter,
@@ -69,12 +74,11 @@ from .base import (
     AdapterStore,
     Records,
     StoreQuota,
+    check_key,
     encode_for_store,
     not_found,
     quota_exceeded,
-    validate_key,
 )
-from .redis_url import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ return {'ok', redis.call('HSTRLEN', KEYS[1], 'data'), taken}
 """
 )
 
-# Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter.
+# Step 2. KEYS: adapter hash, versions hash, names zset, bytes counter, banks-in-use hash.
 # ARGV: name, expected version ('' = unconditional), bank_id, bank reference field,
 #       config JSON, body, bank blob length, now (unix s), reference time (ms, '' = no
 #       bank: a LoRA adapter), reference timeout (ms), max adapters ('' = no limit), max
@@ -142,11 +146,18 @@ redis.call('HSET', KEYS[1], 'version', version, 'bank_id', ARGV[3], 'bank_ref', 
            'updated', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, name)
 redis.call('INCRBY', KEYS[4], delta)
+-- The new bank's use first: a replacement with the same bank never drops it from the index.
+if ARGV[3] ~= '' then
+    redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+end
+if cur[2] and cur[2] ~= '' and redis.call('HINCRBY', KEYS[5], cur[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[5], cur[2])
+end
 return {'ok', version, created, cur[2], cur[3]}
 """
 )
 
-# Step 2 of a delete. KEYS: adapter hash, names zset, bytes counter. ARGV: name.
+# Step 2 of a delete. KEYS: adapter hash, names zset, bytes counter, banks-in-use hash. ARGV: name.
 # Returns false if absent, else {bank_id, reference} to drop.
 _DELETE_LUA = """
 local cur = redis.call('HMGET', KEYS[1], 'bank_id', 'bank_ref', 'body_bytes', 'bank_bytes')
@@ -159,6 +170,9 @@ if redis.call('ZCARD', KEYS[2]) == 0 then
     redis.call('DEL', KEYS[3])
 else
     redis.call('DECRBY', KEYS[3], tonumber(cur[3]) + tonumber(cur[4]))
+end
+if cur[1] ~= '' and redis.call('HINCRBY', KEYS[4], cur[1], -1) <= 0 then
+    redis.call('HDEL', KEYS[4], cur[1])
 end
 return {cur[1], cur[2]}
 """
@@ -208,7 +222,7 @@ class RedisAdapterStore(AdapterStore):
         super().__init__()
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisAdapterStore needs a client with decode_responses=False")
-        self.prefix = validate_key("prefix", prefix)
+        self.prefix = check_key("prefix", prefix)
         self._redis = client
         self._grace_ms = max(1, round(bank_grace_s * 1000))
         self._ref_timeout_ms = max(1, round(ref_timeout_s * 1000))
@@ -235,7 +249,12 @@ class RedisAdapterStore(AdapterStore):
         (`StoreUnavailableError` if no node answers). timeout: seconds for connecting and
         for each command."""
         options = {"decode_responses": False, "socket_timeout": timeout, "socket_connect_timeout": timeout}
-        return cls(redis_client(url, **options), prefix=prefix, bank_grace_s=bank_grace_s, ref_timeout_s=ref_timeout_s)
+        return cls(
+            redis_client(url, error=StoreUnavailableError, **options),
+            prefix=prefix,
+            bank_grace_s=bank_grace_s,
+            ref_timeout_s=ref_timeout_s,
+        )
 
     def __repr__(self) -> str:
         return f"RedisAdapterStore({self._redis!r}, prefix={self.prefix!r})"
@@ -279,10 +298,10 @@ class RedisAdapterStore(AdapterStore):
         benchmark). Each adapter is published atomically, as by `put`; the steps of all
         of them are pipelined, so the batch costs a few round trips instead of three per
         adapter (except on a cluster, whose client cannot pipeline scripts)."""
-        validate_key("tenant", tenant)
+        check_key("tenant", tenant)
         puts = []
         for name, adapter in adapters.items():
-            validate_key("name", name)
+            check_key("name", name)
             puts.append(_Put(name, None, *encode_for_store(adapter)))
         now = time.time()
         with self._guard("put_many"):
@@ -310,7 +329,7 @@ class RedisAdapterStore(AdapterStore):
         calls = []
         for put, ref, (_, bank_bytes, taken_ms) in zip(puts, refs, taken, strict=True):
             keys = [self._adapter_key(tenant, put.name)] + [
-                self._tenant_key(tenant, suffix) for suffix in ("versions", "names", "bytes")
+                self._tenant_key(tenant, suffix) for suffix in ("versions", "names", "bytes", "banks")
             ]
             expected = "" if put.expected_version is None else str(put.expected_version)
             args = [put.name, expected, put.bank_id, ref, put.config_json, put.body, bank_bytes, repr(now)]
@@ -402,6 +421,7 @@ class RedisAdapterStore(AdapterStore):
             self._adapter_key(tenant, name),
             self._tenant_key(tenant, "names"),
             self._tenant_key(tenant, "bytes"),
+            self._tenant_key(tenant, "banks"),
         ]
         reply = self._delete_script(keys=keys, args=[name])
         if reply is None:
@@ -409,6 +429,9 @@ class RedisAdapterStore(AdapterStore):
         bank_id, ref = reply
         if bank_id:
             self._release([(bank_id.decode(), ref)])
+
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool:
+        return bool(self._redis.hexists(self._tenant_key(tenant, "banks"), bank_id))
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         return self._live_bank_script(keys=[self._bank_key(bank_id)])

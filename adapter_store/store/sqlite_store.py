@@ -1,6 +1,6 @@
 """The embedded store: one SQLite file, so a machine with no Redis still serves.
 
-Connections and write transactions come from `adapter_store.sqlite_db` (WAL, a connection
+Connections and write transactions come from `server.backends.sqlite_db` (WAL, a connection
 per thread, `BEGIN IMMEDIATE` writes); every read is one SQL statement, so it sees one
 committed version.
 """
@@ -12,8 +12,9 @@ import os
 import sqlite3
 from pathlib import Path
 
+from server.backends import SQLiteDatabase
+
 from ..errors import VersionConflictError
-from ..sqlite_db import SQLiteDatabase
 from .base import AdapterRecord, AdapterStore, Records, StoreQuota, not_found, quota_exceeded
 
 SCHEMA = """
@@ -28,6 +29,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     updated REAL NOT NULL,
     PRIMARY KEY (tenant, name)
 );
+-- "Does this tenant use bank X" (may it read the bank, reference it in an upload) is one
+-- index lookup, whatever the number of the tenant's adapters.
+CREATE INDEX IF NOT EXISTS adapters_by_bank ON adapters (tenant, bank_id);
 -- Survives delete, so a re-put name continues from a higher version.
 CREATE TABLE IF NOT EXISTS versions (
     tenant TEXT NOT NULL,
@@ -177,6 +181,10 @@ class SQLiteAdapterStore(AdapterStore):
             conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
             if row[0]:
                 _release_bank(conn, row[0])
+
+    def _tenant_uses_bank(self, tenant: str, bank_id: str) -> bool:
+        query = "SELECT 1 FROM adapters WHERE tenant = ? AND bank_id = ? LIMIT 1"
+        return self._db.conn().execute(query, (tenant, bank_id)).fetchone() is not None
 
     def _get_bank(self, bank_id: str) -> bytes | None:
         row = self._db.conn().execute("SELECT data FROM banks WHERE bank_id = ?", (bank_id,)).fetchone()

@@ -29,8 +29,6 @@ from adapter_store import (
     decode_adapter,
     decode_bank,
     decode_lora,
-    encode_adapter,
-    encode_lora,
     read_metadata,
 )
 from adapter_store.codec import save_safetensors
@@ -51,6 +49,7 @@ from .errors import APIError
 from .schemas import AdapterInfo
 
 ExportFormat = Literal["native", "peft", "lora"]
+CheckpointFormat = Literal["peft", "lora"]
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 PAGE = 1000  # the store's largest page
 
@@ -99,19 +98,14 @@ def check_servable(adapter: VBLoRAAdapter | LoRAAdapter, services: Services) -> 
         )
 
 
-def export(adapter: VBLoRAAdapter | LoRAAdapter, fmt: ExportFormat, *, omit_bank: bool) -> bytes:
-    """native: our blob (optionally without its bank, for a client that holds it);
-    peft: the PEFT VB-LoRA checkpoint; lora: the equivalent plain LoRA. Both checkpoints
-    are zips of `adapter_config.json` + `adapter_model.safetensors`. Each format gives one
-    adapter the same bytes on every call (`save_safetensors`, and a fixed time in the zip).
-    A LoRA adapter has no bank and no VB-LoRA form: native is its LoRA blob, and peft and
-    lora are both its PEFT LoRA checkpoint."""
+def export_checkpoint(adapter: VBLoRAAdapter | LoRAAdapter, fmt: CheckpointFormat) -> bytes:
+    """peft: the PEFT VB-LoRA checkpoint; lora: the equivalent plain LoRA. Both are zips
+    of `adapter_config.json` + `adapter_model.safetensors`, the same bytes on every call
+    (`save_safetensors`, and a fixed time in the zip). A LoRA adapter has no VB-LoRA form:
+    peft and lora are both its PEFT LoRA checkpoint. (The native format needs no export:
+    the store hands out its canonical bytes, `AdapterStore.get_blob`.)"""
     if isinstance(adapter, LoRAAdapter):
-        if fmt == "native":
-            return encode_lora(adapter)
         config, tensors = export_peft_lora(adapter)
-    elif fmt == "native":
-        return encode_adapter(adapter, include_bank=not omit_bank)
     else:
         config, tensors = export_peft(adapter) if fmt == "peft" else export_lora(adapter)
     buffer = io.BytesIO()
@@ -151,13 +145,6 @@ def iter_records(store: AdapterStore, tenant: str) -> Iterator[AdapterRecord]:
         after = page[-1].name
 
 
-def tenant_uses_bank(store: AdapterStore, tenant: str, bank_id: str) -> bool:
-    """Banks are global and content addressed; a tenant may read (or reference in an
-    upload) only a bank that one of its own adapters uses, so a bank id learnt elsewhere
-    reveals nothing."""
-    return any(r.bank_id == bank_id for r in iter_records(store, tenant))
-
-
 def repr_digest(content: bytes) -> str:
     """The `Repr-Digest` header's value (RFC 9530) for `content`: its SHA-256."""
     return f"sha-256=:{base64.b64encode(hashlib.sha256(content).digest()).decode()}:"
@@ -175,9 +162,10 @@ def _decode_native(store: AdapterStore, tenant: str, blob: bytes, limit: int) ->
         return decode_lora(blob, max_bytes=limit)
 
     def resolve_bank(bank_id: str) -> torch.Tensor | None:
-        if not tenant_uses_bank(store, tenant, bank_id):
+        if not store.tenant_uses_bank(tenant, bank_id):
             return None
-        return decode_bank(store.get_bank(bank_id))
+        # decode_adapter hashes the resolved bank (once) and refuses a mismatch.
+        return decode_bank(store.get_bank(bank_id), verify=False)
 
     return decode_adapter(blob, bank_resolver=resolve_bank, max_bytes=limit)
 

@@ -12,19 +12,18 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from adapter_store import AdapterNotFoundError
-from adapter_store.store import validate_key
+from server.backends import validate_key
 from server.tenancy import withdraw_adapter
 
 from .adapter_io import (
     ExportFormat,
     check_servable,
     etag_matches,
-    export,
+    export_checkpoint,
     info,
     parse_upload,
     read_body,
     repr_digest,
-    tenant_uses_bank,
 )
 from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError
@@ -108,8 +107,11 @@ def get_adapter_content(
         raise AdapterNotFoundError("name", f"no adapter {name!r}")
     if etag_matches(if_none_match, _etag(version)):
         return Response(status_code=304, headers={"ETag": _etag(version)})
-    record, adapter = services.store.get(tenant, name)
-    content = export(adapter, fmt, omit_bank=omit_bank)
+    if fmt == "native":  # the stored bytes are canonical already: nothing to decode
+        record, content = services.store.get_blob(tenant, name, include_bank=not omit_bank)
+    else:
+        record, adapter = services.store.get(tenant, name)
+        content = export_checkpoint(adapter, fmt)
     return Response(
         content,
         media_type=_MEDIA[fmt],
@@ -132,7 +134,7 @@ def delete_adapter(name: str, services: ServicesDep, tenant: TenantDep) -> Respo
 def get_bank(bank_id: str, services: ServicesDep, tenant: TenantDep, if_none_match: IfNoneMatch = None) -> Response:
     """A vector bank, for a client that pulls adapters with `omit_bank=true`. Only banks
     that one of the caller's adapters uses are visible."""
-    if not tenant_uses_bank(services.store, tenant, bank_id):
+    if not services.store.tenant_uses_bank(tenant, bank_id):
         raise APIError("not_found", f"none of your adapters uses bank {bank_id!r}", "bank_id")
     etag = f'"{bank_id}"'
     # Content addressed: the bytes behind an id never change.

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store.errors import FieldError
+from server.backends import FieldError
 from server.engine import EngineError
 
 from .schemas import NOT_SUPPORTED

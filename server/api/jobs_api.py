@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from adapter_store import AdapterError, AdapterNotFoundError, QuotaExceededError
-from adapter_store.store import AdapterStore, StoreQuota, validate_key
+from adapter_store.store import AdapterStore, StoreQuota
 from adapter_store.store.base import quota_exceeded
 from adapter_store.untrusted_json import load_untrusted_json
+from server.backends import validate_key
 from server.training import (
     DatasetError,
     HyperparameterError,

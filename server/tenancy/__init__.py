@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
-from adapter_store.store import StoreQuota, is_redis_url
+from adapter_store.store import StoreQuota
+from server.backends import parse_backend_url
 from server.settings import Settings
 
 from .deletion import delete_tenant, withdraw_adapter
@@ -54,20 +55,20 @@ __all__ = [
 def open_tenant_registry(settings: Settings) -> TenantRegistry:
     """The registry beside the adapter store: the same Redis, or `tenants.db` beside the
     SQLite store."""
-    url = settings.url_beside_store("tenants.db")
+    where = parse_backend_url(settings.url_beside_store("tenants.db"), "store_url")
     pepper = settings.key_pepper.get_secret_value().encode() if settings.key_pepper else None
-    if is_redis_url(url):
-        return RedisTenantRegistry.from_url(url, prefix=settings.redis_prefix, pepper=pepper)
-    return SQLiteTenantRegistry(url.removeprefix("sqlite:///"), pepper=pepper)
+    if where.kind == "redis":
+        return RedisTenantRegistry.from_url(where.url, prefix=settings.redis_prefix, pepper=pepper)
+    return SQLiteTenantRegistry(where.path, pepper=pepper)
 
 
 def open_rate_limiter(settings: Settings) -> RateLimiter:
     """The request-rate limiter beside the tenant registry: token buckets in the same Redis
     (same prefix), shared by every replica, or in this process on the SQLite deployment.
     The caller closes it. A cluster URL connects at once (raises if no node answers)."""
-    url = settings.url_beside_store("tenants.db")
-    if is_redis_url(url):
-        return RedisRateLimiter.from_url(url, prefix=settings.redis_prefix)
+    where = parse_backend_url(settings.url_beside_store("tenants.db"), "store_url")
+    if where.kind == "redis":
+        return RedisRateLimiter.from_url(where.url, prefix=settings.redis_prefix)
     return RateLimiter()
 
 

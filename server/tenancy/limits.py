@@ -32,8 +32,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from adapter_store.breaker import CircuitBreaker
-from adapter_store.store import StoreQuota, redis_client, validate_key
+from adapter_store.store import StoreQuota
+from server.backends import CircuitBreaker, redis_client, validate_key
 
 BURST_SECONDS = 2.0  # a tenant may send this many seconds' worth of requests at once
 

@@ -14,10 +14,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,15 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from adapter_store.breaker import CircuitBreaker
-from adapter_store.errors import FieldError
-from adapter_store.sqlite_db import SQLiteDatabase
-from adapter_store.store import REDIS_UNAVAILABLE_ERRORS, redis_client, validate_key
+from server.backends import (
+    REDIS_UNAVAILABLE_ERRORS,
+    Backend,
+    BackendUnavailableError,
+    FieldError,
+    SQLiteDatabase,
+    redis_client,
+    validate_key,
+)
 
 from .keys import DEFAULT_PEPPER, hash_key, key_id_of, key_matches, new_key
 
@@ -46,7 +49,7 @@ class TenantExistsError(TenancyError):
     kind = "conflict"
 
 
-class RegistryUnavailableError(TenancyError):
+class RegistryUnavailableError(TenancyError, BackendUnavailableError):
     kind = "unavailable"
 
 
@@ -107,18 +110,20 @@ OUTAGE_GRACE_S = 300.0
 OUTAGE_CACHE_KEYS = 10_000
 
 
-class TenantRegistry(ABC):
-    """Thread-safe. Every method may raise `RegistryUnavailableError`."""
+class TenantRegistry(Backend):
+    """Thread-safe. Every method may raise `RegistryUnavailableError`. The circuit breaker
+    of `Backend` makes authentication fall back at once, while the backend hangs, to the
+    keys confirmed before the outage, not after 5 s."""
 
-    unavailable_errors: tuple[type[BaseException], ...] = ()
+    backend = "tenants"
+    description = "tenant registry"
+    unavailable_error = RegistryUnavailableError
 
     def __init__(self, pepper: bytes | None = None) -> None:
+        super().__init__()
         self._pepper = pepper or DEFAULT_PEPPER
         self._confirmed: OrderedDict[str, tuple[Tenant, float]] = OrderedDict()  # key hash -> (tenant, when)
         self._confirmed_lock = threading.Lock()
-        self._breaker = CircuitBreaker(
-            lambda: self._get("tenant", "-"), self.unavailable_errors, name="tenant registry"
-        )
 
     # -- tenants -----------------------------------------------------------------------
 
@@ -252,23 +257,10 @@ class TenantRegistry(ABC):
         with self._confirmed_lock:  # not even an outage may bring it back
             self._confirmed.pop(key.key_hash, None)
 
-    # -- lifecycle ----------------------------------------------------------------------
-
-    def ping(self) -> None:
-        with self._guard():
-            self._get("tenant", "-")
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        # Fail fast while the backend hangs (see adapter_store/breaker.py): authentication
-        # then falls back to the keys confirmed before the outage at once, not after 5 s.
-        with self._breaker.call(lambda reason: RegistryUnavailableError("tenants", reason)):
-            yield
-
     # -- what a backend implements: documents (JSON text) by collection and id ----------
+
+    def _ping(self) -> None:
+        self._get("tenant", "-")
 
     @abstractmethod
     def _insert(self, collection: str, doc_id: str, doc: str) -> bool:
@@ -328,7 +320,7 @@ class RedisTenantRegistry(TenantRegistry):
     def _remove(self, collection: str, doc_id: str) -> bool:
         return bool(self._redis.hdel(self._key(collection), doc_id))
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._redis.close()
 
 
@@ -379,5 +371,5 @@ class SQLiteTenantRegistry(TenantRegistry):
             cursor = conn.execute("DELETE FROM documents WHERE collection = ? AND id = ?", (collection, doc_id))
             return cursor.rowcount == 1
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._db.close()

@@ -1,11 +1,10 @@
-"""Typed errors of fine-tuning. Like `adapter_store.errors`, each names the field at fault
+"""Typed errors of fine-tuning. Like every `server.backends.FieldError`, each names the field at fault
 and why, and carries a stable `kind` that the HTTP layer maps to a status, so no route
 parses messages."""
 
 from __future__ import annotations
 
-from adapter_store.errors import AdapterValidationError, FieldError
-from adapter_store.store import validate_key
+from server.backends import FieldError, validate_key
 
 
 class TrainingError(FieldError):
@@ -55,7 +54,4 @@ class UnknownFileError(TrainingError):
 def check_key(field_name: str, value: object) -> str:
     """`validate_key` (a tenant, adapter or worker name that is safe as a storage key),
     refusing with a `TrainingError` naming the field."""
-    try:
-        return validate_key(field_name, value)
-    except AdapterValidationError as exc:
-        raise TrainingError(exc.field, exc.reason) from None
+    return validate_key(field_name, value, error=TrainingError)

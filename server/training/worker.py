@@ -53,13 +53,13 @@ from adapter_store import (
     AdapterNotFoundError,
     AdapterStore,
     QuotaExceededError,
-    StoreUnavailableError,
     open_store,
 )
 from adapter_store.store import AdapterRecord, StoreQuota
+from server.backends import BackendUnavailableError
 from server.engine.model_loader import load_model, resolve_device, resolve_dtype
 from server.settings import Settings, get_settings
-from server.tenancy import RegistryUnavailableError, open_tenant_registry, store_quota, withdraw_adapter
+from server.tenancy import open_tenant_registry, store_quota, withdraw_adapter
 
 from .errors import JobNotFoundError, TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
@@ -110,7 +110,7 @@ class Worker:
         while not stop.is_set():
             try:
                 job = self.queue.claim(self.worker_id, poll_s)
-            except StoreUnavailableError as exc:
+            except BackendUnavailableError as exc:
                 log.warning("job queue unavailable: %s", exc)
                 stop.wait(poll_s)
                 continue
@@ -126,7 +126,7 @@ class Worker:
         with _Lease(self.queue, job) as lease:
             try:
                 self._run(job, lease, stop)
-            except StoreUnavailableError as exc:  # could not even record the outcome
+            except BackendUnavailableError as exc:  # could not even record the outcome
                 log.warning("job %s: %s; its lease will lapse and it runs again", job.id, exc)
 
     def _run(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
@@ -143,7 +143,7 @@ class Worker:
                 self.queue.finish(job, JobState.CANCELLED)
             else:
                 self.queue.retry(job, "the worker shut down", count_attempt=False)
-        except (StoreUnavailableError, RegistryUnavailableError) as exc:  # the tenant quota is read at publish
+        except BackendUnavailableError as exc:  # the tenant quota is read at publish
             log.warning("job %s: %s; queued again", job.id, exc)
             self.queue.retry(job, str(exc))
         except QuotaExceededError as exc:
@@ -228,7 +228,7 @@ class _Lease:
     def beat(self) -> None:
         try:
             hb = self.queue.heartbeat(self.job)
-        except StoreUnavailableError as exc:
+        except BackendUnavailableError as exc:
             log.warning("heartbeat of %s failed: %s", self.job.id, exc)
             return
         self.lost = self.lost or not hb.owned
@@ -264,7 +264,7 @@ class _Reporter:
         try:
             if not self.queue.report(self.job, JobEvent(step, total, loss, tokens_per_s, val_loss, now)):
                 self.lease.lost = True
-        except StoreUnavailableError as exc:  # progress is best effort; the lease decides ownership
+        except BackendUnavailableError as exc:  # progress is best effort; the lease decides ownership
             log.warning("progress of %s not recorded: %s", self.job.id, exc)
 
 

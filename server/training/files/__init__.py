@@ -5,7 +5,7 @@ Redis, or the same SQLite file as the queue), with one contract test suite for b
 
 from __future__ import annotations
 
-from adapter_store.store import is_redis_url
+from server.backends import parse_backend_url
 from server.settings import Settings
 
 from ..jobs import jobs_url
@@ -33,9 +33,8 @@ def file_limits(settings: Settings) -> FileLimits:
 
 
 def open_file_store(settings: Settings) -> FileStore:
-    """The file store beside the job queue: on the queue's Redis, or in its SQLite file
-    (`open_job_queue` has already refused any other URL)."""
-    url = jobs_url(settings)
-    if is_redis_url(url):
-        return RedisFileStore.from_url(url, prefix=settings.redis_prefix, limits=file_limits(settings))
-    return SQLiteFileStore(url.removeprefix("sqlite:///"), limits=file_limits(settings))
+    """The file store beside the job queue: on the queue's Redis, or in its SQLite file."""
+    where = parse_backend_url(jobs_url(settings), "jobs_url")
+    if where.kind == "redis":
+        return RedisFileStore.from_url(where.url, prefix=settings.redis_prefix, limits=file_limits(settings))
+    return SQLiteFileStore(where.path, limits=file_limits(settings))

@@ -13,14 +13,11 @@ from __future__ import annotations
 import time
 import unicodedata
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import abstractmethod
 from dataclasses import dataclass
 
-from adapter_store import AdapterValidationError, QuotaExceededError, StoreUnavailableError
-from adapter_store.breaker import CircuitBreaker
-from adapter_store.store import validate_key
+from adapter_store import QuotaExceededError
+from server.backends import Backend, BackendInputError, validate_key
 
 from ..errors import DatasetError, DatasetTooLargeError, TrainingError, UnknownFileError, check_key
 
@@ -63,7 +60,7 @@ def validate_file_id(file_id: object) -> str:
         raise file_not_found(file_id)
     try:
         return validate_key("file_id", file_id)
-    except AdapterValidationError:
+    except BackendInputError:
         raise file_not_found(file_id) from None
 
 
@@ -75,17 +72,16 @@ def files_quota_exceeded(what: str, limits: FileLimits) -> QuotaExceededError:
     )
 
 
-class FileStore(ABC):
+class FileStore(Backend):
     """Uploaded files, per tenant. Synchronous and thread-safe. Every method may raise
-    `StoreUnavailableError`."""
+    `BackendUnavailableError("files")`."""
 
-    unavailable_errors: tuple[type[BaseException], ...] = ()
+    backend = "files"
+    description = "file store"
 
     def __init__(self, limits: FileLimits) -> None:
+        super().__init__()
         self.limits = limits
-        self._closed = False
-        # Fail fast while the storage hangs, as the adapter store does (adapter_store/breaker.py).
-        self._breaker = CircuitBreaker(self._ping, self.unavailable_errors, name="file store")
 
     def put(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:
         """Store `content` as a new file of `tenant`. Raises `QuotaExceededError` on `file`
@@ -159,29 +155,6 @@ class FileStore(ABC):
                     removed += self._delete(tenant, record.id)
         return removed
 
-    def ping(self) -> None:
-        with self._guard():
-            self._ping()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._breaker.stop()
-            self._close()
-
-    def __enter__(self) -> FileStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        if self._closed:
-            raise StoreUnavailableError("files", "the file store is closed")
-        with self._breaker.call(lambda reason: StoreUnavailableError("files", reason)):
-            yield
-
     # -- what a backend implements (arguments already validated) --------------------------
 
     @abstractmethod
@@ -201,12 +174,6 @@ class FileStore(ABC):
     @abstractmethod
     def _delete(self, tenant: str, file_id: str) -> bool:
         """True if the tenant had the file."""
-
-    @abstractmethod
-    def _ping(self) -> None: ...
-
-    @abstractmethod
-    def _close(self) -> None: ...
 
 
 def _check_filename(filename: object) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import redis
 from redis.cluster import RedisCluster
 
-from adapter_store.store import REDIS_UNAVAILABLE_ERRORS, redis_client
+from server.backends import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 from .base import FileLimits, FileRecord, FileStore, files_quota_exceeded
 

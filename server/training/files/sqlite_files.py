@@ -1,5 +1,5 @@
 """Uploaded files in a local SQLite file, beside the embedded job queue (same database
-helper, `adapter_store.sqlite_db`): every write is one `BEGIN IMMEDIATE` transaction, so
+helper, `server.backends.sqlite_db`): every write is one `BEGIN IMMEDIATE` transaction, so
 the quota check and the insert are one atomic step."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from adapter_store.sqlite_db import SQLiteDatabase
+from server.backends import SQLiteDatabase
 
 from .base import FileLimits, FileRecord, FileStore, files_quota_exceeded
 

@@ -17,8 +17,7 @@ contract test suite runs against both.
 
 from __future__ import annotations
 
-from adapter_store import AdapterValidationError
-from adapter_store.store import is_redis_url
+from server.backends import parse_backend_url
 from server.settings import Settings
 
 from .base import ClaimedJob, Heartbeat, JobEvent, JobQueue, JobRecord, JobState, QueueLimits
@@ -59,16 +58,9 @@ def jobs_url(settings: Settings) -> str:
 
 
 def open_job_queue(url: str, *, redis_prefix: str = "vbs", limits: QueueLimits | None = None) -> JobQueue:
-    """Open the queue a URL names: `redis://`/`rediss://`, `redis+cluster://`/
-    `rediss+cluster://` (Redis Cluster), or `sqlite:///path` / a plain path."""
-    if not isinstance(url, str) or not url:
-        raise AdapterValidationError("jobs_url", "must be a non-empty string")
-    if is_redis_url(url):
+    """Open the queue a URL names (see `server.backends.urls`); a bad URL raises
+    `BackendInputError` on `jobs_url`."""
+    where = parse_backend_url(url, "jobs_url")
+    if where.kind == "redis":
         return RedisJobQueue.from_url(url, prefix=redis_prefix, limits=limits)
-    path = url.removeprefix("sqlite:///")
-    if "://" in path or not path or path == ":memory:":
-        raise AdapterValidationError(
-            "jobs_url",
-            f"unsupported job queue URL {url!r}: use redis://, rediss://, redis+cluster:// or sqlite:///",
-        )
-    return SQLiteJobQueue(path, limits=limits)
+    return SQLiteJobQueue(where.path, limits=limits)

@@ -27,15 +27,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import abstractmethod
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from adapter_store import AdapterValidationError, StoreUnavailableError
-from adapter_store.store import validate_key
+from server.backends import Backend, BackendInputError, validate_key
 
 from ..errors import DatasetError, DatasetTooLargeError, JobNotFoundError, TrainingError, check_key
 from ..hyperparams import TrainingHyperparameters
@@ -149,7 +146,7 @@ def validate_job_id(job_id: object) -> str:
         raise JobNotFoundError("job_id", f"no job {job_id!r}")
     try:
         validate_key("job_id", job_id)
-    except AdapterValidationError:
+    except BackendInputError:
         raise JobNotFoundError("job_id", f"no job {job_id!r}") from None
     return job_id
 
@@ -162,15 +159,19 @@ def unknown_cursor(after: object) -> TrainingError:
     return TrainingError("after", f"no job {after!r} of yours to page after (or it has expired)")
 
 
-class JobQueue(ABC):
+class JobQueue(Backend):
     """A durable queue of fine-tuning jobs, shared by API processes and workers.
-    Thread-safe. Every method may raise `StoreUnavailableError`."""
+    Thread-safe. Every method may raise `BackendUnavailableError("jobs")`."""
 
-    unavailable_errors: tuple[type[BaseException], ...] = ()
+    backend = "jobs"
+    description = "job queue"
+    # No circuit breaker: no request that serves tokens waits on the queue, and a worker's
+    # `claim` blocks up to a second by design (a slow call that is no hang).
+    fail_fast = False
 
     def __init__(self, limits: QueueLimits) -> None:
+        super().__init__()
         self.limits = limits
-        self._closed = False
 
     # -- tenant side ----------------------------------------------------------------------
 
@@ -328,32 +329,6 @@ class JobQueue(ABC):
         with self._guard():
             return self._retry(job, error, count_attempt, time.time())
 
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def ping(self) -> None:
-        with self._guard():
-            self._ping()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._close()
-
-    def __enter__(self) -> JobQueue:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        if self._closed:
-            raise StoreUnavailableError("jobs", "the job queue is closed")
-        try:
-            yield
-        except self.unavailable_errors as exc:
-            raise StoreUnavailableError("jobs", f"{type(exc).__name__}: {exc}") from exc
-
     # -- what a backend implements ------------------------------------------------------
 
     @abstractmethod
@@ -399,12 +374,6 @@ class JobQueue(ABC):
 
     @abstractmethod
     def _retry(self, job: ClaimedJob, error: str, count_attempt: bool, now: float) -> bool: ...
-
-    @abstractmethod
-    def _ping(self) -> None: ...
-
-    @abstractmethod
-    def _close(self) -> None: ...
 
 
 def event_json(event: JobEvent) -> str:

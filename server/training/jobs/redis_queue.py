@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from adapter_store.store import REDIS_UNAVAILABLE_ERRORS, redis_client
+from server.backends import REDIS_UNAVAILABLE_ERRORS, redis_client
 
 from ..errors import JobStateError, TooManyJobsError
 from .base import (
@@ -285,7 +285,7 @@ class RedisJobQueue(JobQueue):
     ) -> RedisJobQueue:
         """`redis://`/`rediss://` (one server, connected lazily) or `redis+cluster://`/
         `rediss+cluster://` (a Redis Cluster, connected at once to learn its slot map;
-        `StoreUnavailableError` on `jobs_url` if no node answers)."""
+        `BackendUnavailableError` on `jobs_url` if no node answers)."""
         client = redis_client(
             url,
             field="jobs_url",

@@ -1,6 +1,6 @@
 """The embedded job queue: one SQLite file, for a machine with no Redis.
 
-Connections and transactions come from `adapter_store.sqlite_db`, as for the SQLite
+Connections and transactions come from `server.backends.sqlite_db`, as for the SQLite
 adapter store: every write is one `BEGIN IMMEDIATE` transaction, so two workers never
 claim the same job. The
 lease is a `lease_until` timestamp the heartbeat pushes forward; a running job whose
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from adapter_store.sqlite_db import SQLiteDatabase
+from server.backends import SQLiteDatabase
 
 from ..errors import JobStateError, TooManyJobsError
 from .base import (

@@ -1,5 +1,5 @@
-"""One SQLite file shared by many threads: the part the adapter store and the job queue
-have in common.
+"""One SQLite file shared by many threads: what the SQLite adapter store, job queue, file
+store and tenant registry have in common.
 
 WAL mode lets readers run beside the one writer; every write is one `BEGIN IMMEDIATE`
 transaction (it takes the write lock up front, so two writers never both read an old row
