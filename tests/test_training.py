@@ -29,7 +29,15 @@ from server.training import (
     train_adapter,
 )
 from server.training.data import IGNORE_INDEX, Example
-from server.training.trainer import VBLoRAParameters, collate, lora_hooks, loss_sum, plan_batches, target_count
+from server.training.trainer import (
+    Progress,
+    VBLoRAParameters,
+    collate,
+    lora_hooks,
+    loss_sum,
+    plan_batches,
+    target_count,
+)
 from tests.conftest import byte_tokenizer, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,12 +89,10 @@ TASK_HP = TrainingHyperparameters(
 async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
     model, tok = task_model(), byte_tokenizer()
     job = prepare_job(model_shapes(model), tok, TASK_HP, TASK_FILE)
-    progress: list[tuple] = []
-    result = train_adapter(
-        model, job.train, TASK_HP, job.config, on_progress=lambda *args: progress.append(args), pad_token_id=0
-    )
-    losses = [p[2] for p in progress]
-    assert [p[0] for p in progress] == list(range(1, 121)) and all(p[1] == 120 for p in progress)
+    progress: list[Progress] = []
+    result = train_adapter(model, job.train, TASK_HP, job.config, on_progress=progress.append, pad_token_id=0)
+    losses = [p.loss for p in progress]
+    assert [p.step for p in progress] == list(range(1, 121)) and all(p.total_steps == 120 for p in progress)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
     assert result.steps == 120 and result.train_loss == losses[-1] and result.tokens_per_s > 0
     assert result.adapter.weights.dtype == torch.float16  # save_dtype default
@@ -221,14 +227,13 @@ def test_validation_loss_per_epoch_and_cancellation() -> None:
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
     job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
-    seen: list[tuple] = []
-    result = train_adapter(
-        model, job.train, hp, job.config, val_examples=job.validation, on_progress=lambda *a: seen.append(a)
-    )
+    seen: list[Progress] = []
+    result = train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
     # 4 rows, batch 2: two steps per epoch, validation after each epoch.
-    assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6]
-    assert [s[4] is not None for s in seen] == [False, True] * 3
-    assert result.val_loss == seen[-1][4] and seen[-1][4] < seen[1][4]
+    assert [s.step for s in seen] == [1, 2, 3, 4, 5, 6]
+    assert [s.val_loss is not None for s in seen] == [False, True] * 3
+    assert result.val_loss == seen[-1].val_loss and seen[-1].val_loss < seen[1].val_loss
+    assert result.best_step == seen[-1].best_step == 6 and not result.stopped_early
 
     calls = 0
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapter_store import AdapterConfig, AdapterValidationError, ModuleSpec
 from adapter_store.config import MAX_NUM_VECTORS, MAX_RANK, MAX_TOPK, MAX_VECTOR_LENGTH
+from adapter_store.store import validate_key
 
 from .errors import HyperparameterError
 
@@ -25,6 +26,9 @@ from .errors import HyperparameterError
 # is 2 GiB in all, the most a job may hold beside the model.
 MAX_LOGITS = 1 << 27
 MAX_SEQ_LEN = 32768
+# Greedy generation of one validation row costs a forward per completion token: this
+# bounds what the exact-match metric adds to each validation.
+MAX_EXACT_MATCH_ROWS = 256
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
@@ -52,6 +56,24 @@ class TrainingHyperparameters(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     save_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     truncation: Literal["refuse", "truncate"] = "refuse"
+    # Evaluation inside the job (needs a validation file): validation loss every
+    # `eval_steps` optimizer steps (None: after every epoch) and at the last step; the
+    # adapter published is the checkpoint with the lowest validation loss.
+    eval_steps: int | None = Field(None, ge=1, le=1_000_000)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1000, description="Stop after this many validations without a lower validation loss"
+    )
+    eval_exact_match_rows: int = Field(
+        0,
+        ge=0,
+        le=MAX_EXACT_MATCH_ROWS,
+        description="Validation rows generated greedily at each validation: the share whose completion comes "
+        "out token for token is reported as exact match",
+    )
+    # A frozen shared bank: train only the logits (indices and weights) against a bank one
+    # of the tenant's adapters already uses, so the published adapter shares that bank.
+    bank_id: str | None = Field(None, pattern=r"^sha256-[0-9a-f]{40}$", description="Train against this bank, frozen")
+    bank_of: str | None = Field(None, description="Train against the bank of this adapter of yours, frozen")
 
     @field_validator("target_modules")
     @classmethod
@@ -63,11 +85,31 @@ class TrainingHyperparameters(BaseModel):
             raise ValueError("names must be unique")
         return names
 
+    @field_validator("bank_of")
+    @classmethod
+    def _adapter_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            try:
+                validate_key("bank_of", name)
+            except AdapterValidationError as exc:
+                raise ValueError(exc.reason) from None
+        return name
+
     @model_validator(mode="after")
     def _topk_within_bank(self) -> TrainingHyperparameters:
         if self.topk > self.num_vectors:
             raise ValueError(f"topk {self.topk} exceeds num_vectors {self.num_vectors}")
+        if self.bank_id is not None and self.bank_of is not None:
+            raise HyperparameterError("hyperparameters.bank_of", "give bank_id or bank_of, not both")
         return self
+
+    def check_validation(self, has_validation_file: bool) -> None:
+        """Evaluation settings need validation rows: refuse them without a validation file."""
+        if has_validation_file:
+            return
+        for name in ("eval_steps", "early_stopping_patience", "eval_exact_match_rows"):
+            if getattr(self, name):
+                raise HyperparameterError(f"hyperparameters.{name}", "needs a validation_file")
 
     @classmethod
     def parse(cls, data: object) -> TrainingHyperparameters:
