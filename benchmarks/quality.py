@@ -207,6 +207,8 @@ def train_peft(peft_model, groups: list[dict], train: list[Example], steps: int,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if step % 20 == 0:
+                    log(f"  step {step}/{steps}")
                 if step == steps:
                     break
             epoch += 1
@@ -304,6 +306,7 @@ async def run_all(
             answers = generate(model, tokenizer, task.test, answer_tokens(tokenizer, task))
             results[task.name]["base"] = {"score": score(answers, task.test), "bytes": 0,
                                           "wall_s": time.perf_counter() - started}  # fmt: skip
+            log(f"{task.name}: base {results[task.name]['base']}")
         train = parse_jsonl(jsonl(task.train), tokenizer, max_seq_len=settings.training_max_batch_tokens)
         for kind in ("lora", "peft_vblora"):
             if kind in methods:
@@ -356,6 +359,8 @@ def report(results: dict[str, dict[str, dict]], header: str) -> dict:
             print(f"{task:<9}{method:<17}{r['score']:>12.3f}{r['bytes']:>11,}{pull:>12,}{r['wall_s']:>9.1f}")
             summary[f"{task}_{method}"] = round(r["score"], 4)
             summary[f"{task}_{method}_bytes"] = r["bytes"]
+            if "pull_bytes" in r:
+                summary[f"{task}_{method}_pull_bytes"] = r["pull_bytes"]
             summary[f"{task}_{method}_wall_s"] = round(r["wall_s"], 1)
     ran = set.intersection(*(set(m) for m in results.values()))
     if {"lora", "vbserve_default"} <= ran:

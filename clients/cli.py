@@ -281,6 +281,8 @@ def _metrics(event: JobEvent) -> str:
     text = f"loss {event.loss:.4f}"
     if event.val_loss is not None:
         text += f", val loss {event.val_loss:.4f}"
+    if event.val_exact_match is not None:
+        text += f", exact match {event.val_exact_match:.3f}"
     return f"{text}, {event.tokens_per_s:.0f} tok/s"
 
 
