@@ -335,8 +335,9 @@ async def run_all(
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://quality", timeout=3600) as api:
                 if "vbserve_shared" in methods:
-                    log("the tenant's bank: a first job on the pooled training rows ...")
-                    pooled = [row for task in tasks for row in task.train]
+                    log("the tenant's bank: a first job on the pooled training rows of all tasks ...")
+                    sizes = (len(tasks[0].train), len(tasks[0].validation), len(tasks[0].test))
+                    pooled = [row for name in TASKS for row in Task.make(name, sizes).train]
                     random.Random(SEED).shuffle(pooled)
                     await run_job(api, "pooled", pooled, [], steps)
                 for task in tasks:

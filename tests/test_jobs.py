@@ -553,6 +553,25 @@ def test_a_publish_interrupted_after_put_is_not_published_twice(backend: Backend
     store.close()
 
 
+def test_a_family_members_earlier_version_is_not_taken_for_this_jobs_publish(backend: Backend) -> None:
+    """A frozen-bank job publishes on a bank the adapter's earlier version has too: after
+    an attempt that died having marked that bank, the next one must not take the earlier
+    version for its own publish; it trains and publishes version 2 on the same bank."""
+    queue, store = backend.open(lease_s=0.3), backend.open_store()
+    earlier = _trained_adapter()
+    store.put("acme", "bot", earlier)
+    submitted = queue.submit("acme", "bot", HP.model_copy(update={"bank_id": earlier.bank_id}), ROWS)
+    assert queue.mark_publishing(queue.claim("dead", 2), earlier.bank_id)
+    time.sleep(0.4)  # ... and died before its put
+    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id="w2")
+    worker.run_job(queue.claim("w2", 2))
+    record = queue.get("acme", submitted.id)
+    assert (record.state, record.adapter_version, record.step) == (JobState.SUCCEEDED, 2, record.total_steps)
+    assert record.step > 0 and store.get_record("acme", "bot").bank_id == earlier.bank_id
+    queue.close()
+    store.close()
+
+
 def test_a_worker_killed_mid_job_is_replaced_and_nothing_is_half_published(backend: Backend, tmp_path: Path) -> None:
     """A real `run_worker` process gets SIGKILL while training. The job stays running
     until its lease lapses, nothing reaches the store, and another worker (the embedded
