@@ -26,7 +26,7 @@ def test_quality_benchmark_quick_mode() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    methods = ["base", "lora", "peft_vblora", "vbserve_default", "vbserve_best", "vbserve_shared"]
+    methods = ["base", "lora", "peft_vblora", "vbserve_paper", "vbserve_default", "vbserve_best", "vbserve_shared"]
     for task in ("record", "date", "verdict"):
         for method in methods:
             assert 0.0 <= summary[f"{task}_{method}"] <= 1.0
