@@ -14,7 +14,7 @@ Each task has train / validation / test splits; the score is exact match on the 
 split (greedy, up to the longest answer's length, stripped text equal).
 
 For each task, with the same number of optimizer steps and the same batch size:
-- `base`: the base model alone;
+- `base`: the base model alone (served);
 - `lora`: PEFT LoRA r=8 (alpha 16) on q,v, AdamW lr `--lora-lr`, linear schedule with 10%
   warmup (what a user would otherwise train);
 - `peft_vblora`: PEFT VB-LoRA with the paper's settings (r=4, h=256, k=2, bank lr 1e-3,
@@ -304,21 +304,9 @@ METHODS = ["base", "lora", "peft_vblora", "vbserve_paper", "vbserve_default", "v
 async def run_all(
     model, tokenizer, tasks: list[Task], args, settings: Settings, methods: list[str]
 ) -> dict[str, dict[str, dict]]:
-    # PEFT first, on the clean model: the app's engine wraps the model's layers in place.
-    results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
-    for task in tasks:
-        if "base" in methods:
-            started = time.perf_counter()
-            answers = generate(model, tokenizer, task.test, answer_tokens(tokenizer, task))
-            results[task.name]["base"] = {"score": score(answers, task.test), "bytes": 0,
-                                          "wall_s": time.perf_counter() - started}  # fmt: skip
-            log(f"{task.name}: base {results[task.name]['base']}")
-        train = parse_jsonl(jsonl(task.train), tokenizer, max_seq_len=settings.training_max_batch_tokens)
-        for kind in ("lora", "peft_vblora"):
-            if kind in methods:
-                log(f"{task.name}: {kind} ...")
-                results[task.name][kind] = run_peft(kind, model, tokenizer, task, train, args)
-                log(f"{task.name}: {kind} {results[task.name][kind]}")
+    """Task by task, every method (so an interrupted run still has whole comparisons; each
+    result is logged as it comes). The app serves a copy of the model: its engine wraps the
+    layers in place, and PEFT needs the plain model."""
     steps = {"max_steps": args.steps, "batch_size": args.batch_size}
     if args.quick:  # the tiny model's context is 256 tokens, under the default max_seq_len
         steps["max_seq_len"] = 128
@@ -328,13 +316,12 @@ async def run_all(
         "vbserve_best": {**steps, **json.loads(args.best)},
         "vbserve_shared": {**steps, "bank_of": "pooled"},
     }
-    if not set(jobs) & set(methods):
-        return results
+    results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteAdapterStore(Path(tmp) / "adapters.db")
         app = create_app(
             settings.model_copy(update={"jobs_url": f"sqlite:///{tmp}/jobs.db"}),
-            model=model,
+            model=copy.deepcopy(model),
             tokenizer=tokenizer,
             store=store,
         )
@@ -347,11 +334,24 @@ async def run_all(
                     pooled = [row for name in TASKS for row in Task.make(name, sizes).train]
                     random.Random(SEED).shuffle(pooled)
                     await run_job(api, "pooled", pooled, [], steps)
+                base_name = (await api.get("/v1/models")).json()["data"][0]["id"]
                 for task in tasks:
-                    for kind in (m for m in jobs if m in methods):
+                    for kind in methods:
                         log(f"{task.name}: {kind} ...")
-                        results[task.name][kind] = await run_vbserve(api, kind, task, tokenizer, args, jobs[kind])
-                        log(f"{task.name}: {kind} {results[task.name][kind]}")
+                        if kind == "base":
+                            started = time.perf_counter()
+                            answers = await served_answers(api, task.test, base_name, answer_tokens(tokenizer, task))
+                            result = {"score": score(answers, task.test), "bytes": 0,
+                                      "wall_s": time.perf_counter() - started}  # fmt: skip
+                        elif kind in jobs:
+                            result = await run_vbserve(api, kind, task, tokenizer, args, jobs[kind])
+                        else:
+                            train = parse_jsonl(
+                                jsonl(task.train), tokenizer, max_seq_len=settings.training_max_batch_tokens
+                            )
+                            result = await asyncio.to_thread(run_peft, kind, model, tokenizer, task, train, args)
+                        results[task.name][kind] = result
+                        log(f"{task.name}: {kind} {result}")
         store.close()
     return results
 

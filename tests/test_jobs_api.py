@@ -54,7 +54,8 @@ def task_form() -> dict[str, str]:
     """TASK_HP of tests/test_training.py as form fields: the rates in the JSON field, the
     rest as fields of their own."""
     fields = TASK_HP.model_dump(exclude_defaults=True)
-    rates = {name: fields.pop(name) for name in ("lr_bank", "lr_logits", "warmup_ratio")}
+    rates = {name: getattr(TASK_HP, name) for name in ("lr_bank", "lr_logits", "warmup_ratio")}
+    fields = {name: value for name, value in fields.items() if name not in rates}
     return {
         "adapter": "lookup",
         "hyperparameters": json.dumps(rates),

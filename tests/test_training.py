@@ -489,9 +489,11 @@ def test_hyperparameter_bounds(data: object, field: str, reason: str) -> None:
     assert err.value.field == field and reason in err.value.reason, err.value
 
 
-def test_defaults_are_the_papers() -> None:
+def test_defaults() -> None:
+    """The paper's method at five times its learning rates (see `hyperparams`)."""
     hp = TrainingHyperparameters.parse(None)
-    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (1e-3, 1e-2, 2, "float16", "refuse")
+    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (5e-3, 5e-2, 2, "float16", "refuse")
+    assert (hp.target_modules, hp.r, hp.vector_length, hp.num_vectors) == (["q_proj", "v_proj"], 4, 64, 256)
 
 
 @pytest.mark.parametrize(
