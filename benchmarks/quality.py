@@ -333,7 +333,7 @@ async def run_all(
                     sizes = (len(tasks[0].train), len(tasks[0].validation), len(tasks[0].test))
                     pooled = [row for name in TASKS for row in Task.make(name, sizes).train]
                     random.Random(SEED).shuffle(pooled)
-                    await run_job(api, "pooled", pooled, [], steps)
+                    await run_job(api, "pooled", pooled, [], {**steps, "max_steps": args.pooled_steps or args.steps})
                 base_name = (await api.get("/v1/models")).json()["data"][0]["id"]
                 for task in tasks:
                     for kind in methods:
@@ -396,6 +396,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a tiny random model and a few rows: a smoke test")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--pooled-steps", type=int, help="steps of the job that makes the shared bank (default --steps)")
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
