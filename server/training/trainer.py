@@ -13,8 +13,8 @@ the model can be trained again or served afterwards; they never touch the servin
 engine's slot tables. A worker owns the model it trains: two trainers must not hook one
 model at once.
 
-Optimizer and schedule are the paper's defaults: AdamW with the bank (lr 1e-3) and the
-logits (lr 1e-2) in two parameter groups, linear warmup then linear decay. The loss of an
+Optimizer and schedule are the paper's: AdamW with the bank and the logits in two
+parameter groups (rates from the hyperparameters), linear warmup then linear decay. The loss of an
 optimizer step is the token-level mean over all its micro-batches (summed per micro-batch,
 divided by the step's target-token count), so gradient accumulation gives the same
 gradient as one large batch. An optimizer step takes `batch_size x grad_accum_steps`
