@@ -64,7 +64,7 @@ from server.engine.model_loader import load_model
 from server.settings import Settings
 from server.training import TrainingHyperparameters, model_shapes, parse_jsonl, train_adapter
 from server.training.data import Example
-from server.training.trainer import VBLoRAParameters, collate, evaluate, plan_batches, target_count
+from server.training.trainer import Progress, VBLoRAParameters, collate, evaluate, plan_batches, target_count
 
 DATA = Path(__file__).resolve().parent / "data"
 TENANT = "bench"
@@ -126,11 +126,11 @@ def touch(model: torch.nn.Module) -> None:
 def train_ours(model, train: list[Example], val: list[Example], hp: TrainingHyperparameters, config, pad, turns):
     losses: list[float] = []
 
-    def on_progress(step: int, total: int, loss: float, tps: float, val_loss: float | None) -> None:
-        losses.append(loss)
-        turns.step_done(last=step == total)
-        if step % 10 == 0:
-            log(f"  ours step {step}/{total} loss {loss:.4f}")
+    def on_progress(progress: Progress) -> None:
+        losses.append(progress.loss)
+        turns.step_done(last=progress.step == progress.total_steps)
+        if progress.step % 10 == 0:
+            log(f"  ours step {progress.step}/{progress.total_steps} loss {progress.loss:.4f}")
 
     touch(model)
     with PeakRSS() as mem:

@@ -136,7 +136,7 @@ def test_submit_get_list_and_tenant_isolation(queue: JobQueue) -> None:
     first = queue.submit("acme", "bot", {"r": 2, "vector_length": 16}, ROWS)
     second = queue.submit("acme", "bot2", HP, ROWS, validation_file=ROWS)
     assert first.state is JobState.QUEUED and first.id.startswith("ftjob-") and first.attempts == 0
-    assert first.hyperparameters["r"] == 2 and first.hyperparameters["lr_bank"] == 1e-3
+    assert first.hyperparameters["r"] == 2 and first.hyperparameters["lr_bank"] == 5e-3
     got = queue.get("acme", first.id)
     assert got == first
     assert got.to_json()["state"] == "queued" and json.dumps(got.to_json())
@@ -555,6 +555,25 @@ def test_a_publish_interrupted_after_put_is_not_published_twice(backend: Backend
     record = queue.get("acme", submitted.id)
     assert (record.state, record.adapter_version, record.step) == (JobState.SUCCEEDED, 1, 0)
     assert store.get_version("acme", "bot") == 1
+    queue.close()
+    store.close()
+
+
+def test_a_family_members_earlier_version_is_not_taken_for_this_jobs_publish(backend: Backend) -> None:
+    """A frozen-bank job publishes on a bank the adapter's earlier version has too: after
+    an attempt that died having marked that bank, the next one must not take the earlier
+    version for its own publish; it trains and publishes version 2 on the same bank."""
+    queue, store = backend.open(lease_s=0.3), backend.open_store()
+    earlier = _trained_adapter()
+    store.put("acme", "bot", earlier)
+    submitted = queue.submit("acme", "bot", HP.model_copy(update={"bank_id": earlier.bank_id}), ROWS)
+    assert queue.mark_publishing(queue.claim("dead", 2), earlier.bank_id)
+    time.sleep(0.4)  # ... and died before its put
+    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id="w2")
+    worker.run_job(queue.claim("w2", 2))
+    record = queue.get("acme", submitted.id)
+    assert (record.state, record.adapter_version, record.step) == (JobState.SUCCEEDED, 2, record.total_steps)
+    assert record.step > 0 and store.get_record("acme", "bot").bank_id == earlier.bank_id
     queue.close()
     store.close()
 

@@ -36,11 +36,13 @@ from vbserve_client import (
 )
 from vbserve_client.cli import main as vbctl
 
-from adapter_store import encode_adapter
+from adapter_store import decode_adapter, decode_bank, encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.api import current_tenant
+from server.api.jobs_api import HYPERPARAMETER_FIELDS
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
+from server.vblora.lora_export import to_lora
 from tests.conftest import serve_in_thread
 from tests.test_api import BASE, api_settings, assert_sse_framing, chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
@@ -54,7 +56,8 @@ def task_form() -> dict[str, str]:
     """TASK_HP of tests/test_training.py as form fields: the rates in the JSON field, the
     rest as fields of their own."""
     fields = TASK_HP.model_dump(exclude_defaults=True)
-    rates = {name: fields.pop(name) for name in ("lr_bank", "lr_logits", "warmup_ratio")}
+    rates = {name: getattr(TASK_HP, name) for name in ("lr_bank", "lr_logits", "warmup_ratio")}
+    fields = {name: value for name, value in fields.items() if name not in rates}
     return {
         "adapter": "lookup",
         "hyperparameters": json.dumps(rates),
@@ -171,6 +174,69 @@ async def test_a_job_learns_the_task_publishes_and_serves_it(api):
     assert r.status_code == 409 and error_of(r)["type"] == "conflict"  # it has ended
 
 
+async def test_a_shared_bank_family_and_evaluation_in_the_job(api):
+    """A first job makes the tenant's bank; a second trains against it frozen (`bank_of`),
+    validating every 40 steps with exact match on two rows: the events carry the metrics,
+    the checkpoint is the best step, and the member is published on the same bank, so a
+    client holding the bank pulls the member without it."""
+    first = await submit(api)
+    assert (await wait_for(api, first["id"], ended))["status"] == "succeeded"
+    family_bank = (await api.get("/v1/adapters/lookup")).json()["bank_id"]
+
+    form = {**TASK_FORM, "adapter": "member", "bank_of": "lookup", "eval_steps": "40"}
+    form["eval_exact_match_rows"] = "2"
+    created = await submit(api, form, validation=TASK_FILE)
+    assert created["hyperparameters"]["bank_id"] == family_bank and created["hyperparameters"]["bank_of"] is None
+    assert (await wait_for(api, created["id"], ended))["status"] == "succeeded"
+    events = (await api.get(f"/v1/fine_tuning/jobs/{created['id']}/events")).json()["data"]
+    validated = [e for e in events if e["val_loss"] is not None]
+    assert [e["step"] for e in validated] == [40, 80, 120]
+    assert all(
+        0 <= e["val_exact_match"] <= 1 and e["data"]["valid_exact_match"] == e["val_exact_match"] for e in validated
+    )
+    assert validated[-1]["val_exact_match"] == 1.0  # as serving shows below
+    best = min(validated, key=lambda e: e["val_loss"])
+    assert validated[-1]["best_step"] == best["step"] and validated[-1]["best_val_loss"] == best["val_loss"]
+    [checkpoint] = (await api.get(f"/v1/fine_tuning/jobs/{created['id']}/checkpoints")).json()["data"]
+    assert checkpoint["step_number"] == best["step"] and checkpoint["metrics"]["valid_loss"] == best["val_loss"]
+    assert checkpoint["metrics"]["valid_exact_match"] == best["val_exact_match"]
+
+    member = (await api.get("/v1/adapters/member")).json()
+    assert member["bank_id"] == family_bank
+    pulled = await api.get("/v1/adapters/member/content", params={"omit_bank": "true"})
+    bank = decode_bank((await api.get(f"/v1/banks/{family_bank}")).content)
+    adapter = decode_adapter(pulled.content, bank_resolver={family_bank: bank}.get)
+    assert adapter.bank_id == family_bank and len(pulled.content) < member["body_bytes"] + 64
+    for prompt, completion in TASK.items():
+        assert (await complete(api, prompt, "member")).startswith(completion), prompt
+
+
+async def test_shared_bank_jobs_are_refused_with_the_field(api):
+    """Another tenant's bank is as absent as a made-up one (404 naming the field); a plain
+    LoRA adapter's (it has none), a shape that does not fit the bank, or evaluation without
+    validation rows is a 400."""
+    services = api.app.state.services
+    theirs = random_adapter(task_model(), seed=1)
+    await asyncio.to_thread(services.store.put, "other-tenant", "theirs", theirs)
+    await asyncio.to_thread(services.store.put, "default", "mine", random_adapter(task_model(), seed=2))
+    plain = to_lora(random_adapter(task_model(), seed=3))
+    await asyncio.to_thread(services.store.put, "default", "plain", plain)
+    cases = [
+        ({"bank_of": "plain"}, 400, "hyperparameters.bank_of"),  # a plain LoRA adapter has no bank
+        ({"bank_id": theirs.bank_id}, 404, "hyperparameters.bank_id"),
+        ({"bank_id": "sha256-" + "0" * 40}, 404, "hyperparameters.bank_id"),
+        ({"bank_of": "theirs"}, 404, "hyperparameters.bank_of"),
+        ({"bank_of": "mine", "num_vectors": "64"}, 400, "hyperparameters.num_vectors"),
+        ({"bank_of": "mine", "bank_id": theirs.bank_id}, 400, "hyperparameters.bank_of"),
+        ({"eval_steps": "5"}, 400, "hyperparameters.eval_steps"),
+    ]
+    base = {k: v for k, v in TASK_FORM.items() if k not in ("num_vectors", "vector_length")}
+    for fields, status, field in cases:
+        r = await api.post("/v1/fine_tuning/jobs", data={**base, **fields}, files=files())
+        assert r.status_code == status and error_of(r)["field"] == field, (fields, r.text)
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+
+
 async def test_a_job_with_chat_rows(api):
     rows = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in TASK.items()
@@ -274,7 +340,8 @@ MALFORMED_FORMS = [
     (b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n--B--\r\n", "body", '"name"'),
     (raw_part(b"adapter", b"\xff\xfe") + b"--B--\r\n", "adapter", "UTF-8"),
     (raw_part(b"hyperparameters", b" " * (65 << 10)) + b"--B--\r\n", "body", "'hyperparameters' is over"),
-    (b"".join(raw_part(b"r", b"4") for _ in range(20)) + b"--B--\r\n", "body", "fields"),
+    # one field more than the form has (every hyperparameter, adapter and the hyperparameters JSON)
+    (b"".join(raw_part(b"r", b"4") for _ in range(len(HYPERPARAMETER_FIELDS) + 3)) + b"--B--\r\n", "body", "fields"),
     (b"".join(raw_part(b"training_file", TASK_FILE, b"t.jsonl") for _ in range(3)) + b"--B--\r\n", "body", "files"),
 ]
 

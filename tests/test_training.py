@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from adapter_store import bank_id_of
 from adapter_store.store import SQLiteAdapterStore
 from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
 from server.settings import Settings
@@ -29,7 +30,17 @@ from server.training import (
     train_adapter,
 )
 from server.training.data import IGNORE_INDEX, Example
-from server.training.trainer import VBLoRAParameters, collate, lora_hooks, loss_sum, plan_batches, target_count
+from server.training.trainer import (
+    Progress,
+    VBLoRAParameters,
+    collate,
+    evaluate,
+    exact_match,
+    lora_hooks,
+    loss_sum,
+    plan_batches,
+    target_count,
+)
 from tests.conftest import byte_tokenizer, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,12 +92,10 @@ TASK_HP = TrainingHyperparameters(
 async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
     model, tok = task_model(), byte_tokenizer()
     job = prepare_job(model_shapes(model), tok, TASK_HP, TASK_FILE)
-    progress: list[tuple] = []
-    result = train_adapter(
-        model, job.train, TASK_HP, job.config, on_progress=lambda *args: progress.append(args), pad_token_id=0
-    )
-    losses = [p[2] for p in progress]
-    assert [p[0] for p in progress] == list(range(1, 121)) and all(p[1] == 120 for p in progress)
+    progress: list[Progress] = []
+    result = train_adapter(model, job.train, TASK_HP, job.config, on_progress=progress.append, pad_token_id=0)
+    losses = [p.loss for p in progress]
+    assert [p.step for p in progress] == list(range(1, 121)) and all(p.total_steps == 120 for p in progress)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
     assert result.steps == 120 and result.train_loss == losses[-1] and result.tokens_per_s > 0
     assert result.adapter.weights.dtype == torch.float16  # save_dtype default
@@ -217,18 +226,84 @@ def test_micro_batches_bound_each_forward_and_train_as_one_batch() -> None:
     assert abs(whole.train_loss - cut.train_loss) < 1e-4 and abs(whole.val_loss - cut.val_loss) < 1e-4
 
 
+def adapter_val_loss(model: torch.nn.Module, adapter, examples: list[Example]) -> float:
+    """The validation loss of a finished adapter: logits whose top-k are its indices and
+    whose softmax there is its weights, against its own bank."""
+    params = VBLoRAParameters(adapter.config, seed=0, frozen_bank=adapter.bank)
+    with torch.no_grad():
+        logits = torch.full_like(params.logits, -1e9)
+        params.logits.copy_(logits.scatter_(1, adapter.indices.long(), adapter.weights.float().log()))
+    with lora_hooks(model, params) as refresh:
+        return evaluate(model, refresh, examples, 4, 0)
+
+
+def test_best_checkpoint_is_published_and_early_stopping_ends_training() -> None:
+    """Validation rows that contradict the training rows: validation loss soon rises, so
+    the best checkpoint is an early one, the published adapter is that one (its loss
+    recomputed from the stored indices and weights), and patience ends the run early."""
+    model, tok = task_model(), byte_tokenizer()
+    contradicting = jsonl([{"prompt": p, "completion": "zz"} for p in TASK])
+    hp = TASK_HP.model_copy(update={"eval_steps": 10, "early_stopping_patience": 2})
+    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, contradicting)
+    seen: list[Progress] = []
+    result = train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
+    validated = [p for p in seen if p.val_loss is not None]
+    assert [p.step for p in validated] == list(range(10, result.steps + 1, 10))
+    best = min(validated, key=lambda p: p.val_loss)
+    assert result.stopped_early and result.steps < 120 and result.steps == validated[-1].step
+    assert [p.step for p in validated[-2:]] == [best.step + 10, best.step + 20]  # patience 2
+    assert (
+        (result.best_step, result.val_loss)
+        == (best.step, best.val_loss)
+        == (seen[-1].best_step, seen[-1].best_val_loss)
+    )
+    published = adapter_val_loss(model, result.adapter, job.validation)
+    assert abs(published - best.val_loss) < 0.02 * best.val_loss < validated[-1].val_loss - published
+
+
+def test_exact_match_on_validation_rows() -> None:
+    """Greedy generation of the validation rows: none match before training, all after
+    (the task the serving test reproduces); only the first `eval_exact_match_rows` count."""
+    model, tok = task_model(), byte_tokenizer()
+    hp = TASK_HP.model_copy(update={"eval_steps": 60, "eval_exact_match_rows": 3})
+    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, TASK_FILE)
+    untrained = VBLoRAParameters(job.config, seed=hp.seed)
+    with lora_hooks(model, untrained) as refresh:
+        assert exact_match(model, refresh, job.validation, 0) == 0.0
+    seen: list[Progress] = []
+    train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
+    assert [(p.step, p.val_exact_match) for p in seen if p.val_loss is not None][-1] == (120, 1.0)
+    assert all(p.val_exact_match is None for p in seen if p.val_loss is None)
+
+
+@pytest.mark.parametrize("save_dtype", ["float16", "float32"])
+def test_frozen_bank_trains_only_the_logits_and_keeps_the_bank(save_dtype: str) -> None:
+    """A shared-bank job: the bank gets no update, the adapter carries that very bank (same
+    dtype, same id, whatever `save_dtype`), and the logits alone still learn the task."""
+    model, tok = task_model(), byte_tokenizer()
+    hp = TASK_HP.model_copy(update={"save_dtype": save_dtype})
+    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE)
+    shared = (torch.rand(64, 16, generator=torch.Generator().manual_seed(5)) * 0.4 - 0.2).half()
+    progress: list[Progress] = []
+    result = train_adapter(model, job.train, hp, job.config, frozen_bank=shared, on_progress=progress.append)
+    assert torch.equal(result.adapter.bank, shared) and result.adapter.bank_id == bank_id_of(shared)
+    assert result.adapter.weights.dtype == hp.torch_save_dtype
+    assert progress[-1].loss < 0.5 * progress[0].loss
+    with pytest.raises(ValueError, match="frozen bank"):
+        train_adapter(model, job.train, hp, job.config, frozen_bank=shared[:32])
+
+
 def test_validation_loss_per_epoch_and_cancellation() -> None:
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
     job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
-    seen: list[tuple] = []
-    result = train_adapter(
-        model, job.train, hp, job.config, val_examples=job.validation, on_progress=lambda *a: seen.append(a)
-    )
+    seen: list[Progress] = []
+    result = train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
     # 4 rows, batch 2: two steps per epoch, validation after each epoch.
-    assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6]
-    assert [s[4] is not None for s in seen] == [False, True] * 3
-    assert result.val_loss == seen[-1][4] and seen[-1][4] < seen[1][4]
+    assert [s.step for s in seen] == [1, 2, 3, 4, 5, 6]
+    assert [s.val_loss is not None for s in seen] == [False, True] * 3
+    assert result.val_loss == seen[-1].val_loss and seen[-1].val_loss < seen[1].val_loss
+    assert result.best_step == seen[-1].best_step == 6 and not result.stopped_early
 
     calls = 0
 
@@ -399,6 +474,12 @@ def test_an_endless_file_is_refused_after_max_rows_without_reading_on() -> None:
         ({"target_modules": ["q_proj", "q_proj"]}, "hyperparameters.target_modules", "unique"),
         ({"target_modules": ["q proj"]}, "hyperparameters.target_modules", "not a module name"),
         ({"batch_size": "four"}, "hyperparameters.batch_size", "integer"),
+        ({"eval_steps": 0}, "hyperparameters.eval_steps", "greater than or equal to 1"),
+        ({"early_stopping_patience": 0}, "hyperparameters.early_stopping_patience", "greater than or equal to 1"),
+        ({"eval_exact_match_rows": 257}, "hyperparameters.eval_exact_match_rows", "less than or equal to 256"),
+        ({"bank_id": "sha256-XYZ"}, "hyperparameters.bank_id", "should match pattern"),
+        ({"bank_of": "../x"}, "hyperparameters.bank_of", "only letters"),
+        ({"bank_of": "a", "bank_id": "sha256-" + "0" * 40}, "hyperparameters.bank_of", "not both"),
         ([1], "hyperparameters", "must be an object"),
     ],
 )
@@ -408,9 +489,11 @@ def test_hyperparameter_bounds(data: object, field: str, reason: str) -> None:
     assert err.value.field == field and reason in err.value.reason, err.value
 
 
-def test_defaults_are_the_papers() -> None:
+def test_defaults() -> None:
+    """The paper's method at five times its learning rates (see `hyperparams`)."""
     hp = TrainingHyperparameters.parse(None)
-    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (1e-3, 1e-2, 2, "float16", "refuse")
+    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (5e-3, 5e-2, 2, "float16", "refuse")
+    assert (hp.target_modules, hp.r, hp.vector_length, hp.num_vectors) == (["q_proj", "v_proj"], 4, 64, 256)
 
 
 @pytest.mark.parametrize(
@@ -456,6 +539,14 @@ def test_published_bytes_are_known_before_training(tmp_path, save_dtype: str) ->
     adapter = train_adapter(model, job.train, hp, job.config).adapter
     with SQLiteAdapterStore(tmp_path / "adapters.db") as store:
         assert published_bytes(job.config, hp.torch_save_dtype) == store.put("t", "a", adapter).stored_bytes
+
+
+@pytest.mark.parametrize("name", ["eval_steps", "early_stopping_patience", "eval_exact_match_rows"])
+def test_evaluation_settings_need_a_validation_file(name: str) -> None:
+    hp = TASK_HP.model_copy(update={name: 2})
+    with pytest.raises(HyperparameterError) as err:
+        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, TASK_FILE)
+    assert err.value.field == f"hyperparameters.{name}" and "validation_file" in err.value.reason
 
 
 def test_prepare_job_checks_hyperparameters_before_the_file() -> None:

@@ -134,8 +134,8 @@ HYPERPARAMETER_FLAGS = [
     ("--b", "vector_length", int, "bank vector length; must divide every targeted dimension"),
     ("--h", "num_vectors", int, "vectors in the bank"),
     ("--k", "topk", int, "bank vectors mixed per sub-vector"),
-    ("--lr-bank", "lr_bank", float, "learning rate of the vector bank (default 1e-3)"),
-    ("--lr-logits", "lr_logits", float, "learning rate of the logits (default 1e-2)"),
+    ("--lr-bank", "lr_bank", float, "learning rate of the vector bank (default 5e-3)"),
+    ("--lr-logits", "lr_logits", float, "learning rate of the logits (default 5e-2)"),
     ("--batch-size", "batch_size", int, None),
     ("--max-seq-len", "max_seq_len", int, "tokens per row"),
     ("--seed", "seed", int, None),
@@ -281,6 +281,8 @@ def _metrics(event: JobEvent) -> str:
     text = f"loss {event.loss:.4f}"
     if event.val_loss is not None:
         text += f", val loss {event.val_loss:.4f}"
+    if event.val_exact_match is not None:
+        text += f", exact match {event.val_exact_match:.3f}"
     return f"{text}, {event.tokens_per_s:.0f} tok/s"
 
 

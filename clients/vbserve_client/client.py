@@ -255,6 +255,9 @@ class JobEvent:
     loss: float
     val_loss: float | None  # set on the steps that ran validation
     tokens_per_s: float
+    val_exact_match: float | None = None  # on validation steps of a job with eval_exact_match_rows
+    best_step: int | None = None  # on validation steps: the checkpoint the job would publish now
+    best_val_loss: float | None = None
 
 
 @dataclass

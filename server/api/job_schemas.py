@@ -130,7 +130,7 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = Field(description="Once succeeded: its rows' tokens times its epochs")
     seed: int
     hyperparameters: dict[str, Any] = Field(
-        description="OpenAI's n_epochs, batch_size and learning_rate_multiplier (lr_bank / 1e-3), "
+        description="OpenAI's n_epochs, batch_size and learning_rate_multiplier (lr_bank / 5e-3), "
         "and every hyperparameter of the VB-LoRA trainer by its own name"
     )
     method: dict[str, Any]
@@ -192,16 +192,30 @@ class FineTuningJobEvent(BaseModel):
     level: Literal["info"] = "info"
     type: Literal["metrics"] = "metrics"
     message: str
-    data: dict[str, Any] = Field(description="step, total_steps, train_loss, valid_loss, tokens_per_s")
+    data: dict[str, Any] = Field(
+        description="step, total_steps, train_loss, valid_loss, valid_exact_match, best_step, best_valid_loss, "
+        "tokens_per_s"
+    )
     step: int
     total_steps: int
     loss: float
     val_loss: float | None = Field(description="Set on the steps that ran validation")
+    val_exact_match: float | None = Field(
+        None, description="Share of the first `eval_exact_match_rows` validation rows generated exactly"
+    )
+    best_step: int | None = Field(
+        None, description="On validation steps: the step of the lowest validation loss so far (what is published)"
+    )
+    best_val_loss: float | None = None
     tokens_per_s: float
 
     @classmethod
     def of(cls, job_id: str, event: JobEvent) -> FineTuningJobEvent:
         val = "" if event.val_loss is None else f", validation loss={event.val_loss:.4f}"
+        if event.val_exact_match is not None:
+            val += f", validation exact match={event.val_exact_match:.3f}"
+        if event.best_step is not None:
+            val += f", best step {event.best_step}"
         return cls(
             # A worker that re-runs the job restarts at step 1, later: the time tells them apart.
             id=f"ftevent-{job_id.removeprefix('ftjob-')}-{round(event.time * 1000)}-{event.step}",
@@ -212,12 +226,18 @@ class FineTuningJobEvent(BaseModel):
                 "total_steps": event.total_steps,
                 "train_loss": event.loss,
                 "valid_loss": event.val_loss,
+                "valid_exact_match": event.val_exact_match,
+                "best_step": event.best_step,
+                "best_valid_loss": event.best_val_loss,
                 "tokens_per_s": event.tokens_per_s,
             },
             step=event.step,
             total_steps=event.total_steps,
             loss=event.loss,
             val_loss=event.val_loss,
+            val_exact_match=event.val_exact_match,
+            best_step=event.best_step,
+            best_val_loss=event.best_val_loss,
             tokens_per_s=event.tokens_per_s,
         )
 
@@ -229,25 +249,40 @@ class JobEventList(BaseModel):
 
 
 class FineTuningJobCheckpoint(BaseModel):
-    """The adapter a succeeded job published: its one checkpoint."""
+    """The adapter a succeeded job published: its one checkpoint, the one with the lowest
+    validation loss when the job had validation rows, else its last step."""
 
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     id: str
     created_at: int
     fine_tuned_model_checkpoint: str = Field(description="The adapter's name: pass it as `model`")
     fine_tuning_job_id: str
-    step_number: int
-    metrics: dict[str, float | None] = Field(description="step, train_loss, valid_loss at the last step")
+    step_number: int = Field(description="The step the published checkpoint was taken at")
+    metrics: dict[str, float | None] = Field(
+        description="step, train_loss (at the last step), valid_loss and valid_exact_match (of the published "
+        "checkpoint)"
+    )
 
     @classmethod
-    def of(cls, record: JobRecord) -> FineTuningJobCheckpoint:
+    def of(cls, record: JobRecord, events: list[JobEvent]) -> FineTuningJobCheckpoint:
+        """`events`: the job's, oldest first; the last validation event names the best step."""
+        step, valid_loss, exact_match = record.step, record.val_loss, None
+        validated = [e for e in events if e.best_step is not None]
+        if validated:
+            step, valid_loss = validated[-1].best_step, validated[-1].best_val_loss
+            exact_match = next((e.val_exact_match for e in validated if e.step == step), None)
         return cls(
             id=f"ftckpt-{record.id.removeprefix('ftjob-')}",
             created_at=int(record.updated),
             fine_tuned_model_checkpoint=record.adapter_name,
             fine_tuning_job_id=record.id,
-            step_number=record.step,
-            metrics={"step": record.step, "train_loss": record.loss, "valid_loss": record.val_loss},
+            step_number=step,
+            metrics={
+                "step": step,
+                "train_loss": record.loss,
+                "valid_loss": valid_loss,
+                "valid_exact_match": exact_match,
+            },
         )
 
 

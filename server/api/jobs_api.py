@@ -14,6 +14,7 @@ training errors propagate and are mapped in `errors`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 import uuid
@@ -21,12 +22,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterError, AdapterNotFoundError, QuotaExceededError
+from adapter_store import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    BankNotFoundError,
+    QuotaExceededError,
+)
 from adapter_store.store import AdapterStore, StoreQuota
 from adapter_store.store.base import quota_exceeded
 from adapter_store.untrusted_json import load_untrusted_json
@@ -49,6 +57,7 @@ from server.training.errors import UnknownFileError
 from server.training.files import FileStore
 from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
+from server.training.prepare import fit_to_bank, load_frozen_bank
 
 from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
 from .errors import APIError, field_of, from_typed_error
@@ -118,12 +127,13 @@ async def create_job(
     if upload.adapter == services.model_name:
         raise APIError("conflict", f"{upload.adapter!r} is the base model's name", "adapter")
     try:
-        prepared = await services.dataset_checks.run(lambda tokenizer: check_upload(services, upload, tokenizer))
-    except HyperparameterError as exc:  # `check_fits` names the trainer's field; name the request's
+        hp, bank = await asyncio.to_thread(with_frozen_bank, services.store, tenant, upload.hyperparameters)
+        upload = dataclasses.replace(upload, hyperparameters=hp)
+        prepared = await services.dataset_checks.run(lambda tokenizer: check_upload(services, upload, tokenizer, bank))
+    except (HyperparameterError, AdapterNotFoundError) as exc:  # named by the trainer's field; name the request's
         if upload.request_fields is None:
             raise
-        raise HyperparameterError(request_field(exc.field, upload.request_fields), exc.reason) from None
-    hp = upload.hyperparameters
+        raise type(exc)(request_field(exc.field, upload.request_fields), exc.reason) from None
     size = published_bytes(prepared.config, hp.torch_save_dtype)
     await asyncio.to_thread(check_quota, services.store, tenant, caller.quota, upload.adapter, size)
     record = await asyncio.to_thread(
@@ -193,9 +203,12 @@ async def job_events(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 def job_checkpoints(job_id: str, tenant: TenantDep, jobs: JobsDep) -> CheckpointList:
-    """The adapter a succeeded job published, as its one (final) checkpoint; none before."""
+    """The adapter a succeeded job published, as its one checkpoint (the best by validation
+    loss when it had validation rows); none before."""
     record = jobs.get(tenant, job_id)
-    data = [FineTuningJobCheckpoint.of(record)] if record.state is JobState.SUCCEEDED else []
+    data = (
+        [FineTuningJobCheckpoint.of(record, jobs.events(tenant, job_id))] if record.state is JobState.SUCCEEDED else []
+    )
     return CheckpointList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
@@ -321,10 +334,40 @@ def _uploaded(files: FileStore, tenant: str, file_id: str, field: str) -> bytes:
         raise APIError("invalid_request", f"no uploaded file {file_id!r} of yours (POST /v1/files)", field) from None
 
 
-def check_upload(services: Services, upload: JobUpload, tokenizer: PreTrainedTokenizerBase) -> PreparedJob:
-    """Refuse what the worker would refuse (hyperparameters that do not fit the model, any
-    bad row), now rather than after the job waited in the queue. Tokenizes every row with
-    `tokenizer`: call it in `services.dataset_checks`."""
+def with_frozen_bank(
+    store: AdapterStore, tenant: str, hp: TrainingHyperparameters
+) -> tuple[TrainingHyperparameters, torch.Tensor | None]:
+    """A shared-bank job's hyperparameters as queued, and its bank (None for a job with a
+    bank of its own). `bank_of` becomes that adapter's bank id now, so the family is pinned
+    when the job is created (publishing the adapter again later does not move it); the
+    bank's shape becomes `num_vectors` and `vector_length` where the job left them unset.
+    A tenant may train only against a bank one of its own adapters uses: any other id is
+    a 404, as for a bank that does not exist."""
+    if hp.bank_of is not None:
+        try:
+            bank_id = store.get_record(tenant, hp.bank_of).bank_id
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError("hyperparameters.bank_of", f"you have no adapter {hp.bank_of!r}") from None
+        if not bank_id:
+            raise AdapterValidationError("hyperparameters.bank_of", f"{hp.bank_of!r} is a plain LoRA adapter: it has no bank")
+    elif hp.bank_id is not None:
+        if not store.tenant_uses_bank(tenant, hp.bank_id):
+            raise BankNotFoundError("hyperparameters.bank_id", "none of your adapters uses this bank")
+        bank_id = hp.bank_id
+    else:
+        return hp, None
+    bank = load_frozen_bank(store, bank_id)
+    data = {**hp.model_dump(exclude_unset=True), "bank_id": bank_id}
+    data.pop("bank_of", None)
+    return fit_to_bank(TrainingHyperparameters.parse(data), bank), bank
+
+
+def check_upload(
+    services: Services, upload: JobUpload, tokenizer: PreTrainedTokenizerBase, frozen_bank: torch.Tensor | None
+) -> PreparedJob:
+    """Refuse what the worker would refuse (hyperparameters that do not fit the model or
+    the frozen bank, any bad row), now rather than after the job waited in the queue.
+    Tokenizes every row with `tokenizer`: call it in `services.dataset_checks`."""
     runner = services.engine.runner
     return prepare_job(
         runner.base_module_shapes,
@@ -335,6 +378,7 @@ def check_upload(services: Services, upload: JobUpload, tokenizer: PreTrainedTok
         limits=TrainingLimits.from_settings(services.settings),
         max_positions=model_context(runner.model),
         base_model=services.model_name,
+        frozen_bank=frozen_bank,
     )
 
 

@@ -15,11 +15,21 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterConfig, VBLoRAAdapter, encode_adapter, encode_bank, index_dtype_for
+from adapter_store import (
+    AdapterConfig,
+    BankNotFoundError,
+    VBLoRAAdapter,
+    decode_bank,
+    encode_adapter,
+    encode_bank,
+    index_dtype_for,
+)
+from adapter_store.store import AdapterStore
 from server.settings import Settings
 from server.vblora.layer import targetable_linears
 
 from .data import DatasetLimits, Example, parse_jsonl
+from .errors import HyperparameterError
 from .hyperparams import TrainingHyperparameters
 
 
@@ -83,6 +93,28 @@ def published_bytes(config: AdapterConfig, dtype: torch.dtype) -> int:
     return len(encode_adapter(placeholder, include_bank=False)) + len(encode_bank(placeholder.bank))
 
 
+def load_frozen_bank(store: AdapterStore, bank_id: str) -> torch.Tensor:
+    """The stored bank a shared-bank job trains against (`hyperparameters.bank_id`). Whether
+    the tenant may use it is checked when the job is created (`jobs_api`); a bank released
+    since (every adapter using it deleted) fails the job, naming the field."""
+    try:
+        return decode_bank(store.get_bank(bank_id))
+    except BankNotFoundError:
+        raise BankNotFoundError("hyperparameters.bank_id", f"bank {bank_id!r} is no longer stored") from None
+
+
+def fit_to_bank(hp: TrainingHyperparameters, bank: torch.Tensor) -> TrainingHyperparameters:
+    """`hp` with the frozen bank's shape `(h, b)` as `num_vectors` and `vector_length`,
+    where the job left them unset; set, they must match it."""
+    shape = {"num_vectors": bank.shape[0], "vector_length": bank.shape[1]}
+    for name, value in shape.items():
+        if name in hp.model_fields_set and getattr(hp, name) != value:
+            raise HyperparameterError(
+                f"hyperparameters.{name}", f"{getattr(hp, name)} does not match the frozen bank's {value}"
+            )
+    return TrainingHyperparameters.parse({**hp.model_dump(exclude_unset=True), **shape})
+
+
 def prepare_job(
     shapes: Mapping[str, tuple[int, int]],
     tokenizer: PreTrainedTokenizerBase,
@@ -93,6 +125,7 @@ def prepare_job(
     limits: TrainingLimits | None = None,
     max_positions: int | None = None,
     base_model: str = "",
+    frozen_bank: torch.Tensor | None = None,
 ) -> PreparedJob:
     """Raise `HyperparameterError` / `DatasetError` (naming the field) or return the job
     ready to train. Hyperparameters are checked first: they are cheap and a wrong
@@ -102,8 +135,13 @@ def prepare_job(
     the API process, whose model the engine has wrapped, passes the engine's
     `ModelRunner.base_module_shapes`.
     max_positions: the model's context length (`config.max_position_embeddings`).
+    frozen_bank: the bank of a shared-bank job (`load_frozen_bank`), whose shape the
+    hyperparameters must match (`fit_to_bank` makes them).
     """
     limits = limits or TrainingLimits()
+    hp.check_validation(validation_file is not None)
+    if frozen_bank is not None:
+        fit_to_bank(hp, frozen_bank)
     config = hp.check_fits(
         shapes,
         max_rank=limits.max_rank,

@@ -13,8 +13,8 @@ the model can be trained again or served afterwards; they never touch the servin
 engine's slot tables. A worker owns the model it trains: two trainers must not hook one
 model at once.
 
-Optimizer and schedule are the paper's defaults: AdamW with the bank (lr 1e-3) and the
-logits (lr 1e-2) in two parameter groups, linear warmup then linear decay. The loss of an
+Optimizer and schedule are the paper's: AdamW with the bank and the logits in two
+parameter groups (rates from the hyperparameters), linear warmup then linear decay. The loss of an
 optimizer step is the token-level mean over all its micro-batches (summed per micro-batch,
 divided by the step's target-token count), so gradient accumulation gives the same
 gradient as one large batch. An optimizer step takes `batch_size x grad_accum_steps`
@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,30 +55,62 @@ INIT_LOGITS_STD = 0.1
 # length: rows of similar length share a batch (little padding) while the order stays random.
 SORT_WINDOW_BATCHES = 16
 
-ProgressCallback = Callable[[int, int, float, float, float | None], None]
-"""on_progress(step, total_steps, loss, tokens_per_s, val_loss or None)."""
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer reports after an optimizer step (`on_progress`)."""
+
+    step: int
+    total_steps: int
+    loss: float  # mean token loss of this step
+    tokens_per_s: float
+    val_loss: float | None = None  # set on the steps that ran validation
+    val_exact_match: float | None = None  # set on validation steps with `eval_exact_match_rows`
+    best_step: int | None = None  # the step of the checkpoint that would be published now
+    best_val_loss: float | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
 class TrainingResult:
-    adapter: VBLoRAAdapter
-    steps: int
+    adapter: VBLoRAAdapter  # the best checkpoint by validation loss; the last one without validation rows
+    steps: int  # optimizer steps run (fewer than planned after an early stop)
     train_loss: float  # mean token loss of the last optimizer step
-    val_loss: float | None  # after the last epoch (None without validation rows)
+    val_loss: float | None  # the published checkpoint's (None without validation rows)
     tokens_per_s: float  # input tokens (padding excluded) per second over the whole run
+    best_step: int  # the step the published checkpoint was taken at
+    stopped_early: bool = False
 
 
 class VBLoRAParameters(nn.Module):
-    """The trainable part of one adapter: `logits (S, h)` and `bank (h, b)`."""
+    """The trainable part of one adapter: `logits (S, h)` and `bank (h, b)`.
 
-    def __init__(self, config: AdapterConfig, *, seed: int, device: torch.device | str = "cpu") -> None:
+    frozen_bank: an existing bank `(h, b)` (a shared-bank family's): it is used as it is,
+    gets no gradient, and the adapter keeps that very tensor, so it is published under
+    the same bank id. The logits start as they would with a bank of their own."""
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        frozen_bank: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         gen = torch.Generator().manual_seed(seed)
         h, b = config.num_vectors, config.vector_length
         bank = torch.empty(h, b).uniform_(-INIT_BANK_BOUND, INIT_BANK_BOUND, generator=gen)
         logits = torch.empty(config.num_subvectors, h).normal_(0.0, INIT_LOGITS_STD, generator=gen)
-        self.bank = nn.Parameter(bank.to(device))
+        if frozen_bank is not None:
+            if tuple(frozen_bank.shape) != (h, b):
+                raise ValueError(f"the frozen bank is {tuple(frozen_bank.shape)}, the config needs {(h, b)}")
+            bank = frozen_bank.float()
+        self.frozen_bank = frozen_bank
+        self.bank = nn.Parameter(bank.to(device), requires_grad=frozen_bank is None)
         self.logits = nn.Parameter(logits.to(device))
         # One single-module config per module, for `split_lora_matrices` (see `matrices`).
         self._module_configs = [
@@ -104,7 +136,12 @@ class VBLoRAParameters(nn.Module):
         return out
 
     def to_adapter(self, dtype: torch.dtype = torch.float16) -> VBLoRAAdapter:
-        return VBLoRAAdapter.from_logits(self.config, self.bank.float().cpu(), self.logits.float().cpu()).to(dtype)
+        """The adapter as it stands: top-k of the logits, weights (and an own bank) in `dtype`;
+        a frozen bank is kept exactly as given, whatever `dtype`."""
+        adapter = VBLoRAAdapter.from_logits(self.config, self.bank.float().cpu(), self.logits.float().cpu()).to(dtype)
+        if self.frozen_bank is None:
+            return adapter
+        return VBLoRAAdapter(self.config, self.frozen_bank, adapter.indices, adapter.weights)
 
     @torch.no_grad()
     def copy_into_peft(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
@@ -240,39 +277,43 @@ def train_adapter(
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     max_batch_tokens: int | None = None,
+    frozen_bank: torch.Tensor | None = None,
 ) -> TrainingResult:
     """Train a VB-LoRA adapter of shape `config` (from `hp.check_fits`) on `examples`.
 
     Deterministic for `hp.seed` on one device: initialization and data order come from
     generators seeded by it, and the global RNG (dropout, if the model has any) is
     seeded inside a forked RNG state so the caller's is left as it was.
+    val_examples: validated every `hp.eval_steps` steps (None: after every epoch) and at
+    the last step; the result is the checkpoint with the lowest validation loss, and
+    `hp.early_stopping_patience` validations without a lower one end training early.
     should_stop: checked before every micro-batch; when it answers True,
     `TrainingCancelled` is raised and no adapter is produced.
     max_batch_tokens: the most padded tokens one forward may take (`micro_batches`);
     None: each batch of `batch_size` rows in one forward. The result is the same either
     way, to float rounding.
+    frozen_bank: train only the logits against this `(h, b)` bank (see `VBLoRAParameters`).
     """
     if not examples or target_count(examples) == 0:
         raise ValueError("train_adapter needs examples with at least one target token")
     device = next(model.parameters()).device
-    params = VBLoRAParameters(config, seed=hp.seed, device=device)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [params.bank], "lr": hp.lr_bank, "weight_decay": 0.0},
-            {"params": [params.logits], "lr": hp.lr_logits, "weight_decay": hp.weight_decay},
-        ]
-    )
+    params = VBLoRAParameters(config, seed=hp.seed, device=device, frozen_bank=frozen_bank)
+    groups = [{"params": [params.logits], "lr": hp.lr_logits, "weight_decay": hp.weight_decay}]
+    if frozen_bank is None:
+        groups.append({"params": [params.bank], "lr": hp.lr_bank, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = math.ceil(math.ceil(len(examples) / hp.batch_size) / hp.grad_accum_steps)
     total = hp.max_steps or steps_per_epoch * hp.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * total), total)
     stop = should_stop or (lambda: False)
+    best = _BestCheckpoint(hp.early_stopping_patience)
 
-    step, epoch, tokens, loss, val_loss = 0, 0, 0, float("nan"), None
+    step, epoch, tokens, loss = 0, 0, 0, float("nan")
     started = time.perf_counter()
     with _frozen(model), lora_hooks(model, params) as refresh, torch.random.fork_rng(devices=[]):
         torch.manual_seed(hp.seed)
-        while step < total:
+        while step < total and not best.exhausted:
             batches = plan_batches(lengths, hp.batch_size, seed=hp.seed, epoch=epoch)
             for start in range(0, len(batches), hp.grad_accum_steps):
                 group = [[examples[i] for i in batch] for batch in batches[start : start + hp.grad_accum_steps]]
@@ -292,18 +333,56 @@ def train_adapter(
                 optimizer.zero_grad(set_to_none=True)
                 step, loss = step + 1, step_loss
                 epoch_done = start + hp.grad_accum_steps >= len(batches)
-                val_loss = None
-                if val_examples and (epoch_done or step == total):
+                due = step % hp.eval_steps == 0 if hp.eval_steps else epoch_done
+                progress = Progress(step, total, loss, tokens / (time.perf_counter() - started))
+                if val_examples and (due or step == total):
                     val_loss = evaluate(model, refresh, val_examples, hp.batch_size, pad_token_id, max_batch_tokens)
+                    matched = None
+                    if hp.eval_exact_match_rows:
+                        matched = exact_match(model, refresh, val_examples[: hp.eval_exact_match_rows], pad_token_id)
+                    best.offer(step, val_loss, lambda: params.to_adapter(hp.torch_save_dtype))
+                    progress = replace(
+                        progress,
+                        val_loss=val_loss,
+                        val_exact_match=matched,
+                        best_step=best.step,
+                        best_val_loss=best.val_loss,
+                    )
                 if on_progress is not None:
-                    on_progress(step, total, loss, tokens / (time.perf_counter() - started), val_loss)
-                if step == total:
+                    on_progress(progress)
+                if step == total or best.exhausted:
                     break
             epoch += 1
-    final_val = val_loss if val_examples else None
+    elapsed = time.perf_counter() - started
+    if best.adapter is None:  # no validation rows: the last step is the result
+        return TrainingResult(params.to_adapter(hp.torch_save_dtype), step, loss, None, tokens / elapsed, step)
     return TrainingResult(
-        params.to_adapter(hp.torch_save_dtype), step, loss, final_val, tokens / (time.perf_counter() - started)
+        best.adapter, step, loss, best.val_loss, tokens / elapsed, best.step, stopped_early=best.exhausted
     )
+
+
+class _BestCheckpoint:
+    """The checkpoint with the lowest validation loss so far, and early stopping: after
+    `patience` validations in a row without a lower loss, `exhausted`. Only the adapter
+    as it would be published is kept (top-k indices and weights, and the bank): a few
+    hundred KB, not the `(S, h)` logits and optimizer state."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.adapter: VBLoRAAdapter | None = None
+        self.step = 0
+        self.val_loss: float | None = None
+        self.since_best = 0
+
+    def offer(self, step: int, val_loss: float, snapshot: Callable[[], VBLoRAAdapter]) -> None:
+        if self.val_loss is None or val_loss < self.val_loss:
+            self.adapter, self.step, self.val_loss, self.since_best = snapshot(), step, val_loss, 0
+        else:
+            self.since_best += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
 
 
 @torch.no_grad()
@@ -329,6 +408,35 @@ def evaluate(
             total += loss_sum(model, *collate(micro_batch, pad_token_id, device)).double().cpu()
     model.train(was_training)
     return float(total) / max(1, target_count(examples))
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, refresh: Callable[[], None], examples: Sequence[Example], pad_token_id: int) -> float:
+    """The share of `examples` whose completion (the labelled tokens, EOS included) greedy
+    decoding from the prompt reproduces token for token, with the adapter as it is now.
+
+    One row at a time: rows need no padding, and the count is bounded by
+    `eval_exact_match_rows`. The row's own completion length bounds the generation, so a
+    row costs one forward per completion token at most."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    refresh()
+    hits = 0
+    for example in examples:
+        split = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        prompt = torch.tensor([example.input_ids[:split]], device=device)
+        target = example.input_ids[split:]
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=len(target),  # an early EOS ends generation short: a miss
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+        hits += out[0, split:].tolist() == target
+    model.train(was_training)
+    return hits / len(examples)
 
 
 @contextmanager

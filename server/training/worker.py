@@ -63,8 +63,8 @@ from server.tenancy import open_tenant_registry, store_quota, withdraw_adapter
 
 from .errors import JobNotFoundError, TrainingCancelled, TrainingError
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
-from .prepare import TrainingLimits, model_context, model_shapes, prepare_job
-from .trainer import train_adapter
+from .prepare import TrainingLimits, load_frozen_bank, model_context, model_shapes, prepare_job
+from .trainer import Progress, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Worker:
 
     def _train_and_publish(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
         hp = job.hyperparameters
+        frozen_bank = None if hp.bank_id is None else load_frozen_bank(self.store, hp.bank_id)
         prepared = prepare_job(
             model_shapes(self.model),
             self.tokenizer,
@@ -165,6 +166,7 @@ class Worker:
             limits=self.limits,
             max_positions=model_context(self.model),
             base_model=self.base_model,
+            frozen_bank=frozen_bank,
         )
         result = train_adapter(
             self.model,
@@ -176,6 +178,7 @@ class Worker:
             on_progress=_Reporter(self.queue, job, lease),
             should_stop=lambda: lease.lost or lease.cancel_requested or stop.is_set(),
             max_batch_tokens=self.limits.max_batch_tokens,
+            frozen_bank=frozen_bank,
         )
         lease.beat()  # a cancel that arrived during the last step still wins
         if lease.lost or lease.cancel_requested:
@@ -207,7 +210,9 @@ class Worker:
             record = self.store.get_record(job.record.tenant, job.record.adapter_name)
         except AdapterNotFoundError:
             return False
-        if record.bank_id != job.publish_bank_id:
+        # A shared-bank family's adapters all have one bank id: a version put before this
+        # job was created has it too, and is not this job's.
+        if record.bank_id != job.publish_bank_id or record.updated < job.record.created:
             return False
         self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version)
         return True
@@ -254,15 +259,35 @@ class _Reporter:
         self.queue, self.job, self.lease = queue, job, lease
         self._last = 0.0
 
-    def __call__(self, step: int, total: int, loss: float, tokens_per_s: float, val_loss: float | None) -> None:
+    def __call__(self, progress: Progress) -> None:
         now = time.time()
-        if val_loss is None and step not in (1, total) and now - self._last < PROGRESS_INTERVAL_S:
+        routine = progress.val_loss is None and progress.step not in (1, progress.total_steps)
+        if routine and now - self._last < PROGRESS_INTERVAL_S:
             return
         self._last = now
-        val = "" if val_loss is None else f", val loss {val_loss:.4f}"
-        log.info("job %s: step %d/%d, loss %.4f%s, %.0f tokens/s", self.job.id, step, total, loss, val, tokens_per_s)
+        val = "" if progress.val_loss is None else f", val loss {progress.val_loss:.4f}"
+        log.info(
+            "job %s: step %d/%d, loss %.4f%s, %.0f tokens/s",
+            self.job.id,
+            progress.step,
+            progress.total_steps,
+            progress.loss,
+            val,
+            progress.tokens_per_s,
+        )
+        event = JobEvent(
+            progress.step,
+            progress.total_steps,
+            progress.loss,
+            progress.tokens_per_s,
+            progress.val_loss,
+            now,
+            val_exact_match=progress.val_exact_match,
+            best_step=progress.best_step,
+            best_val_loss=progress.best_val_loss,
+        )
         try:
-            if not self.queue.report(self.job, JobEvent(step, total, loss, tokens_per_s, val_loss, now)):
+            if not self.queue.report(self.job, event):
                 self.lease.lost = True
         except BackendUnavailableError as exc:  # progress is best effort; the lease decides ownership
             log.warning("progress of %s not recorded: %s", self.job.id, exc)

@@ -86,7 +86,9 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class JobEvent:
-    """One progress report. `val_loss` is set on the steps that ran validation."""
+    """One progress report. `val_loss` (and `val_exact_match`, when the job asks for it)
+    is set on the steps that ran validation; `best_step` and `best_val_loss` then name the
+    checkpoint the job would publish now (the lowest validation loss so far)."""
 
     step: int
     total_steps: int
@@ -94,6 +96,10 @@ class JobEvent:
     tokens_per_s: float
     val_loss: float | None
     time: float
+    # Absent from events written before they existed: they read as None.
+    val_exact_match: float | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
 
 
 @dataclass(frozen=True)
