@@ -144,15 +144,10 @@ class LlamaForward:
         n, length, _ = hidden.shape
         x = rms_norm(hidden, *block.input_norm)
         qkv = self._fused(block.qkv, block.qkv_weight, block.qkv_sizes, x)
-        q, k, v = (
-            t.view(n, length, -1, self.head_dim).transpose(1, 2)
-            for t in qkv.split(block.qkv_sizes, dim=-1)
-        )
+        q, k, v = (t.view(n, length, -1, self.head_dim).transpose(1, 2) for t in qkv.split(block.qkv_sizes, dim=-1))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         keys, values = cache.update(k, v, i)
-        attn = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads
-        )
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         attn = attn.transpose(1, 2).reshape(n, length, -1)
         hidden = hidden + block.o.add_lora_(self.linear(attn, block.o.base.weight), attn)
 

@@ -89,9 +89,7 @@ class MultiAdapterLinear(nn.Module):
         if self.routing.index is None or self.rank == 0:
             return y
         r = self.rank
-        return add_routed_lora_(
-            y, x, self.lora_a[:, :r], self.lora_b[:, :r], self.routing.index, self.routing.row_mask
-        )
+        return add_routed_lora_(y, x, self.lora_a[:, :r], self.lora_b[:, :r], self.routing.index, self.routing.row_mask)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one adapter's A `(r, in)` and B `(out, r)` into `slot`."""
