@@ -73,6 +73,18 @@ def default_model_source() -> tuple[str, str]:
     return spec.submodule_search_locations[0], DEFAULT_GGUF
 
 
+def model_path(source: str = "", *, gguf_file: str | None = None, cache_dir: Path) -> tuple[str, str]:
+    """(what `from_pretrained` loads: a directory or hub id, the model's name). A GGUF is
+    converted into the safetensors cache first (once), and its directory is returned."""
+    name = source or DEFAULT_NAME
+    if not source:
+        source, gguf_file = default_model_source()
+    if gguf_file:
+        source = str(_converted_gguf(Path(source), gguf_file, cache_dir))
+        name = name if name != source else Path(gguf_file).stem
+    return source, name
+
+
 def load_model(
     source: str = "",
     *,
@@ -82,12 +94,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load model + tokenizer, converting a GGUF once into a safetensors cache."""
-    name = source or DEFAULT_NAME
-    if not source:
-        source, gguf_file = default_model_source()
-    if gguf_file:
-        source = str(_converted_gguf(Path(source), gguf_file, cache_dir))
-        name = name if name != source else Path(gguf_file).stem
+    source, name = model_path(source, gguf_file=gguf_file, cache_dir=cache_dir)
     log.info("loading %s from %s", name, source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
