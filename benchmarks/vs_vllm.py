@@ -80,15 +80,18 @@ def ensure_vllm(venv: Path) -> Path:
     if stamp.exists():
         return python
     log(f"installing {VLLM_SPEC} into {venv} (once)")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH_SPEC], check=True)
+
+    def run(*cmd: str) -> None:  # pip's output goes to stderr: stdout is the results
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+
+    run(sys.executable, "-m", "venv", str(venv))
+    run(str(python), "-m", "pip", "install", "--quiet", TORCH_SPEC)
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
         constraints.write(TORCH_SPEC + "\n")
         constraints.flush()
-        subprocess.run([*pip, "-c", constraints.name, VLLM_SPEC], check=True)
-    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
-    subprocess.run([str(python), "-c", "import vllm, torch; assert torch.__version__.startswith('2.13.0')"], check=True)
+        run(str(python), "-m", "pip", "install", "--quiet", "-c", constraints.name, VLLM_SPEC)
+    run(str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    run(str(python), "-c", "import vllm, torch; assert torch.__version__.startswith('2.13.0')")
     stamp.touch()
     return python
 
