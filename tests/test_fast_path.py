@@ -23,7 +23,7 @@ from tests.test_engine import random_adapter
 from tests.test_engine_smollm2 import QUESTIONS, chat_ids, smollm2_adapter
 
 # bfloat16 against float32 on SmolLM2, measured (docs/engine.md): max relative error of a
-# row's logits 0.091 (median 0.019), top-1 agreement 131 of 136 (0.963). Bounds with a margin.
+# row's logits 0.094 (median 0.017), top-1 agreement 129 of 136 (0.949). Bounds with a margin.
 BF16_MAX_REL_ERR = 0.12
 BF16_MIN_TOP1 = 0.93
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
