@@ -132,7 +132,7 @@ def running(cmd: list[str], env: dict[str, str], ready_url: str, log_path: Path,
             proc.wait()
 
 
-def start_vbserve(stack: ExitStack, work: Path, dtype: str, port: int, rows: int) -> Server:
+def start_vbserve(stack: ExitStack, work: Path, logs: Path, dtype: str, port: int, rows: int) -> Server:
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
@@ -146,13 +146,13 @@ def start_vbserve(stack: ExitStack, work: Path, dtype: str, port: int, rows: int
     )
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    stack.enter_context(running(cmd, env, f"{url}/readyz", work / f"vbserve-{dtype}.log"))
+    stack.enter_context(running(cmd, env, f"{url}/readyz", logs / f"vbserve-{dtype}.log"))
     base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     return Server("vbserve", url, base)
 
 
 def start_vllm(
-    stack: ExitStack, work: Path, python: Path, model_dir: str, lora_dirs: dict[str, Path], dtype: str, port: int,
+    stack: ExitStack, logs: Path, python: Path, model_dir: str, lora_dirs: dict[str, Path], dtype: str, port: int,
     rows: int,
 ) -> Server:  # fmt: skip
     env = dict(
@@ -170,7 +170,7 @@ def start_vllm(
         "--lora-modules", *(f"{name}={path}" for name, path in lora_dirs.items()),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    stack.enter_context(running(cmd, env, f"{url}/health", work / f"vllm-{dtype}.log"))
+    stack.enter_context(running(cmd, env, f"{url}/health", logs / f"vllm-{dtype}.log"))
     return Server("vLLM", url, "base")
 
 
@@ -242,7 +242,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only 32 x 32, base and distinct (a smoke run)")
     parser.add_argument("--vllm-venv", type=Path, default=Path.home() / ".cache" / "vbserve" / "vllm-venv")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "vbserve" / "models")
+    parser.add_argument("--log-dir", type=Path, default=Path.home() / ".cache" / "vbserve" / "vs-vllm-logs")
     args = parser.parse_args()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
     python = ensure_vllm(args.vllm_venv)
     model_dir, _ = model_path(cache_dir=args.cache_dir)
     torch.set_num_threads(os.cpu_count())
@@ -278,8 +280,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             with ExitStack() as stack:
                 servers = [
-                    start_vbserve(stack, work, dtype, 8301, 64),
-                    start_vllm(stack, work, python, model_dir, lora_dirs, dtype, 8302, 64),
+                    start_vbserve(stack, work, args.log_dir, dtype, 8301, 64),
+                    start_vllm(stack, args.log_dir, python, model_dir, lora_dirs, dtype, 8302, 64),
                 ]
                 results[dtype] = measure_dtype(args, dtype, servers, names)
 
