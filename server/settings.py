@@ -20,7 +20,13 @@ class Settings(BaseSettings):
     gguf_file: str | None = None
     model_cache_dir: Path = Path.home() / ".cache" / "vbserve" / "models"
     device: str = "auto"  # auto -> cuda if available else cpu
-    dtype: str = "auto"  # auto -> bfloat16 on cuda, float32 on cpu
+    # auto -> bfloat16 on cuda and, for serving, on CPUs with bfloat16 instructions (AVX512-BF16
+    # or AMX); else float32 (CPU training too). Logits and sampling stay float32; bfloat16's
+    # agreement with float32 is in docs/engine.md.
+    dtype: str = "auto"
+    # The engine's own Llama forward (server/engine/llama.py); false, or a model it does not
+    # cover, runs the Hugging Face forward.
+    fast_path: bool = True
     # The name clients pass as `model` to get the base model without an adapter; empty = the loaded model's name.
     served_model_name: str = ""
 

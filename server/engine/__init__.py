@@ -70,6 +70,7 @@ def build_engine(
         max_len=settings.max_model_len,
         num_adapter_slots=settings.max_adapter_slots,
         max_rank=settings.max_lora_rank,
+        fast_path=settings.fast_path,
     )
     manager = None
     if store is not None:

@@ -354,7 +354,7 @@ class Engine:
         seqs = self._running
         ids = torch.tensor([[s.output[-1]] for s in seqs])
         positions = torch.tensor([[s.length] for s in seqs])
-        logits = self.runner.forward(0, ids, positions, torch.zeros(len(seqs), dtype=torch.long), self._slots(seqs))
+        logits = self.runner.decode(ids, positions, self._slots(seqs))
         for s in seqs:
             s.length += 1
         self._emit(list(seqs), logits)

@@ -35,7 +35,7 @@ class SlotKVCache:
         self.max_len = max_len
         self._written = [0] * max_rows  # per row: positions [0, n) may hold a request's keys/values
         self._rows = slice(0, 0)
-        self._write_pos = torch.zeros(0, 1, dtype=torch.long)
+        self._write_index = torch.zeros(0, dtype=torch.long)
         self._kv_len = 0
 
     def begin(self, first_row: int, positions: torch.Tensor, kv_len: int) -> None:
@@ -43,8 +43,15 @@ class SlotKVCache:
         keys/values of row i at `positions[i]` (N, L), and attends over [0, kv_len)."""
         n = positions.shape[0]
         self._rows = slice(first_row, first_row + n)
-        self._write_pos = positions
-        self._row_idx = torch.arange(first_row, first_row + n, device=positions.device).view(n, 1)
+        # Where each new (row, head, position) vector lands in a layer's buffer seen as
+        # (rows * heads * max_len, head_dim), computed once per forward for all layers: an
+        # `index_copy_` with it takes 6 us where advanced indexing `k[rows, :, pos] = ...`
+        # takes 20 us (decode, 32 rows of SmolLM2, 2-core CPU; in a profiled step of the
+        # loaded shared machine the indexed writes averaged 380 us), twice in every layer.
+        _, heads, max_len, _ = self.keys[0].shape
+        row_idx = torch.arange(first_row, first_row + n, device=positions.device).view(n, 1, 1)
+        head_idx = torch.arange(heads, device=positions.device).view(1, heads, 1)
+        self._write_index = ((row_idx * heads + head_idx) * max_len + positions.view(n, 1, -1)).view(-1)
         self._kv_len = kv_len
         for i, end in enumerate((positions[:, -1] + 1).tolist()):
             self._written[first_row + i] = max(self._written[first_row + i], end)
@@ -56,9 +63,9 @@ class SlotKVCache:
         The attention layers pass more (`cache_kwargs`, and from transformers 5.24 `kwargs=`),
         which a cache whose positions are set per step has no use for."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        # Advanced indices on dims 0 and 2 put (N, L) first: (N, L, kv_heads, head_dim).
-        k[self._row_idx, :, self._write_pos] = key_states.transpose(1, 2)
-        v[self._row_idx, :, self._write_pos] = value_states.transpose(1, 2)
+        d = k.shape[-1]
+        k.view(-1, d).index_copy_(0, self._write_index, key_states.reshape(-1, d))
+        v.view(-1, d).index_copy_(0, self._write_index, value_states.reshape(-1, d))
         return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
 
     def move_row(self, src: int, dst: int, length: int) -> None:

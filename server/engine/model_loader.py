@@ -44,9 +44,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there oneDNN's
+    bfloat16 matmuls read half the bytes at the same or better throughput, while on other
+    CPUs bfloat16 is emulated and slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(dtype: str, device: torch.device, *, training: bool = False) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, and for serving on a CPU with native bfloat16; float32 else.
+    Training on the CPU stays float32 under `auto`: the trainer's agreement with PEFT was
+    measured in float32 (benchmarks/RESULTS.md), bfloat16 training was not."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bfloat16() and not training):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
@@ -61,6 +73,18 @@ def default_model_source() -> tuple[str, str]:
     return spec.submodule_search_locations[0], DEFAULT_GGUF
 
 
+def model_path(source: str = "", *, gguf_file: str | None = None, cache_dir: Path) -> tuple[str, str]:
+    """(what `from_pretrained` loads: a directory or hub id, the model's name). A GGUF is
+    converted into the safetensors cache first (once), and its directory is returned."""
+    name = source or DEFAULT_NAME
+    if not source:
+        source, gguf_file = default_model_source()
+    if gguf_file:
+        source = str(_converted_gguf(Path(source), gguf_file, cache_dir))
+        name = name if name != source else Path(gguf_file).stem
+    return source, name
+
+
 def load_model(
     source: str = "",
     *,
@@ -70,12 +94,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load model + tokenizer, converting a GGUF once into a safetensors cache."""
-    name = source or DEFAULT_NAME
-    if not source:
-        source, gguf_file = default_model_source()
-    if gguf_file:
-        source = str(_converted_gguf(Path(source), gguf_file, cache_dir))
-        name = name if name != source else Path(gguf_file).stem
+    source, name = model_path(source, gguf_file=gguf_file, cache_dir=cache_dir)
     log.info("loading %s from %s", name, source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)

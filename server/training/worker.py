@@ -307,7 +307,7 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
         gguf_file=settings.gguf_file,
         cache_dir=settings.model_cache_dir,
         device=device,
-        dtype=resolve_dtype(settings.dtype, device),
+        dtype=resolve_dtype(settings.dtype, device, training=True),
     )
     store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
     queue = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))

@@ -7,6 +7,12 @@ target), and the engine sets, before each forward, which slot every batch row us
 (`AdapterRouting.slots`, -1 = base only). The forward only touches the first
 `max(rank in use)` rows of the tables, so a server configured for rank 16 serving rank-4
 adapters pays for rank 4.
+
+Nothing is decided per call: the routing (gather index, base-row mask) is computed once
+per forward into buffers that are reused, and each layer's rank in use (`rank`) is
+updated when a slot is written, not recomputed by `max(slot_rank)` in every one of the
+model's wrapped layers. The engine's own Llama forward (`server/engine/llama.py`) calls
+`add_lora_` on slices of its fused projections; the Hugging Face forward calls the layer.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ class AdapterRouting:
         self._slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.row_mask: torch.Tensor | None = None
+        # Reused from forward to forward (grown when a batch is larger), so a step's routing
+        # lands at the same addresses every time: what a captured (CUDA graph) step needs.
+        self._index_buf = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._mask_buf = torch.zeros(0, 1, 1, dtype=torch.bool, device=self.device)
 
     @property
     def slots(self) -> torch.Tensor | None:
@@ -43,8 +53,12 @@ class AdapterRouting:
         else:
             self._slots = slots
             index, row_mask = route_rows(slots)
-            self.index = index.to(self.device)
-            self.row_mask = None if row_mask is None else row_mask.to(self.device)
+            n = index.shape[0]
+            if n > self._index_buf.shape[0]:
+                self._index_buf = torch.zeros(n, dtype=torch.long, device=self.device)
+                self._mask_buf = torch.zeros(n, 1, 1, dtype=torch.bool, device=self.device)
+            self.index = self._index_buf[:n].copy_(index)
+            self.row_mask = None if row_mask is None else self._mask_buf[:n].copy_(row_mask)
 
 
 class MultiAdapterLinear(nn.Module):
@@ -59,24 +73,23 @@ class MultiAdapterLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
         self.slot_rank = [0] * num_slots
+        self.rank = 0  # max(slot_rank): the table rows a forward reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        slots = self.routing.slots
-        r = max(self.slot_rank)
-        if slots is None or r == 0:
+        if self.routing.index is None or self.rank == 0:
             return y
-        lead = x.shape[:-1]
-        n = slots.shape[0]
-        out = add_routed_lora_(
-            y.reshape(n, -1, y.shape[-1]),
-            x.reshape(n, -1, x.shape[-1]),
-            self.lora_a[:, :r],
-            self.lora_b[:, :r],
-            self.routing.index,
-            self.routing.row_mask,
-        )
-        return out.reshape(*lead, y.shape[-1])
+        n = self.routing.index.shape[0]
+        out = self.add_lora_(y.reshape(n, -1, y.shape[-1]), x.reshape(n, -1, x.shape[-1]))
+        return out.reshape(*x.shape[:-1], y.shape[-1])
+
+    def add_lora_(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Add each row's adapter delta into `y` (N, L, out), in place; `y` may be a slice of
+        a fused projection's output. x: (N, L, in), the layer's input."""
+        if self.routing.index is None or self.rank == 0:
+            return y
+        r = self.rank
+        return add_routed_lora_(y, x, self.lora_a[:, :r], self.lora_b[:, :r], self.routing.index, self.routing.row_mask)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write one adapter's A `(r, in)` and B `(out, r)` into `slot`."""
@@ -89,12 +102,14 @@ class MultiAdapterLinear(nn.Module):
         self.lora_a[slot, :r].copy_(a)
         self.lora_b[slot, :r].copy_(b.T)
         self.slot_rank[slot] = r
+        self.rank = max(self.slot_rank)
 
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
         self.slot_rank[slot] = 0
+        self.rank = max(self.slot_rank)
 
 
 def targetable_linears(model: nn.Module) -> dict[str, nn.Linear]:
