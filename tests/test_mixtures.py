@@ -199,6 +199,8 @@ async def test_a_recipe_is_composed_once_and_a_new_version_is_a_new_recipe(engin
     store.put(TENANT, "ad1", random_adapter(tiny_llama(seed=7), seed=99, targets=ALL, r=2, b=32, bank_scale=2.0))
     republished = await generate(engine, [request(prompt, mixture(("ad0", 0.5), ("ad1", 0.5)))])
     assert events.count("compose_seconds") == composes + 2 and republished[0][0] != first[0][0]
+    # A cached mixture is not one of the tenant's adapters: the residency view lists only those.
+    assert {name for name, _, _ in engine.adapters.resident(TENANT)} <= {"ad0", "ad1", "ad2"}
 
 
 @pytest.mark.parametrize(
@@ -210,6 +212,7 @@ async def test_a_recipe_is_composed_once_and_a_new_version_is_a_new_recipe(engin
         (mixture(("ad0", 1.0), ("ad1", float("nan"))), "invalid_request", "adapters[1].weight"),
         (mixture(("ad0", 1.0), ("ad1", "0.5")), "invalid_request", "adapters[1].weight"),
         (mixture(("ad0", 1.0), ("ad1", 1e9)), "invalid_request", "adapters[1].weight"),
+        (mixture(("ad0", 1.0), ("ad1", 10**400)), "invalid_request", "adapters[1].weight"),  # past float range
         (mixture(("ad0", 1.0), ("ad0", 1.0)), "invalid_request", "adapters[1].name"),
         (mixture(*[(f"x{i}", 1.0) for i in range(9)]), "invalid_request", "adapters"),
         (mixture(("ad0", 1.0), ("ad1", 1.0), ("ad2", 1.0)), "invalid_request", "adapters"),  # rank 10 > 8
@@ -223,6 +226,7 @@ async def test_a_recipe_is_composed_once_and_a_new_version_is_a_new_recipe(engin
         "nan",
         "string",
         "huge",
+        "huge-int",
         "twice",
         "too-many",
         "rank",

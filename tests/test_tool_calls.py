@@ -209,6 +209,11 @@ REFUSED = {
     "parameters nested too deep": ({"tools": [tool(parameters=nested(70))]}, 400, "tools.0.function.parameters"),
     "bad function name": ({"tools": [tool("get weather")]}, 422, "tools.0.function.name"),
     "too many tools": ({"tools": [tool(f"f{i}") for i in range(129)]}, 422, "tools"),
+    "schemas too large in all": (  # each within response_format's 32 KiB, 3 of them not
+        {"tools": [tool(f"f{i}", {"type": "object", "properties": {f"p{j}": {} for j in range(1500)}}) for i in range(3)]},
+        400,
+        "tools",
+    ),
     "response_format with calls": (
         {"tools": [tool()], "tool_choice": "required", "response_format": {"type": "json_object"}},
         400,
@@ -322,6 +327,23 @@ def check_call(call, names=tuple(SCHEMAS)) -> str:
     assert call.function.name in names
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     return call.function.arguments
+
+
+async def test_a_function_without_parameters_gets_an_object_of_arguments(tools_api):
+    """Clients send parameters without a `type` for a function without arguments (`{}`, or
+    as here `{"maxProperties": 0}`); a schema without a type let the grammar write any JSON
+    value as the arguments (`5`), which broke the reader's split of the calls. Arguments are
+    always an object (here the only one allowed: `{}`)."""
+    no_arguments = {"maxProperties": 0}
+    f = {"type": "function", "function": {"name": "f", "parameters": no_arguments}}
+    for choice in ("required", NAMED_F):
+        body = {"messages": HI, "tools": [f], "tool_choice": choice, "parallel_tool_calls": False}
+        body |= {"temperature": 1.0, "n": 4, "max_tokens": 40}
+        r = await tools_api.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        for c in r.json()["choices"]:
+            assert c["finish_reason"] == "tool_calls", c
+            assert [json.loads(call["function"]["arguments"]) for call in c["message"]["tool_calls"]] == [{}], c
 
 
 def test_required_and_named_calls_validate_on_every_sample(client: openai.OpenAI) -> None:
@@ -439,7 +461,7 @@ class ScriptedModel:
     def restart(self) -> None:
         self._step = 0
 
-    def _forward(self, first_row, input_ids, positions, last_index, slots):
+    def _forward(self, first_row, input_ids, positions, last_index, slots, kv_len=None):
         logits = torch.zeros(input_ids.shape[0], self._vocab)
         logits[:, self._ids[min(self._step, len(self._ids) - 1)]] = 1.0
         self._step += 1

@@ -7,7 +7,6 @@ Routes only translate; `generation` runs them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -121,7 +120,7 @@ async def chat_completions(
     _check_chat_size(services, body.messages, tools.tools)
     # Every tool's parameters must be a usable schema, within response_format's bounds, even
     # when nothing constrains the output to it (compiled grammars are cached by schema).
-    await asyncio.gather(*(services.engine.grammars.compile(fmt) for fmt in tools.parameters))
+    await services.engine.grammars.compile_all(tools.parameters, "tools")
     ids = await services.tokenizing.run(lambda tokenizer: _chat_prompt_ids(tokenizer, body, tools.tools))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(services, body, len(ids), max_tokens, body.logprobs, body.top_logprobs or 0)

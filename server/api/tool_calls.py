@@ -268,7 +268,7 @@ def plan(template: ChatTemplate, body: ChatRequest) -> ToolUse:
     use = ToolUse(
         tools=[t.model_dump(exclude_none=True) for t in body.tools],
         parameters=[
-            ResponseFormat(t.function.parameters, bool(t.function.strict), field=f"tools.{i}.function.parameters")
+            ResponseFormat(_arguments_schema(t), bool(t.function.strict), field=f"tools.{i}.function.parameters")
             for i, t in enumerate(body.tools)
         ],
     )
@@ -303,13 +303,20 @@ def plan(template: ChatTemplate, body: ChatRequest) -> ToolUse:
     return use
 
 
+def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
+    """A tool's parameters as the schema of its arguments: always an object. Clients send
+    `"parameters": {}` for a function without arguments, and a schema without a type would
+    let the grammar write `5` as the arguments, which no reader can split from what follows."""
+    return {**tool.function.parameters, "type": "object"}
+
+
 def _calls_schema(tools: list[ToolSpec], at_most: int | None) -> dict[str, Any]:
     """A JSON array of calls, each of one of `tools` with arguments that match its parameters."""
     call = {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+                "properties": {"name": {"const": t.function.name}, "arguments": _arguments_schema(t)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

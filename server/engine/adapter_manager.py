@@ -245,7 +245,7 @@ class AdapterManager:
         at worst one step old, which is all a display needs."""
         in_slots = set(list(self._slot_key))
         with self._lock:
-            keys = [key for key in self._cache if key[0] == tenant]
+            keys = [key for key in self._cache if isinstance(key, tuple) and key[0] == tenant]  # not mixtures
         return sorted((name, version, (t, name, version) in in_slots) for t, name, version in keys)
 
     # -- loader thread ---------------------------------------------------------------

@@ -136,11 +136,15 @@ class MixtureRef:
                 raise InvalidRequestError(c.name_field, f"{c.name!r} is named twice; give it one weight")
             seen.add(c.name)
             w = c.weight
-            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
-                raise InvalidRequestError(c.weight_field, f"must be a finite number, got {w!r}")
-            if w == 0 or abs(w) > MAX_MIXTURE_WEIGHT:
+            # Compared, never converted: math.isfinite raises for an int past float range (a
+            # 400-digit weight), and NaN fails the comparison.
+            if isinstance(w, bool) or not isinstance(w, int | float) or not abs(w) <= MAX_MIXTURE_WEIGHT:
                 raise InvalidRequestError(
-                    c.weight_field, f"must be non-zero and in [-{MAX_MIXTURE_WEIGHT:g}, {MAX_MIXTURE_WEIGHT:g}]"
+                    c.weight_field, f"must be a non-zero number in [-{MAX_MIXTURE_WEIGHT:g}, {MAX_MIXTURE_WEIGHT:g}]"
+                )
+            if w == 0:
+                raise InvalidRequestError(
+                    c.weight_field, f"must be a non-zero number in [-{MAX_MIXTURE_WEIGHT:g}, {MAX_MIXTURE_WEIGHT:g}]"
                 )
 
 
