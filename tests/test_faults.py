@@ -419,7 +419,9 @@ def test_overload_admits_what_fits_and_refuses_the_rest_at_once(tmp_path) -> Non
     ok = [r["latency"] for r in results if r["status"] == 200]
     refused = [r for r in results if r["status"] == 429]
     assert len(ok) + len(refused) == OVERLOAD_REQUESTS, Counter(r["status"] for r in results)
-    assert len(ok) >= 12 and len(refused) >= OVERLOAD_REQUESTS // 2, (len(ok), len(refused))
+    # At least the queue's 8 are admitted; the batch's 4 more only if the engine thread moved
+    # requests out of the queue while the burst arrived (it did not once, on a busy machine: 9).
+    assert len(ok) >= 8 and len(refused) >= OVERLOAD_REQUESTS // 2, (len(ok), len(refused))
     assert all(r["type"] == "overloaded" and r["retry_after"] == "1" for r in refused)
     refusal = [r["latency"] for r in refused]
     # Refused at once: no slower than a burst of /healthz (the cost of 100 connections at

@@ -78,13 +78,16 @@ def test_healthz_answers_while_huge_chats_are_tokenized(tmp_path) -> None:
     per_message = settings.max_prompt_chars // settings.max_chat_messages
     print("\n4 chats at the limits:", end=" ")
     responses, latencies = flood(tmp_path, {"messages": hostile_chat(settings.max_chat_messages, per_message)})
-    # Tokenized whole, then refused: 262,144 byte tokens do not fit the tiny model's context.
+    # Tokenized whole, then refused: the test tokenizer's control-token ids lie past the tiny
+    # model's 256-token vocabulary (and 262,144 byte tokens past its context).
     assert [r.status_code for r in responses] == [400] * 4
     # Measured on a loaded 2-core machine (the probe, the flood and the server share one
     # process and its GIL): p50 50 ms, at most 0.08 to 0.27 s here; with tokenizing on the
     # event loop, every chat stopped the loop for 0.6 to 1.9 s.
     assert max(latencies) < 0.4, sorted(latencies)[-5:]
-    assert len(latencies) >= 10, latencies  # the flood lasted a while: /healthz was asked during it
+    # The flood lasted a while: /healthz was asked during it (8 probes over 0.4 s on a quiet
+    # machine, where each probe waits ~45 ms for the tokenizing threads' GIL; more under load).
+    assert len(latencies) >= 5, latencies
 
 
 def test_the_issues_1_mb_chat_is_refused_before_any_templating(tmp_path) -> None:
