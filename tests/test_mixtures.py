@@ -24,6 +24,7 @@ from server.engine import (
     SamplingParams,
     build_engine,
 )
+from server.engine.adapter_manager import MAX_CACHED_MIXTURES_PER_TENANT, MixtureKey
 from server.settings import Settings
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
@@ -201,6 +202,21 @@ async def test_a_recipe_is_composed_once_and_a_new_version_is_a_new_recipe(engin
     assert events.count("compose_seconds") == composes + 2 and republished[0][0] != first[0][0]
     # A cached mixture is not one of the tenant's adapters: the residency view lists only those.
     assert {name for name, _, _ in engine.adapters.resident(TENANT)} <= {"ad0", "ad1", "ad2"}
+
+
+async def test_a_stream_of_new_recipes_replaces_the_tenants_own(engine_and_store):
+    """Every new weight is a new recipe: past MAX_CACHED_MIXTURES_PER_TENANT the tenant's own
+    oldest recipes leave the cache, not other tenants' adapters."""
+    engine, _, _ = engine_and_store
+    prompt = [1, 2, 3, 4]
+    await generate(engine, [request(prompt, AdapterRef("t2", "theirs"))])
+    for i in range(MAX_CACHED_MIXTURES_PER_TENANT + 3):
+        await generate(engine, [request(prompt, mixture(("ad0", 0.5), ("ad2", 0.1 * (i + 1))))])
+    cached = list(engine.adapters._cache)
+    own = [k for k in cached if isinstance(k, MixtureKey) and k.parts[0][0] == TENANT]
+    assert len(own) == MAX_CACHED_MIXTURES_PER_TENANT
+    assert own[-1].weights == (0.5, 0.1 * (MAX_CACHED_MIXTURES_PER_TENANT + 3))  # the newest stays
+    assert any(isinstance(k, tuple) and k[:2] == ("t2", "theirs") for k in cached)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,9 @@ class MixtureKey:
 
 
 CacheKey = AdapterKey | MixtureKey
+# Composed mixtures one tenant keeps in the cache (see `_evict_own_mixtures`): a few recipes
+# in use at once are cached, a stream of new ones replaces the tenant's own.
+MAX_CACHED_MIXTURES_PER_TENANT = 4
 Adapter = VBLoRAAdapter | LoRAAdapter
 Fetched = Adapter | tuple[Adapter, ...]  # an adapter, or a mixture's components
 
@@ -403,6 +406,8 @@ class AdapterManager:
                 return
             self._cache[key] = item
             self._cached_bytes += item.nbytes
+            if isinstance(key, MixtureKey):
+                self._evict_own_mixtures(key)
             # Evict least recently used, skipping pinned and wanted adapters and the one just loaded.
             for old in list(self._cache):
                 if self._cached_bytes <= self.cache_bytes:
@@ -410,6 +415,18 @@ class AdapterManager:
                 pinned = isinstance(old, tuple) and old[:2] in self._pinned
                 if old == key or pinned or old in self._wanted:
                     continue
+                self._cached_bytes -= self._cache.pop(old).nbytes
+                self.on_event("eviction", 1)
+
+    def _evict_own_mixtures(self, key: MixtureKey) -> None:
+        """A recipe's weights are part of it, so a tenant could make a new one per request
+        and, through the shared LRU, push every other tenant's adapters out. Past
+        MAX_CACHED_MIXTURES_PER_TENANT its own least recently used recipes go first (not
+        one a request waits for). Caller holds the lock."""
+        tenant = key.parts[0][0]
+        own = [k for k in self._cache if isinstance(k, MixtureKey) and k.parts[0][0] == tenant]
+        for old in own[: max(0, len(own) - MAX_CACHED_MIXTURES_PER_TENANT)]:
+            if old != key and old not in self._wanted:
                 self._cached_bytes -= self._cache.pop(old).nbytes
                 self.on_event("eviction", 1)
 
