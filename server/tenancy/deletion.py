@@ -38,20 +38,23 @@ one's delete).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from adapter_store import AdapterNotFoundError
 from adapter_store.store import AdapterRecord, AdapterStore
 
 from .registry import TenantRegistry
 
-if TYPE_CHECKING:
-    from server.training.files import FileStore
-    from server.training.jobs import JobQueue
+
+class TenantData(Protocol):
+    """What else holds a tenant's data (the job queue, the uploaded-files store): tenancy
+    sits below training, so it names only the one method a delete needs."""
+
+    def remove(self, tenant: str) -> int: ...
 
 
 def delete_tenant(
-    registry: TenantRegistry, store: AdapterStore, jobs: JobQueue | None, files: FileStore | None, name: str
+    registry: TenantRegistry, store: AdapterStore, jobs: TenantData | None, files: TenantData | None, name: str
 ) -> None:
     """Delete the tenant, its keys, jobs (a running one stops and publishes nothing),
     uploaded files and adapters, in the order the module doc argues. `TenantNotFoundError`
