@@ -236,31 +236,32 @@ def fill_slots(runner, adapters: list, variant: str) -> float:
 def cold_ttft(runner, config, prompt_len: int) -> tuple[float, float]:
     """(cold, warm) seconds from asking for an adapter to the first token of a prompt."""
     from adapter_store.store import SQLiteAdapterStore
-    from server.engine.adapter_manager import AdapterManager
+    from server.engine.adapters import AdapterCache, SlotTable
     from server.engine.types import AdapterRef
 
     (adapter,) = random_adapters(config, 1, seed=99)
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteAdapterStore(Path(tmp) / "adapters.db")
         store.put("bench", "cold", adapter)
-        manager = AdapterManager(
+        cache = AdapterCache(
             store, runner.layers, max_rank=RANK, cache_bytes=1 << 30, device=runner.device, dtype=runner.dtype
         )
+        slots = SlotTable(runner.layers, cache)
         ids = torch.randint(1, runner.vocab_size, (1, prompt_len))
         positions = torch.arange(prompt_len).view(1, -1)
 
         def first_token() -> None:
-            key = manager.resolve(AdapterRef("bench", "cold"))
-            manager.want(key)
-            while (state := manager.state(key)) == "loading":
+            key = cache.resolve(AdapterRef("bench", "cold"))
+            cache.want(key)
+            while (state := cache.state(key)) == "loading":
                 time.sleep(0.0005)
             if state != "ready":
                 raise RuntimeError(f"adapter failed to load: {state}")
-            slot = manager.acquire_slot(key)
-            manager.unwant(key)
+            slot = slots.acquire(key)
+            cache.unwant(key)
             logits = runner.forward(0, ids, positions, torch.tensor([prompt_len - 1]), torch.tensor([slot]))
             logits.argmax(-1).cpu()
-            manager.release_slot(slot)
+            slots.release(slot)
 
         cold = timed(runner.device, first_token)
         warm = timed(runner.device, first_token)

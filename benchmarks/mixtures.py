@@ -95,7 +95,7 @@ async def main() -> None:
         store.put(TENANT, f"a{i}", adapter)
     store.put(TENANT, "lora", random_lora(model, r=8, seed=99))
 
-    def recipe() -> None:  # what the loader does for a mixture (AdapterManager._compose_mixture)
+    def recipe() -> None:  # what the loader does for a mixture (server/engine/adapters/compose.py, _compose_mixture)
         parts = [{n: (a[0], b[0]) for n, (a, b) in compose_adapters([x]).items()} for x in adapters[:2]]
         mix_lora(parts, [0.5, 0.5], [1.0, 1.0], "cat")
 

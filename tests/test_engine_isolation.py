@@ -23,10 +23,9 @@ from server.engine import (
     InvalidRequestError,
     RequestFailedError,
     SamplingParams,
-    adapter_manager,
     build_engine,
 )
-from server.engine.adapter_manager import composed_nbytes
+from server.engine.adapters import compose, composed_nbytes
 from server.engine.sampling import NO_TOKEN, sample_next_tokens
 from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
 from server.settings import Settings
@@ -421,7 +420,7 @@ async def test_an_adapter_whose_load_raises_fails_alone_and_loads_again_later(tm
     forever."""
     engine, store, _ = thrash_engine(tmp_path, adapters=3, cached=3, max_batch_size=8, max_adapter_slots=4)
     broken_get, poisoned_bank = {"ad0"}, store.get(TENANT, "ad2")[1].bank_id
-    get, compose = store.get, adapter_manager.compose_adapters
+    get, compose_adapters = store.get, compose.compose_adapters
 
     def flaky_get(tenant, name):
         if name in broken_get:
@@ -431,10 +430,10 @@ async def test_an_adapter_whose_load_raises_fails_alone_and_loads_again_later(tm
     def flaky_compose(adapters, **kw):
         if any(a.bank_id == poisoned_bank for a in adapters):
             raise RuntimeError("a compose failure")
-        return compose(adapters, **kw)
+        return compose_adapters(adapters, **kw)
 
     monkeypatch.setattr(store, "get", flaky_get)
-    monkeypatch.setattr(adapter_manager, "compose_adapters", flaky_compose)
+    monkeypatch.setattr(compose, "compose_adapters", flaky_compose)
     p = prompts(1, seed=41)[0]
     try:
         failed = await asyncio.wait_for(run(engine, greedy(p, "ad0", n=5)), timeout=30)

@@ -24,7 +24,7 @@ from server.engine import (
     SamplingParams,
     build_engine,
 )
-from server.engine.adapter_manager import MAX_CACHED_MIXTURES_PER_TENANT, MixtureKey
+from server.engine.adapters import MAX_CACHED_MIXTURES_PER_TENANT, AdapterKey, MixtureKey
 from server.settings import Settings
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
@@ -201,7 +201,7 @@ async def test_a_recipe_is_composed_once_and_a_new_version_is_a_new_recipe(engin
     republished = await generate(engine, [request(prompt, mixture(("ad0", 0.5), ("ad1", 0.5)))])
     assert events.count("compose_seconds") == composes + 2 and republished[0][0] != first[0][0]
     # A cached mixture is not one of the tenant's adapters: the residency view lists only those.
-    assert {name for name, _, _ in engine.adapters.resident(TENANT)} <= {"ad0", "ad1", "ad2"}
+    assert {name for name, _, _ in engine.resident_adapters(TENANT)} <= {"ad0", "ad1", "ad2"}
 
 
 async def test_a_stream_of_new_recipes_replaces_the_tenants_own(engine_and_store):
@@ -213,10 +213,10 @@ async def test_a_stream_of_new_recipes_replaces_the_tenants_own(engine_and_store
     for i in range(MAX_CACHED_MIXTURES_PER_TENANT + 3):
         await generate(engine, [request(prompt, mixture(("ad0", 0.5), ("ad2", 0.1 * (i + 1))))])
     cached = list(engine.adapters._cache)
-    own = [k for k in cached if isinstance(k, MixtureKey) and k.parts[0][0] == TENANT]
+    own = [k for k in cached if isinstance(k, MixtureKey) and k.tenant == TENANT]
     assert len(own) == MAX_CACHED_MIXTURES_PER_TENANT
     assert own[-1].weights == (0.5, 0.1 * (MAX_CACHED_MIXTURES_PER_TENANT + 3))  # the newest stays
-    assert any(isinstance(k, tuple) and k[:2] == ("t2", "theirs") for k in cached)
+    assert any(isinstance(k, AdapterKey) and (k.tenant, k.name) == ("t2", "theirs") for k in cached)
 
 
 @pytest.mark.parametrize(

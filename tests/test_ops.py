@@ -190,7 +190,7 @@ def test_mixed_batch_equals_each_row_alone(wrapped, seq_len: int | None, base_ro
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reused_slot_holds_only_the_new_adapter(device: str) -> None:
-    """The adapter manager reuses slots: writing a rank-1 adapter that targets only `up`
+    """The slot table reuses slots: writing a rank-1 adapter that targets only `up`
     over a rank-4 one that targeted both must clear the old rank's tail in `up` and the
     whole slot in `down`."""
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ fresh key prefix; skipped with the reason when none answers), and on one local R
 Cluster (tests/redis_cluster.py), behave as one service: an
 adapter pushed, updated or deleted through one replica is served, re-served or refused by
 the other on its very next request. Each replica checks the adapter's current version in
-the store per request (server/engine/adapter_manager.py keys its composed cache by
+the store per request (server/engine/adapters/cache.py keys its composed cache by
 version), so there is no timer to wait out."""
 
 from __future__ import annotations

@@ -147,8 +147,7 @@ def get_bank(bank_id: str, services: ServicesDep, tenant: TenantDep, if_none_mat
 @router.get("/v1/engine/adapters", response_model=ResidentAdapterList)
 def resident_adapters(services: ServicesDep, tenant: TenantDep) -> ResidentAdapterList:
     """Which of the caller's adapters this replica's engine holds composed, ready to serve."""
-    adapters = services.engine.adapters
-    resident = [] if adapters is None else adapters.resident(tenant)
+    resident = services.engine.resident_adapters(tenant)
     return ResidentAdapterList(data=[ResidentAdapter(name=n, version=v, in_slot=s) for n, v, s in resident])
 
 

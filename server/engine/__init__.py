@@ -1,4 +1,4 @@
-"""The serving engine: model runner, continuous batcher, sampling, adapter manager."""
+"""The serving engine: model runner, continuous batcher, sampling, adapter cache and slot table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from adapter_store.store import AdapterStore
 from server.settings import Settings
 from server.vblora.ops import use_kernels
 
-from .adapter_manager import AdapterManager
+from .adapters import AdapterCache
 from .batcher import Engine, RequestHandle, eos_token_ids
 from .grammar import Grammars, ResponseFormat
 from .model_runner import ModelRunner
@@ -31,7 +31,7 @@ from .types import (
 )
 
 __all__ = [
-    "AdapterManager",
+    "AdapterCache",
     "AdapterRef",
     "AdapterUnavailableError",
     "Engine",
@@ -72,9 +72,9 @@ def build_engine(
         max_rank=settings.max_lora_rank,
         fast_path=settings.fast_path,
     )
-    manager = None
+    adapters = None
     if store is not None:
-        manager = AdapterManager(
+        adapters = AdapterCache(
             store,
             runner.layers,
             max_rank=settings.max_lora_rank,
@@ -95,7 +95,7 @@ def build_engine(
     return Engine(
         runner,
         tokenizer,
-        manager,
+        adapters,
         grammars,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,

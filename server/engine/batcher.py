@@ -30,7 +30,7 @@ import torch
 import xgrammar
 from transformers import PreTrainedTokenizerBase
 
-from .adapter_manager import AdapterManager, CacheKey
+from .adapters import AdapterCache, AdapterKey, CacheKey, SlotTable
 from .detokenizer import IncrementalDetokenizer
 from .grammar import Grammars, mask_logits
 from .model_runner import ModelRunner
@@ -118,7 +118,7 @@ class Engine:
         self,
         runner: ModelRunner,
         tokenizer: PreTrainedTokenizerBase,
-        adapters: AdapterManager | None,
+        adapters: AdapterCache | None,
         grammars: Grammars,
         *,
         max_batch_size: int,
@@ -131,6 +131,8 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.adapters = adapters
+        # The slot table is the engine thread's own (see `SlotTable`); the cache is shared.
+        self.slots = SlotTable(runner.layers, adapters) if adapters is not None else None
         self.grammars = grammars
         self.max_batch_size = min(max_batch_size, runner.max_rows)
         self.max_queue = max_queue
@@ -159,6 +161,15 @@ class Engine:
     @property
     def running_count(self) -> int:
         return len(self._holding_rows())
+
+    def resident_adapters(self, tenant: str) -> list[tuple[str, int, bool]]:
+        """The tenant's adapters composed in this process's cache: (name, version, whether a
+        batch slot holds it now). Any thread: the slots are a snapshot, at worst one step
+        old, which is all a display needs."""
+        if self.adapters is None or self.slots is None:
+            return []
+        in_slots = self.slots.held()
+        return sorted((key.name, key.version, key in in_slots) for key in self.adapters.composed_adapters(tenant))
 
     def validate(self, request: GenerationRequest) -> None:
         """Everything checkable without I/O; raises InvalidRequestError before any compute."""
@@ -308,7 +319,7 @@ class Engine:
                     continue
                 if state != "ready":
                     continue
-                slot = self.adapters.acquire_slot(seq.adapter_key)
+                slot = self.slots.acquire(seq.adapter_key)
                 if slot is None:
                     continue
                 seq.slot = slot
@@ -450,7 +461,7 @@ class Engine:
         elif seq.row >= 0:  # admitted, but its prefill failed: it wrote into its row
             self.runner.cache.clear_row(seq.row)
         if seq.slot >= 0:
-            self.adapters.release_slot(seq.slot)
+            self.slots.release(seq.slot)
             seq.slot = -1
         # A stop string is never streamed, and a failed request's held-back text is not final.
         tail = seq.detok.flush() if reason != "error" and not (reason == "stop" and seq.detok.stopped) else ""
@@ -464,7 +475,7 @@ class Engine:
                 token_ids=list(seq.output),
                 finish_reason=reason,
                 usage=Usage(len(req.prompt_ids), len(seq.output)),
-                adapter_version=seq.adapter_key[2] if isinstance(seq.adapter_key, tuple) else None,
+                adapter_version=seq.adapter_key.version if isinstance(seq.adapter_key, AdapterKey) else None,
                 time_to_first_token_s=(seq.first_token_at - req.arrival) if seq.first_token_at else None,
                 error=error,
             )

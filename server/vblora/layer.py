@@ -1,7 +1,7 @@
 """The layer that applies many adapters in one batch: a base `nn.Linear` plus slot tables.
 
 Each wrapped linear owns `lora_a (slots, r_max, in)` and `lora_b (slots, r_max, out)` (B
-transposed, see `add_multi_adapter_lora_`); the adapter manager writes an adapter's
+transposed, see `add_multi_adapter_lora_`); the engine's slot table writes an adapter's
 composed matrices into a slot (zero-padded to r_max, zeros for modules it does not
 target), and the engine sets, before each forward, which slot every batch row uses
 (`AdapterRouting.slots`, -1 = base only). The forward only touches the first

@@ -1,9 +1,15 @@
-"""Which adapters are loaded: store lookups, batched composition, an LRU of composed
-adapters bounded in bytes (with pinning), and the slots of the batched layers.
+"""The composed-adapter cache: store lookups, a loader thread that fetches and composes in
+batches, an LRU of composed adapters bounded in bytes, and the failures of loads.
 
-Threads: `resolve` runs in the caller's worker thread (it does store I/O); loading runs on
-one loader thread, so a cold adapter never stalls the decode loop; slots, `want` and
-`unwant` are called only by the engine thread (they follow its waiting requests).
+Threads (each method's docstring says which calls it):
+- request threads call `resolve` (it does store I/O, so never on the engine thread);
+- one loader thread (`_load_loop` and what it calls) fetches and composes, so a cold
+  adapter never stalls the decode loop;
+- the engine thread calls `want`, `unwant`, `state`, `current` and, through the slot
+  table, `composed`;
+- any thread may read `cached_bytes` and `composed_adapters`.
+`_lock` guards everything the threads share: the LRU, failures, what is loading, the
+redirects to newer versions and the want counts. `_fetched` is the loader thread's alone.
 
 An adapter a waiting request needs is never lost: the engine `want`s it while the request
 waits, and a wanted adapter is not evicted; one that is gone anyway (evicted between the
@@ -21,52 +27,31 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from adapter_store import AdapterConfig, AdapterError, LoRAAdapter, LoRAConfig, VBLoRAAdapter, config_from_json
+from adapter_store import AdapterConfig, AdapterError, LoRAConfig, config_from_json
 from adapter_store.store import AdapterStore
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import MultiAdapterLinear, write_adapter_slot
-from server.vblora.mixture import mix_lora, mixed_rank
+from server.vblora.layer import MultiAdapterLinear
+from server.vblora.mixture import mixed_rank
 
-from .types import AdapterRef, AdapterUnavailableError, MixtureRef
+from ..types import AdapterRef, AdapterUnavailableError, MixtureRef
+from .compose import Composed, Fetched, Matrices, compose_fetched, fetched_nbytes
+from .keys import AdapterKey, CacheKey, MixtureKey
 
 log = logging.getLogger(__name__)
 
-AdapterKey = tuple[str, str, int]  # tenant, name, version
-Matrices = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class MixtureKey:
-    """A mixture's recipe: each component's key (so a new version is a new recipe), its
-    weight, and the combination type."""
-
-    parts: tuple[AdapterKey, ...]
-    weights: tuple[float, ...]
-    combination: str
-
-
-CacheKey = AdapterKey | MixtureKey
 # Composed mixtures one tenant keeps in the cache (see `_evict_own_mixtures`): a few recipes
 # in use at once are cached, a stream of new ones replaces the tenant's own.
 MAX_CACHED_MIXTURES_PER_TENANT = 4
-Adapter = VBLoRAAdapter | LoRAAdapter
-Fetched = Adapter | tuple[Adapter, ...]  # an adapter, or a mixture's components
 
 
-@dataclass
-class _Composed:
-    matrices: Matrices
-    nbytes: int
+class AdapterCache:
+    """Composed adapters by key, loaded on demand, bounded in bytes; see the module's
+    docstring for which thread calls what."""
 
-
-class AdapterManager:
     def __init__(
         self,
         store: AdapterStore,
@@ -79,39 +64,32 @@ class AdapterManager:
         on_event: Callable[[str, float], None] | None = None,
     ) -> None:
         self.store = store
-        self.layers = layers
         self.base_shapes = {n: (m.base.in_features, m.base.out_features) for n, m in layers.items()}
-        self.num_slots = next(iter(layers.values())).num_slots
         self.max_rank = max_rank
         self.cache_bytes = cache_bytes
         self.device, self.dtype = device, dtype
         self.on_event = on_event or (lambda kind, value: None)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[CacheKey, _Composed] = OrderedDict()
+        self._cache: OrderedDict[CacheKey, Composed] = OrderedDict()
         self._cached_bytes = 0
         self._failed: dict[CacheKey, AdapterUnavailableError] = {}
         self._loading: set[CacheKey] = set()
         # A version that was replaced in the store before it could be loaded -> the version
         # loaded instead. One entry per such race, so it stays small.
         self._newer: dict[CacheKey, CacheKey] = {}
-        self._pinned: set[tuple[str, str]] = set()
         self._wanted: Counter[CacheKey] = Counter()  # key -> waiting requests that need it
         # Fetched from the store, waiting for room in the cache to be composed (loader thread).
         self._fetched: dict[CacheKey, Fetched] = {}
         self._queue: queue.Queue[CacheKey | None] = queue.Queue()  # None: room may have freed
-        # Engine-thread state: slot -> (key, users)
-        self._slot_key: list[CacheKey | None] = [None] * self.num_slots
-        self._slot_users = [0] * self.num_slots
-        self._slot_last_used = [0.0] * self.num_slots
         self._loader = threading.Thread(target=self._load_loop, name="adapter-loader", daemon=True)
         self._loader.start()
 
-    # -- called from request threads -------------------------------------------------
+    # -- request threads ---------------------------------------------------------------
 
     def resolve(self, ref: AdapterRef | MixtureRef) -> CacheKey:
         """Current version of `ref` (of each of a mixture's adapters), checked against the
         base model; starts loading it. Raises AdapterUnavailableError (not_found /
-        incompatible / unavailable / invalid_request)."""
+        incompatible / unavailable / invalid_request). Request threads: it does store I/O."""
         if isinstance(ref, MixtureRef):
             return self._resolve_mixture(ref)
         try:
@@ -123,14 +101,18 @@ class AdapterManager:
                 # resolved) rather than fail a request this process can answer. Uncached
                 # adapters still fail with "unavailable" (503 + Retry-After).
                 with self._lock:
-                    cached = [k for k in self._cache if isinstance(k, tuple) and k[:2] == (ref.tenant, ref.name)]
+                    cached = [
+                        k
+                        for k in self._cache
+                        if isinstance(k, AdapterKey) and (k.tenant, k.name) == (ref.tenant, ref.name)
+                    ]
                     if cached:
-                        key = max(cached, key=lambda k: k[2])
+                        key = max(cached, key=lambda k: k.version)
                         self._cache.move_to_end(key)
                         self.on_event("hit", 1)
                         return key
             raise AdapterUnavailableError("model", str(exc), _kind(exc)) from None
-        key = (ref.tenant, ref.name, record.version)
+        key = AdapterKey(ref.tenant, ref.name, record.version)
         # A cached version passed every check when it was loaded, and versions are
         # immutable: skip parsing its config again (most of a resolve's CPU time).
         if self._hit(key):
@@ -148,7 +130,7 @@ class AdapterManager:
             except AdapterError as exc:
                 raise AdapterUnavailableError(c.name_field, str(exc), _kind(exc)) from None
         key = MixtureKey(
-            tuple((ref.tenant, r.name, r.version) for r in records),
+            tuple(AdapterKey(ref.tenant, r.name, r.version) for r in records),
             tuple(float(c.weight) for c in ref.components),
             ref.combination,
         )
@@ -208,14 +190,36 @@ class AdapterManager:
             self.on_event("miss", 1)
             self._queue.put(key)
 
-    def pin(self, ref: AdapterRef) -> None:
-        """Keep every version of this adapter in the composed cache (never evicted)."""
-        with self._lock:
-            self._pinned.add((ref.tenant, ref.name))
+    # -- any thread ----------------------------------------------------------------------
 
-    def unpin(self, ref: AdapterRef) -> None:
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
+
+    def composed_adapters(self, tenant: str) -> list[AdapterKey]:
+        """The tenant's adapters composed in this cache now (not its mixtures)."""
         with self._lock:
-            self._pinned.discard((ref.tenant, ref.name))
+            return [key for key in self._cache if isinstance(key, AdapterKey) and key.tenant == tenant]
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def want(self, key: CacheKey) -> None:
+        """A request waiting for `key` joined the engine's queue: keep `key` cached until
+        `unwant`, and load it again if it was evicted since the request's resolve."""
+        with self._lock:
+            key = self._current(key)
+            self._wanted[key] += 1
+            if key not in self._cache and key not in self._failed:
+                self._request_load(key)
+
+    def unwant(self, key: CacheKey) -> None:
+        """The request that wanted `key` left the queue (admitted with a slot, or finished)."""
+        with self._lock:
+            key = self._current(key)
+            self._wanted[key] -= 1
+            if self._wanted[key] <= 0:
+                del self._wanted[key]
+        self._queue.put(None)  # the loader may now have room for a fetched adapter
 
     def state(self, key: CacheKey) -> str | AdapterUnavailableError:
         """'ready', 'loading' (again, if it had been evicted), or the error that ended the load."""
@@ -229,7 +233,7 @@ class AdapterManager:
 
     def current(self, key: CacheKey) -> CacheKey:
         """The version served to a request that resolved `key`: `key` itself, or the newer
-        version that was published while `key` was loading (see `_fetch`)."""
+        version that was published while `key` was loading (see `_keep_fetched`)."""
         with self._lock:
             return self._current(key)
 
@@ -238,20 +242,14 @@ class AdapterManager:
             key = self._newer[key]
         return key
 
-    @property
-    def cached_bytes(self) -> int:
-        return self._cached_bytes
-
-    def resident(self, tenant: str) -> list[tuple[str, int, bool]]:
-        """The tenant's adapters composed in this process's cache: (name, version, whether a
-        batch slot holds it now). The slots are the engine thread's; a snapshot of them is
-        at worst one step old, which is all a display needs."""
-        in_slots = set(list(self._slot_key))
+    def composed(self, key: CacheKey) -> Matrices | None:
+        """`key`'s composed matrices, for the slot table to copy into a slot; None if it is
+        not cached (`state` loads it again on the next admission)."""
         with self._lock:
-            keys = [key for key in self._cache if isinstance(key, tuple) and key[0] == tenant]  # not mixtures
-        return sorted((name, version, (t, name, version) in in_slots) for t, name, version in keys)
+            item = self._cache.get(key)
+        return None if item is None else item.matrices
 
-    # -- loader thread ---------------------------------------------------------------
+    # -- loader thread -------------------------------------------------------------------
 
     def _load_loop(self) -> None:
         while True:
@@ -280,7 +278,7 @@ class AdapterManager:
 
     def _fetch_adapter(self, key: AdapterKey) -> None:
         try:
-            record, adapter = self.store.get(key[0], key[1])
+            record, adapter = self.store.get(key.tenant, key.name)
             adapter.config.check_compatible(self.base_shapes)
             self._check_rank(adapter.config)
         except AdapterError as exc:
@@ -289,20 +287,20 @@ class AdapterManager:
         except AdapterUnavailableError as exc:
             self._fail(key, exc)
             return
-        self._keep_fetched(key, (key[0], key[1], record.version), adapter)
+        self._keep_fetched(key, key._replace(version=record.version), adapter)
 
     def _fetch_mixture(self, key: MixtureKey) -> None:
         """Read a mixture's adapters; a component republished since the resolve makes a
         new recipe (with its new version), served as `_keep_fetched` says."""
         parts, adapters = [], []
-        for tenant, name, _ in key.parts:
+        for part in key.parts:
             try:
-                record, adapter = self.store.get(tenant, name)
+                record, adapter = self.store.get(part.tenant, part.name)
                 adapter.config.check_compatible(self.base_shapes)
             except AdapterError as exc:
-                self._fail(key, AdapterUnavailableError("adapters", f"{name}: {exc}", _kind(exc)))
+                self._fail(key, AdapterUnavailableError("adapters", f"{part.name}: {exc}", _kind(exc)))
                 return
-            parts.append((tenant, name, record.version))
+            parts.append(part._replace(version=record.version))
             adapters.append(adapter)
         try:
             self._check_mixture_rank([a.config.r for a in adapters], key.combination, "adapters", "adapters")
@@ -336,7 +334,7 @@ class AdapterManager:
             used = sum(self._cache[k].nbytes for k in self._wanted if k in self._cache)
             chosen: list[tuple[CacheKey, Fetched]] = []
             for key in sorted(self._fetched, key=lambda k: k not in self._wanted):
-                nbytes = self._nbytes(key, self._fetched[key])
+                nbytes = fetched_nbytes(key, self._fetched[key], self.dtype)
                 if used and used + nbytes > self.cache_bytes:
                     break
                 chosen.append((key, self._fetched.pop(key)))
@@ -345,61 +343,21 @@ class AdapterManager:
                 del self._fetched[key]
                 self._loading.discard(key)
         try:
-            self._compose(chosen)
+            self._compose_into_cache(chosen)
         except Exception:
             # Composed in one batch, one bad adapter would fail the others beside it: compose
             # them one at a time, so the error ends only the requests of the one that raises.
             for item in chosen:
                 try:
-                    self._compose([item])
+                    self._compose_into_cache([item])
                 except Exception:
                     self._fail_unexpectedly(item[0])
 
-    def _compose(self, chosen: list[tuple[CacheKey, Fetched]]) -> None:
-        """Compose fetched adapters into the cache: VB-LoRA adapters of one shape in one batch."""
-        groups: dict[tuple, list[tuple[AdapterKey, VBLoRAAdapter]]] = {}
-        for key, fetched in chosen:
-            if isinstance(key, MixtureKey):
-                self._compose_mixture(key, fetched)
-            elif isinstance(fetched, LoRAAdapter):
-                mats, scaling = self._lora_matrices(fetched)
-                own = {name: (a.to(self.dtype), (b * scaling).to(self.dtype)) for name, (a, b) in mats.items()}
-                self._insert(key, _Composed(own, composed_nbytes(fetched.config, self.dtype)))
-            else:
-                groups.setdefault(fetched.config.composition_key, []).append((key, fetched))
-        for group in groups.values():
-            start = time.perf_counter()
-            mats = compose_adapters([a for _, a in group], device=self.device, dtype=self.dtype)
-            self.on_event("compose_seconds", time.perf_counter() - start)
-            for i, (key, adapter) in enumerate(group):
-                own = {name: (a[i].clone(), b[i].clone()) for name, (a, b) in mats.items()}
-                self._insert(key, _Composed(own, composed_nbytes(adapter.config, self.dtype)))
+    def _compose_into_cache(self, fetched: list[tuple[CacheKey, Fetched]]) -> None:
+        for key, item in compose_fetched(fetched, device=self.device, dtype=self.dtype, on_event=self.on_event):
+            self._insert(key, item)
 
-    def _lora_matrices(self, adapter: Adapter) -> tuple[Matrices, float]:
-        """An adapter's unscaled LoRA matrices (float32, on the device) and PEFT's scaling:
-        alpha/r for a LoRA; 1 for a VB-LoRA adapter, which adds B A x unscaled."""
-        if isinstance(adapter, LoRAAdapter):
-            mats = adapter.matrices(torch.float32)
-            return {n: (a.to(self.device), b.to(self.device)) for n, (a, b) in mats.items()}, adapter.config.scaling
-        mats = compose_adapters([adapter], device=self.device)
-        return {name: (a[0], b[0]) for name, (a, b) in mats.items()}, 1.0
-
-    def _compose_mixture(self, key: MixtureKey, adapters: tuple[Adapter, ...]) -> None:
-        """Compose each component in float32, mix them (PEFT's recipe), then cast."""
-        start = time.perf_counter()
-        parts, scalings = zip(*(self._lora_matrices(adapter) for adapter in adapters), strict=True)
-        mixed = mix_lora(list(parts), list(key.weights), list(scalings), key.combination)
-        self.on_event("compose_seconds", time.perf_counter() - start)
-        own = {name: (a.to(self.dtype), b.to(self.dtype)) for name, (a, b) in mixed.items()}
-        self._insert(key, _Composed(own, self._nbytes(key, adapters)))
-
-    def _nbytes(self, key: CacheKey, fetched: Fetched) -> int:
-        if not isinstance(key, MixtureKey):
-            return composed_nbytes(fetched.config, self.dtype)
-        sizes = [composed_nbytes(adapter.config, self.dtype) for adapter in fetched]
-        return sum(sizes) if key.combination == "cat" else max(sizes)
-
-    def _insert(self, key: CacheKey, item: _Composed) -> None:
+    def _insert(self, key: CacheKey, item: Composed) -> None:
         with self._lock:
             self._loading.discard(key)
             if key in self._cache:  # loaded twice: queued again while a redirect loaded it
@@ -408,12 +366,11 @@ class AdapterManager:
             self._cached_bytes += item.nbytes
             if isinstance(key, MixtureKey):
                 self._evict_own_mixtures(key)
-            # Evict least recently used, skipping pinned and wanted adapters and the one just loaded.
+            # Evict least recently used, skipping wanted adapters and the one just loaded.
             for old in list(self._cache):
                 if self._cached_bytes <= self.cache_bytes:
                     break
-                pinned = isinstance(old, tuple) and old[:2] in self._pinned
-                if old == key or pinned or old in self._wanted:
+                if old == key or old in self._wanted:
                     continue
                 self._cached_bytes -= self._cache.pop(old).nbytes
                 self.on_event("eviction", 1)
@@ -423,8 +380,7 @@ class AdapterManager:
         and, through the shared LRU, push every other tenant's adapters out. Past
         MAX_CACHED_MIXTURES_PER_TENANT its own least recently used recipes go first (not
         one a request waits for). Caller holds the lock."""
-        tenant = key.parts[0][0]
-        own = [k for k in self._cache if isinstance(k, MixtureKey) and k.parts[0][0] == tenant]
+        own = [k for k in self._cache if isinstance(k, MixtureKey) and k.tenant == key.tenant]
         for old in own[: max(0, len(own) - MAX_CACHED_MIXTURES_PER_TENANT)]:
             if old != key and old not in self._wanted:
                 self._cached_bytes -= self._cache.pop(old).nbytes
@@ -440,53 +396,6 @@ class AdapterManager:
         # 503 (Retry-After): the next request for it loads it again (`_start_load`).
         field = "adapters" if isinstance(key, MixtureKey) else "model"
         self._fail(key, AdapterUnavailableError(field, "this server could not load the adapter", "unavailable"))
-
-    # -- engine thread ---------------------------------------------------------------
-
-    def want(self, key: CacheKey) -> None:
-        """A request waiting for `key` joined the queue: keep `key` cached until `unwant`,
-        and load it again if it was evicted since the request's resolve."""
-        with self._lock:
-            key = self._current(key)
-            self._wanted[key] += 1
-            if key not in self._cache and key not in self._failed:
-                self._request_load(key)
-
-    def unwant(self, key: CacheKey) -> None:
-        """The request that wanted `key` left the queue (admitted with a slot, or finished)."""
-        with self._lock:
-            key = self._current(key)
-            self._wanted[key] -= 1
-            if self._wanted[key] <= 0:
-                del self._wanted[key]
-        self._queue.put(None)  # the loader may now have room for a fetched adapter
-
-    def acquire_slot(self, key: CacheKey) -> int | None:
-        """A slot holding `key`'s matrices, written now if needed; None if every slot is in use."""
-        if key in self._slot_key:
-            slot = self._slot_key.index(key)
-        else:
-            free = [s for s in range(self.num_slots) if self._slot_users[s] == 0]
-            if not free:
-                return None
-            with self._lock:
-                item = self._cache.get(key)
-            if item is None:  # not cached: `state` loads it again on the next admission
-                return None
-            slot = min(free, key=lambda s: self._slot_last_used[s])
-            write_adapter_slot(self.layers, slot, item.matrices)
-            self._slot_key[slot] = key
-        self._slot_users[slot] += 1
-        self._slot_last_used[slot] = time.monotonic()
-        return slot
-
-    def release_slot(self, slot: int) -> None:
-        self._slot_users[slot] -= 1
-
-
-def composed_nbytes(config: AdapterConfig | LoRAConfig, dtype: torch.dtype) -> int:
-    """Bytes of an adapter's composed matrices: A (r, in) and B (out, r) per module."""
-    return sum(config.r * (m.in_features + m.out_features) for m in config.modules) * dtype.itemsize
 
 
 def _kind(exc: AdapterError) -> str:
