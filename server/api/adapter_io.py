@@ -46,7 +46,7 @@ from server.vblora.lora_export import export_lora
 
 from .deps import Services
 from .errors import APIError
-from .schemas import AdapterInfo
+from .schemas.adapters import AdapterInfo
 
 ExportFormat = Literal["native", "peft", "lora"]
 CheckpointFormat = Literal["peft", "lora"]

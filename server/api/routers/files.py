@@ -23,10 +23,10 @@ from server.training.files import FileStore
 from server.training.files.base import MAX_LIST_LIMIT
 from server.training.hyperparams import MAX_SEQ_LEN
 
-from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError
-from .file_schemas import FileDeleted, FileList, FileObject, UploadForm
-from .multipart import read_form
+from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError
+from ..multipart import read_form
+from ..schemas.files import FileDeleted, FileList, FileObject, UploadForm
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

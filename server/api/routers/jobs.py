@@ -59,10 +59,11 @@ from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
 from server.training.prepare import fit_to_bank, load_frozen_bank
 
-from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError, field_of, from_typed_error
-from .generation import sse, sse_response
-from .job_schemas import (
+from ..deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError, field_of, from_typed_error
+from ..generation import sse, sse_response
+from ..multipart import read_form
+from ..schemas.jobs import (
     CheckpointList,
     CreateJobForm,
     CreateJobRequest,
@@ -73,7 +74,6 @@ from .job_schemas import (
     JobList,
     OpenAIHyperparameters,
 )
-from .multipart import read_form
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 

@@ -7,8 +7,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
 
-from .deps import MetricsAccess, ServicesDep
-from .schemas import Health
+from ..deps import MetricsAccess, ServicesDep
+from ..schemas.ops import Health
 
 router = APIRouter(tags=["operations"])
 

@@ -15,7 +15,7 @@ from adapter_store import AdapterNotFoundError
 from server.backends import validate_key
 from server.tenancy import withdraw_adapter
 
-from .adapter_io import (
+from ..adapter_io import (
     ExportFormat,
     check_servable,
     etag_matches,
@@ -25,9 +25,9 @@ from .adapter_io import (
     read_body,
     repr_digest,
 )
-from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError
-from .schemas import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList
+from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError
+from ..schemas.adapters import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList
 
 router = APIRouter(tags=["adapters"])
 
