@@ -8,6 +8,8 @@ from fastapi import APIRouter
 
 from . import adapters, admin, files, jobs, lorax, openai, ops
 
+ROUTERS = (openai.router, lorax.router, adapters.router, files.router, jobs.router, admin.router, ops.router)
+
 router = APIRouter()
-for _module in (openai, lorax, adapters, files, jobs, admin, ops):
-    router.include_router(_module.router)
+for _router in ROUTERS:
+    router.include_router(_router)

@@ -11,10 +11,11 @@ from starlette.concurrency import run_in_threadpool
 
 from server.tenancy import ApiKey, Tenant, TenantLimits, deletion, effective_limits
 
+from ..body_limits import BodyLimitedRoute
 from ..deps import AdminDep, ServicesDep
 from ..schemas.admin import KeyCreate, KeyCreated, KeyInfo, KeyList, LimitsBody, TenantCreate, TenantInfo, TenantList
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=BodyLimitedRoute)
 
 
 @router.post("/tenants", status_code=201, response_model=TenantInfo)

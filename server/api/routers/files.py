@@ -23,12 +23,13 @@ from server.training.files import FileStore
 from server.training.files.base import MAX_LIST_LIMIT
 from server.training.hyperparams import MAX_SEQ_LEN
 
+from ..body_limits import BodyLimitedRoute, body_limit, file_upload_limit
 from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from ..errors import APIError
 from ..multipart import read_form
 from ..schemas.files import FileDeleted, FileList, FileObject, UploadForm
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=BodyLimitedRoute)
 
 
 def file_store(services: ServicesDep) -> FileStore:
@@ -51,6 +52,7 @@ FilesDep = Annotated[FileStore, Depends(file_store)]
         }
     },
 )
+@body_limit(file_upload_limit)
 async def upload_file(
     request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, files: FilesDep
 ) -> FileObject:

@@ -59,6 +59,7 @@ from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
 from server.training.prepare import fit_to_bank, load_frozen_bank
 
+from ..body_limits import BodyLimitedRoute, body_limit, training_upload_limit
 from ..deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
 from ..errors import APIError, field_of, from_typed_error
 from ..generation import sse, sse_response
@@ -75,7 +76,7 @@ from ..schemas.jobs import (
     OpenAIHyperparameters,
 )
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=BodyLimitedRoute)
 
 FILE_FIELDS = ("training_file", "validation_file")
 HYPERPARAMETER_FIELDS = frozenset(TrainingHyperparameters.model_fields)
@@ -109,6 +110,7 @@ JobsDep = Annotated[JobQueue, Depends(job_queue)]
         }
     },
 )
+@body_limit(training_upload_limit)
 async def create_job(
     request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, jobs: JobsDep
 ) -> FineTuningJob:

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
+from ..body_limits import BodyLimitedRoute
 from ..deps import GenerationsDep, GenerationSlot, HeldGenerations, Services, ServicesDep, TenantDep
 from ..errors import APIError, from_engine_error
 from ..generation import (
@@ -43,7 +44,7 @@ from ..schemas.lorax import (
     StreamDetails,
 )
 
-router = APIRouter(tags=["lorax"])
+router = APIRouter(tags=["lorax"], route_class=BodyLimitedRoute)
 
 # Engine field names -> TGI's: sampling fields live under `parameters`, some renamed.
 FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {

@@ -22,6 +22,7 @@ from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenE
 
 from .. import tool_calls
 from ..adapter_io import iter_records
+from ..body_limits import BodyLimitedRoute
 from ..deps import GenerationsDep, Services, ServicesDep, TenantDep
 from ..errors import APIError
 from ..generation import (
@@ -65,7 +66,7 @@ from ..schemas.openai import (
 )
 from ..tool_calls import CallDelta, Piece, Reader
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=BodyLimitedRoute)
 
 # Engine field names -> the names an OpenAI caller used.
 COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
