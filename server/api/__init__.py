@@ -6,7 +6,7 @@ and SSE (`generation`), adapter uploads and downloads (`adapter_io`), multipart 
 the middleware around every route (`middleware`)."""
 
 from .deps import DEFAULT_TENANT, Services, current_tenant
-from .errors import APIError, install_error_handlers
+from .errors import APIError
 from .routers import router
 
-__all__ = ["DEFAULT_TENANT", "APIError", "Services", "current_tenant", "install_error_handlers", "router"]
+__all__ = ["DEFAULT_TENANT", "APIError", "Services", "current_tenant", "router"]

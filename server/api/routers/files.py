@@ -2,8 +2,8 @@
 then name it by id in jobs (`training_file`, `validation_file` of `POST
 /v1/fine_tuning/jobs`).
 
-An upload is checked in full before anything is stored: the body's size (the app's
-body-limit middleware), the file's size as it streams, then every row as a job reads it
+An upload is checked in full before anything is stored: the body's size (the
+route's body limit), the file's size as it streams, then every row as a job reads it
 (`parse_jsonl`, the job route's own check), then the tenant's file quota, atomically with
 the write. Row lengths are checked when a job names the file, against that job's
 `max_seq_len`. Every call is scoped by the caller's tenant: another tenant's file is a 404.

@@ -1,8 +1,8 @@
 """Fine-tuning jobs: upload a dataset (or name files uploaded with `POST /v1/files`, as
 OpenAI's API does), follow the job, cancel it.
 
-The upload is checked in full before anything is queued: the body's size (by the app's
-body-limit middleware, from Content-Length or as it streams), each file's size while it
+The upload is checked in full before anything is queued: the body's size (by the
+route's body limit, from Content-Length or as it streams), each file's size while it
 streams in, then hyperparameters against the base model and every row of both files
 (`prepare_job`, the check a worker repeats), then the adapter it would publish against the
 tenant's quotas (`check_quota`), so a bad upload is refused at once with the field at
