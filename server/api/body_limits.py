@@ -99,5 +99,26 @@ def receive_at_most(limit: int, receive: Receive) -> Receive:
     return receive_at_most_limit
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`, a limit
+    below the route's own: an adapter blob's, or the JSON limit for a job created from
+    file ids (its route takes uploads). From Content-Length before reading anything, or
+    while reading a chunked body."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"{declared} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int) -> APIError:
+    return APIError("too_large", f"a body of {size} exceeds the limit of {limit} bytes", "body")
+
+
 def body_too_large(limit: int) -> APIError:
     return APIError("too_large", f"the request body exceeds this route's limit of {limit} bytes", "body")

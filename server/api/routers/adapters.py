@@ -22,10 +22,9 @@ from ..adapter_io import (
     export_checkpoint,
     info,
     parse_upload,
-    read_body,
     repr_digest,
 )
-from ..body_limits import BodyLimitedRoute, adapter_upload_limit, body_limit
+from ..body_limits import BodyLimitedRoute, adapter_upload_limit, body_limit, read_body
 from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
 from ..errors import APIError
 from ..schemas.adapters import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList

@@ -59,7 +59,7 @@ from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
 from server.training.prepare import fit_to_bank, load_frozen_bank
 
-from ..body_limits import BodyLimitedRoute, body_limit, training_upload_limit
+from ..body_limits import BodyLimitedRoute, body_limit, read_body, training_upload_limit
 from ..deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
 from ..errors import APIError, field_of, from_typed_error
 from ..generation import sse, sse_response
@@ -316,17 +316,6 @@ def _trainer_hyperparameters(job: CreateJobRequest) -> tuple[TrainingHyperparame
         vblora=job.vblora,
         where={"seed": "seed", **{name: f"{where}.{name}" for name in OpenAIHyperparameters.model_fields}},
     )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 once it passes `limit` bytes (this route's body limit is
-    the multipart upload's; a JSON request gets the JSON limit)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError("too_large", f"a JSON body is limited to {limit} bytes", "body")
-    return bytes(body)
 
 
 def _uploaded(files: FileStore, tenant: str, file_id: str, field: str) -> bytes:
