@@ -18,7 +18,7 @@ import copy
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,11 +26,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapter_store import AdapterError
 from adapter_store.store import AdapterStore, open_store
-from server.api import Services, install_error_handlers, router
-from server.api.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from server.api import Services, router
+from server.api.middleware import install_middleware
 from server.engine import build_engine
 from server.engine.model_loader import DEFAULT_NAME, load_model, resolve_device, resolve_dtype
-from server.metrics import Metrics, MetricsMiddleware
+from server.metrics import Metrics
 from server.settings import Settings, get_settings
 from server.tenancy import TenantRegistry, open_rate_limiter, open_tenant_registry, store_quota
 from server.training import JobQueue, TrainingLimits, jobs_url, open_job_queue, queue_limits
@@ -110,14 +110,11 @@ def create_app(
         summary="Multi-tenant serving of VB-LoRA adapters over one base LLM",
         lifespan=lifespan,
     )
+    app.state.settings = settings  # each route's body limit is read from it (`api.body_limits`)
     app.state.metrics = metrics
     app.state.services = None
     app.state.training_worker = None  # the embedded worker, while the app runs
-    # Outermost last: the request log sees every response, also a 413 or a crash.
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(settings))
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(RequestLogMiddleware)
-    install_error_handlers(app)
+    install_middleware(app, metrics)
     app.include_router(router)
     mount_console(app)
     return app
@@ -139,29 +136,6 @@ async def _collect_store_garbage(store: AdapterStore, interval_s: float) -> None
         else:
             if dropped:
                 log.info("store garbage collection dropped %d leaked bank references", dropped)
-
-
-# Room for multipart boundaries and part headers around an uploaded file.
-MULTIPART_SLACK = 64 << 10
-
-
-def body_limits(settings: Settings) -> Callable[[str, str], int]:
-    """Largest body per route: uploads get their file limits (their routes then check the
-    files themselves, naming the field), every other route the JSON limit."""
-    adapter_upload = settings.max_adapter_bytes + MULTIPART_SLACK
-    training_upload = 2 * settings.training_max_file_bytes + MULTIPART_SLACK  # training + validation file
-    file_upload = settings.training_max_file_bytes + MULTIPART_SLACK
-
-    def limit_for(method: str, path: str) -> int:
-        if method == "PUT" and path.startswith("/v1/adapters/"):
-            return adapter_upload
-        if method == "POST" and path.rstrip("/") == "/v1/fine_tuning/jobs":
-            return training_upload
-        if method == "POST" and path.rstrip("/") == "/v1/files":
-            return file_upload
-        return settings.max_request_bytes
-
-    return limit_for
 
 
 def _start(

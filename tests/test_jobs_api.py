@@ -39,7 +39,7 @@ from vbserve_client.cli import main as vbctl
 from adapter_store import decode_adapter, decode_bank, encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.api import current_tenant
-from server.api.jobs_api import HYPERPARAMETER_FIELDS
+from server.api.routers.jobs import HYPERPARAMETER_FIELDS
 from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, TenantLimits
 from server.vblora.lora_export import to_lora
@@ -439,10 +439,10 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
     """Checking an upload tokenizes every row (minutes of CPU for a 32 MB file): uploads are
     checked by one thread at nice 10, so serving keeps the other cores and the scheduler's
     preference, and a flood beyond a few waiting is a 429 before any work."""
-    import server.api.jobs_api as jobs_api
+    from server.api.routers import jobs as jobs_routes
 
     checking, seen = 0, []
-    prepare = jobs_api.prepare_job
+    prepare = jobs_routes.prepare_job
 
     def observed(*args, **kwargs):
         nonlocal checking
@@ -454,7 +454,7 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
         finally:
             checking -= 1
 
-    monkeypatch.setattr(jobs_api, "prepare_job", observed)
+    monkeypatch.setattr(jobs_routes, "prepare_job", observed)
     store = SQLiteAdapterStore(tmp_path / "adapters.db")
     app = create_app(
         settings(tmp_path, training_max_jobs_per_tenant=100),
@@ -478,16 +478,16 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
 
 async def test_uploaded_files_are_checked_in_the_same_low_priority_thread(tmp_path, monkeypatch):
     """`POST /v1/files` tokenizes every row too: it goes through the same checking thread."""
-    import server.api.files_api as files_api
+    from server.api.routers import files as files_routes
 
     priorities = []
-    parse = files_api.parse_jsonl
+    parse = files_routes.parse_jsonl
 
     def observed(*args, **kwargs):
         priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return parse(*args, **kwargs)
 
-    monkeypatch.setattr(files_api, "parse_jsonl", observed)
+    monkeypatch.setattr(files_routes, "parse_jsonl", observed)
     store = SQLiteAdapterStore(tmp_path / "adapters.db")
     app = create_app(settings(tmp_path), model=task_model(), tokenizer=chat_tokenizer(), store=store)
     async with served(app) as api:

@@ -29,8 +29,9 @@ import uvicorn
 
 from adapter_store import encode_adapter
 from adapter_store.store import SQLiteAdapterStore
-from server.api import deps
-from server.app import body_limits, create_app
+from server.api import deps, routers
+from server.api.body_limits import MULTIPART_SLACK, BodyLimitedRoute, json_body_limit
+from server.app import create_app
 from server.tenancy import SQLiteTenantRegistry, keys, registry
 from tests.conftest import tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, error_of, live_multi_tenant, random_adapter
@@ -251,18 +252,37 @@ def concrete(template: str) -> str:
     return re.sub(r"\{[a-z_]+\}", "x", template)
 
 
+def declared_body_limits(settings) -> dict[tuple[str, str], int]:
+    """(method, path template) -> the body limit its route declares, for every route of
+    every router (each must be a `BodyLimitedRoute`)."""
+    limits = {}
+    for router in routers.ROUTERS:
+        for route in router.routes:
+            assert isinstance(route, BodyLimitedRoute), route
+            for method in route.methods:
+                limits[method, route.path] = route.body_limit(settings)
+    return limits
+
+
 def test_every_route_refuses_a_body_over_its_limit(app_and_client) -> None:
     """Enumerates the OpenAPI spec: every operation, with a body or not, gets one byte more
     than its route's limit (Content-Length declared) and answers 413 without reading it;
-    the routes that take a body also get it chunked (no Content-Length)."""
+    the routes that take a body also get it chunked (no Content-Length). Only the three
+    upload routes declare a limit above the JSON limit."""
     app, settings, client, key = app_and_client
-    limit_for = body_limits(settings)
+    limits = declared_body_limits(settings)
+    larger = {route: limit for route, limit in limits.items() if limit != json_body_limit(settings)}
+    assert larger == {
+        ("PUT", "/v1/adapters/{name}"): settings.max_adapter_bytes + MULTIPART_SLACK,
+        ("POST", "/v1/fine_tuning/jobs"): 2 * settings.training_max_file_bytes + MULTIPART_SLACK,
+        ("POST", "/v1/files"): settings.training_max_file_bytes + MULTIPART_SLACK,
+    }
     checked, with_body = 0, 0
     for template, operations in app.openapi()["paths"].items():
         path = concrete(template)
         token = ADMIN_KEY if template.startswith("/v1/admin") else key
         for method, op in operations.items():
-            limit = limit_for(method.upper(), path)
+            limit = limits[method.upper(), template]
             headers = {"Authorization": f"Bearer {token}", "content-type": "application/octet-stream"}
             r = client.request(method, path, content=b"\0" * (limit + 1), headers=headers)
             assert r.status_code == 413, (method, template, r.status_code, r.text[:200])

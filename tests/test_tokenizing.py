@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from adapter_store.store import SQLiteAdapterStore
 from server.api.errors import APIError
-from server.api.openai_api import _chat_prompt_ids
-from server.api.schemas import ChatRequest
+from server.api.routers.openai import _chat_prompt_ids
+from server.api.schemas.openai import ChatRequest
 from server.api.tokenizing import TokenizerPool
 from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama

@@ -18,8 +18,8 @@ import torch
 
 from adapter_store.store import SQLiteAdapterStore
 from server.api.errors import APIError
-from server.api.openai_api import _assistant_message, _chat_prompt_ids
-from server.api.schemas import ChatRequest
+from server.api.routers.openai import _assistant_message, _chat_prompt_ids
+from server.api.schemas.openai import ChatRequest
 from server.api.tool_calls import ChatTemplate, HermesCalls, JsonCalls, Piece, read_chat_template
 from server.app import create_app
 from tests.conftest import byte_tokenizer, serve_in_thread, tiny_llama

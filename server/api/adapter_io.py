@@ -46,27 +46,12 @@ from server.vblora.lora_export import export_lora
 
 from .deps import Services
 from .errors import APIError
-from .schemas import AdapterInfo
+from .schemas.adapters import AdapterInfo
 
 ExportFormat = Literal["native", "peft", "lora"]
 CheckpointFormat = Literal["peft", "lora"]
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 PAGE = 1000  # the store's largest page
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit`: from
-    Content-Length before reading anything, or while reading a chunked body."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"{declared} bytes", limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(f"more than {limit} bytes", limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def parse_upload(request: Request, body: bytes, services: Services, tenant: str) -> VBLoRAAdapter | LoRAAdapter:
@@ -192,7 +177,3 @@ async def _multipart_files(request: Request, body: bytes) -> dict[str, bytes]:
         if name not in files:
             raise APIError("invalid_request", f"multipart body lacks the file {name}", name)
     return files
-
-
-def _too_large(size: str, limit: int) -> APIError:
-    return APIError("too_large", f"a body of {size} exceeds the limit of {limit} bytes", "body")

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.backends import FieldError
 from server.engine import EngineError
 
-from .schemas import NOT_SUPPORTED
+from .schemas.common import NOT_SUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 # Pydantic error types that refuse a field rather than its type: a field the schema does
-# not know (`extra="forbid"`), a value it does not implement (`schemas.NOT_SUPPORTED`).
+# not know (`extra="forbid"`), a value it does not implement (`schemas.common.NOT_SUPPORTED`).
 _REFUSED_FIELD_TYPES = ("extra_forbidden", NOT_SUPPORTED)
 
 

@@ -238,7 +238,7 @@ def sse_response(events: AsyncIterator[bytes]) -> EventSourceResponse:
     an error status until its first event (`open_streams`: an adapter that fails to load).
     And the job event stream shares its URL with the JSON list, chosen by `?stream` and
     `Accept`, while FastAPI makes a generator path operation SSE for every request. What
-    FastAPI adds besides, a keep-alive comment when idle, `jobs_api.follow` sends itself."""
+    FastAPI adds besides, a keep-alive comment when idle, `routers.jobs.follow` sends itself."""
     return EventSourceResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -1,5 +1,9 @@
-"""ASGI middleware of the API: a body-size limit on every request, and one structured log
-line per request with its request id."""
+"""Everything around the routes, installed by `install_middleware`: one structured log line
+per request with its request id, Prometheus counts and times per route, and the error
+handlers (`errors`) that turn every exception into the API's JSON error body.
+
+Body limits are not here: each route declares its own (`body_limits`), since only the
+route knows how large a body it takes."""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
 
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError
+from server.metrics import Metrics
+
+from .errors import install_error_handlers
 
 access_log = logging.getLogger("vbserve.access")
 
@@ -22,47 +27,12 @@ REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-class BodyLimitMiddleware:
-    """Refuse a body over the limit that `limit_for(method, path)` gives, with 413: from
-    Content-Length before anything is read, or as soon as a chunked body passes it. So no
-    route ever holds more than its limit in memory; routes that take uploads get the
-    larger limits they check themselves, everything else the JSON limit.
-
-    (Starlette's `RequestBodyLimitMiddleware` does the counting too, but replaces any
-    response to an oversized request with its own plain-text one, so our JSON error body
-    would never reach the client.)"""
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope["method"], scope["path"])
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            await body_too_large(limit).response()(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_at_most_limit() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # Raised inside the route's body read; an HTTPException is what FastAPI's
-                    # body parsing lets through to the API's error handler.
-                    raise HTTPException(413, body_too_large(limit).message)
-            return message
-
-        await self.app(scope, receive_at_most_limit, send)
-
-
-def body_too_large(limit: int) -> APIError:
-    return APIError("too_large", f"the request body exceeds this route's limit of {limit} bytes", "body")
+def install_middleware(app: FastAPI, metrics: Metrics) -> None:
+    """The middleware and error handlers of every route. Outermost last: the request log
+    sees every response, also a 413 or a crash."""
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestLogMiddleware)
+    install_error_handlers(app)
 
 
 class RequestLogMiddleware:
@@ -116,3 +86,33 @@ def _request_id(scope: Scope) -> str:
             if _CLIENT_REQUEST_ID.fullmatch(candidate):
                 return candidate
     return uuid.uuid4().hex
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (`/v1/adapters/{name}`,
+    not the concrete path: that would name adapters, and grow without bound)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app fails before sending a response
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            # The router writes the matched route into this same scope dict.
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(path, scope["method"], status, time.perf_counter() - start)

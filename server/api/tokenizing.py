@@ -12,7 +12,7 @@ not safe to share between threads: `encode(..., split_special_tokens=...)` sets 
 on the shared Rust tokenizer and then encodes with the GIL released, so another thread can
 flip it in between (measured: 80 of 400 encodes from two threads came out wrong). A chat
 message's `<|im_end|>` would then be read as the control token, the injection that
-`openai_api._chat_prompt_ids` prevents.
+`routers.openai._chat_prompt_ids` prevents.
 """
 
 from __future__ import annotations

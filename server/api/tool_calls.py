@@ -37,7 +37,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from server.engine import ResponseFormat
 
 from .errors import APIError
-from .schemas import ChatMessage, ChatRequest, NamedToolChoice, ToolSpec
+from .schemas.openai import ChatMessage, ChatRequest, NamedToolChoice, ToolSpec
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 

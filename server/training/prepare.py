@@ -95,8 +95,8 @@ def published_bytes(config: AdapterConfig, dtype: torch.dtype) -> int:
 
 def load_frozen_bank(store: AdapterStore, bank_id: str) -> torch.Tensor:
     """The stored bank a shared-bank job trains against (`hyperparameters.bank_id`). Whether
-    the tenant may use it is checked when the job is created (`jobs_api`); a bank released
-    since (every adapter using it deleted) fails the job, naming the field."""
+    the tenant may use it is checked when the job is created (`server.api.routers.jobs`); a
+    bank released since (every adapter using it deleted) fails the job, naming the field."""
     try:
         return decode_bank(store.get_bank(bank_id))
     except BankNotFoundError:

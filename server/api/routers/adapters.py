@@ -15,21 +15,21 @@ from adapter_store import AdapterNotFoundError
 from server.backends import validate_key
 from server.tenancy import withdraw_adapter
 
-from .adapter_io import (
+from ..adapter_io import (
     ExportFormat,
     check_servable,
     etag_matches,
     export_checkpoint,
     info,
     parse_upload,
-    read_body,
     repr_digest,
 )
-from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError
-from .schemas import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList
+from ..body_limits import BodyLimitedRoute, adapter_upload_limit, body_limit, read_body
+from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError
+from ..schemas.adapters import AdapterInfo, AdapterList, ResidentAdapter, ResidentAdapterList
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], route_class=BodyLimitedRoute)
 
 _MEDIA = {"native": "application/octet-stream", "peft": "application/zip", "lora": "application/zip"}
 _SUFFIX = {"native": ".safetensors", "peft": "-peft.zip", "lora": "-lora.zip"}
@@ -41,6 +41,7 @@ IfNoneMatch = Annotated[str | None, Header()]
     response_model=AdapterInfo,
     responses={201: {"model": AdapterInfo, "description": "Created"}, 200: {"description": "Replaced"}},
 )
+@body_limit(adapter_upload_limit)
 async def put_adapter(
     name: str,
     request: Request,

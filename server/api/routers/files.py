@@ -2,8 +2,8 @@
 then name it by id in jobs (`training_file`, `validation_file` of `POST
 /v1/fine_tuning/jobs`).
 
-An upload is checked in full before anything is stored: the body's size (the app's
-body-limit middleware), the file's size as it streams, then every row as a job reads it
+An upload is checked in full before anything is stored: the body's size (the
+route's body limit), the file's size as it streams, then every row as a job reads it
 (`parse_jsonl`, the job route's own check), then the tenant's file quota, atomically with
 the write. Row lengths are checked when a job names the file, against that job's
 `max_seq_len`. Every call is scoped by the caller's tenant: another tenant's file is a 404.
@@ -23,12 +23,13 @@ from server.training.files import FileStore
 from server.training.files.base import MAX_LIST_LIMIT
 from server.training.hyperparams import MAX_SEQ_LEN
 
-from .deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError
-from .file_schemas import FileDeleted, FileList, FileObject, UploadForm
-from .multipart import read_form
+from ..body_limits import BodyLimitedRoute, body_limit, file_upload_limit
+from ..deps import CallerDep, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError
+from ..multipart import read_form
+from ..schemas.files import FileDeleted, FileList, FileObject, UploadForm
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=BodyLimitedRoute)
 
 
 def file_store(services: ServicesDep) -> FileStore:
@@ -51,6 +52,7 @@ FilesDep = Annotated[FileStore, Depends(file_store)]
         }
     },
 )
+@body_limit(file_upload_limit)
 async def upload_file(
     request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, files: FilesDep
 ) -> FileObject:

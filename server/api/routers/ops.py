@@ -7,10 +7,11 @@ from starlette.concurrency import run_in_threadpool
 
 from server.metrics import CONTENT_TYPE_LATEST, Metrics
 
-from .deps import MetricsAccess, ServicesDep
-from .schemas import Health
+from ..body_limits import BodyLimitedRoute
+from ..deps import MetricsAccess, ServicesDep
+from ..schemas.ops import Health
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=BodyLimitedRoute)
 
 
 @router.get("/healthz", response_model=Health)

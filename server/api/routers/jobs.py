@@ -1,8 +1,8 @@
 """Fine-tuning jobs: upload a dataset (or name files uploaded with `POST /v1/files`, as
 OpenAI's API does), follow the job, cancel it.
 
-The upload is checked in full before anything is queued: the body's size (by the app's
-body-limit middleware, from Content-Length or as it streams), each file's size while it
+The upload is checked in full before anything is queued: the body's size (by the
+route's body limit, from Content-Length or as it streams), each file's size while it
 streams in, then hyperparameters against the base model and every row of both files
 (`prepare_job`, the check a worker repeats), then the adapter it would publish against the
 tenant's quotas (`check_quota`), so a bad upload is refused at once with the field at
@@ -59,10 +59,12 @@ from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
 from server.training.prepare import fit_to_bank, load_frozen_bank
 
-from .deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
-from .errors import APIError, field_of, from_typed_error
-from .generation import sse, sse_response
-from .job_schemas import (
+from ..body_limits import BodyLimitedRoute, body_limit, read_body, training_upload_limit
+from ..deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
+from ..errors import APIError, field_of, from_typed_error
+from ..generation import sse, sse_response
+from ..multipart import read_form
+from ..schemas.jobs import (
     CheckpointList,
     CreateJobForm,
     CreateJobRequest,
@@ -73,9 +75,8 @@ from .job_schemas import (
     JobList,
     OpenAIHyperparameters,
 )
-from .multipart import read_form
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=BodyLimitedRoute)
 
 FILE_FIELDS = ("training_file", "validation_file")
 HYPERPARAMETER_FIELDS = frozenset(TrainingHyperparameters.model_fields)
@@ -109,6 +110,7 @@ JobsDep = Annotated[JobQueue, Depends(job_queue)]
         }
     },
 )
+@body_limit(training_upload_limit)
 async def create_job(
     request: Request, services: ServicesDep, caller: CallerDep, tenant: TenantDep, jobs: JobsDep
 ) -> FineTuningJob:
@@ -314,17 +316,6 @@ def _trainer_hyperparameters(job: CreateJobRequest) -> tuple[TrainingHyperparame
         vblora=job.vblora,
         where={"seed": "seed", **{name: f"{where}.{name}" for name in OpenAIHyperparameters.model_fields}},
     )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 once it passes `limit` bytes (this route's body limit is
-    the multipart upload's; a JSON request gets the JSON limit)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError("too_large", f"a JSON body is limited to {limit} bytes", "body")
-    return bytes(body)
 
 
 def _uploaded(files: FileStore, tenant: str, file_id: str, field: str) -> bytes:

@@ -4,7 +4,7 @@
 `parameters.adapter_id` selects the adapter, `parameters.merged_adapters` a mixture. As in
 TGI, decoding is greedy unless `do_sample` is true or a `temperature` is given. Every
 parameter `lorax-client` sends is implemented or, set to anything but its default, refused
-with a 400 naming it (`schemas.GenerateParameters`).
+with a 400 naming it (`schemas.lorax.GenerateParameters`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from fastapi.responses import StreamingResponse
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
-from .deps import GenerationsDep, GenerationSlot, HeldGenerations, Services, ServicesDep, TenantDep
-from .errors import APIError, from_engine_error
-from .generation import (
+from ..body_limits import BodyLimitedRoute
+from ..deps import GenerationsDep, GenerationSlot, HeldGenerations, Services, ServicesDep, TenantDep
+from ..errors import APIError, from_engine_error
+from ..generation import (
     Event,
     encode_prompt,
     open_stream,
@@ -32,7 +33,7 @@ from .generation import (
     submit,
     submit_n,
 )
-from .schemas import (
+from ..schemas.lorax import (
     AlternativeToken,
     BestOfSequence,
     GenerateDetails,
@@ -43,7 +44,7 @@ from .schemas import (
     StreamDetails,
 )
 
-router = APIRouter(tags=["lorax"])
+router = APIRouter(tags=["lorax"], route_class=BodyLimitedRoute)
 
 # Engine field names -> TGI's: sampling fields live under `parameters`, some renamed.
 FIELDS = {f.name: f"parameters.{f.name}" for f in fields(SamplingParams)} | {

@@ -20,11 +20,12 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine import FinalResult, GenerationRequest, SamplingParams, TokenEvent
 
-from . import tool_calls
-from .adapter_io import iter_records
-from .deps import GenerationsDep, Services, ServicesDep, TenantDep
-from .errors import APIError
-from .generation import (
+from .. import tool_calls
+from ..adapter_io import iter_records
+from ..body_limits import BodyLimitedRoute
+from ..deps import GenerationsDep, Services, ServicesDep, TenantDep
+from ..errors import APIError
+from ..generation import (
     Event,
     check_prompt_chars,
     encode_prompt,
@@ -38,7 +39,7 @@ from .generation import (
     stop_list,
     submit_n,
 )
-from .schemas import (
+from ..schemas.openai import (
     AssistantMessage,
     ChatChoice,
     ChatChunk,
@@ -63,9 +64,9 @@ from .schemas import (
     TopLogprob,
     UsageInfo,
 )
-from .tool_calls import CallDelta, Piece, Reader
+from ..tool_calls import CallDelta, Piece, Reader
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=BodyLimitedRoute)
 
 # Engine field names -> the names an OpenAI caller used.
 COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
