@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 JOBS_LS_LIMIT = 99  # the server's largest page of jobs
 # (flag, hyperparameter, type, help) of `vbctl train`; omitted flags take the server's defaults.
 HYPERPARAMETER_FLAGS = [
-    ("--epochs", "epochs", int, "passes over the data (default 1)"),
+    ("--epochs", "epochs", int, "passes over the data (default: from the data size)"),
     ("--steps", "max_steps", int, "optimizer steps; replaces --epochs"),
     ("--r", "r", int, "LoRA rank"),
     ("--b", "vector_length", int, "bank vector length; must divide every targeted dimension"),

@@ -30,6 +30,13 @@ from .errors import HyperparameterError
 # is 2 GiB in all, the most a job may hold beside the model.
 MAX_LOGITS = 1 << 27
 MAX_SEQ_LEN = 32768
+MAX_EPOCHS = 100
+# Steps from the data size: without `epochs` or `max_steps`, a job makes as many passes
+# over its rows as give it at least this many optimizer steps. A job of a few dozen steps
+# barely moves VB-LoRA's bank and top-k choice; 60 is where the default job met PEFT LoRA
+# r=8 in `benchmarks/quality.py` (see benchmarks/RESULTS.md), and it is one epoch of that
+# benchmark's 240 rows at the default batch: a large file is still read once.
+MIN_AUTO_STEPS = 60
 # Greedy generation of one validation row costs a forward per completion token: this
 # bounds what the exact-match metric adds to each validation.
 MAX_EXACT_MATCH_ROWS = 256
@@ -50,7 +57,13 @@ class TrainingHyperparameters(BaseModel):
     vector_length: int = Field(64, ge=1, le=MAX_VECTOR_LENGTH, description="b: length of each bank vector")
     num_vectors: int = Field(256, ge=1, le=MAX_NUM_VECTORS, description="h: vectors in the bank")
     topk: int = Field(2, ge=1, le=MAX_TOPK, description="k: bank vectors mixed into each sub-vector")
-    epochs: int = Field(1, ge=1, le=100)
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="Passes over the training rows; unset: as many as give at least "
+        f"{MIN_AUTO_STEPS} optimizer steps (one for a large file)",
+    )
     max_steps: int | None = Field(None, ge=1, le=1_000_000)
     batch_size: int = Field(4, ge=1, le=256)
     grad_accum_steps: int = Field(1, ge=1, le=256)
@@ -134,6 +147,19 @@ class TrainingHyperparameters(BaseModel):
             if error["type"] == "value_error" and not where:
                 field = "hyperparameters.topk"  # the only cross-field rule
             raise HyperparameterError(field, error["msg"].removeprefix("Value error, ")) from None
+
+    def steps_per_epoch(self, rows: int) -> int:
+        return math.ceil(math.ceil(rows / self.batch_size) / self.grad_accum_steps)
+
+    def epochs_for(self, rows: int) -> int:
+        """The passes over `rows` training rows: `epochs`, else enough for `MIN_AUTO_STEPS`."""
+        if self.epochs is not None:
+            return self.epochs
+        return min(MAX_EPOCHS, math.ceil(MIN_AUTO_STEPS / self.steps_per_epoch(rows)))
+
+    def total_steps(self, rows: int) -> int:
+        """The optimizer steps of a job on `rows` training rows: `max_steps` when set."""
+        return self.max_steps or self.steps_per_epoch(rows) * self.epochs_for(rows)
 
     @property
     def torch_save_dtype(self) -> torch.dtype:
@@ -277,7 +303,7 @@ def openai_view(hyperparameters: Mapping[str, object]) -> dict[str, object]:
     """OpenAI's names for a job's hyperparameters, beside the trainer's own."""
     lr_bank = hyperparameters.get("lr_bank", DEFAULT_LR_BANK)
     return {
-        "n_epochs": hyperparameters.get("epochs"),
+        "n_epochs": hyperparameters.get("epochs") or "auto",  # unset: from the data size
         "batch_size": hyperparameters.get("batch_size"),
         "learning_rate_multiplier": lr_bank / DEFAULT_LR_BANK if isinstance(lr_bank, int | float) else None,
     }
