@@ -497,6 +497,26 @@ def test_defaults() -> None:
 
 
 @pytest.mark.parametrize(
+    ("rows", "update", "epochs", "steps"),
+    [
+        (240, {}, 1, 60),  # a large file is read once: 60 steps at batch 4
+        (1000, {}, 1, 250),
+        (20, {}, 12, 60),  # a small one is repeated up to MIN_AUTO_STEPS
+        (7, {}, 30, 60),  # 2 steps per epoch (the last batch short)
+        (1, {}, 60, 60),
+        (20, {"epochs": 2}, 2, 10),  # given epochs win
+        (20, {"batch_size": 2, "grad_accum_steps": 5}, 30, 60),  # a step takes 10 rows
+        (20, {"max_steps": 7}, 12, 7),  # max_steps replaces the epochs
+    ],
+)
+def test_steps_from_the_data_size(rows: int, update: dict, epochs: int, steps: int) -> None:
+    """Without `epochs` or `max_steps`, a job makes as many passes as give it at least
+    `MIN_AUTO_STEPS` optimizer steps; the trainer runs `total_steps`."""
+    hp = TrainingHyperparameters.parse(update)
+    assert (hp.epochs_for(rows), hp.total_steps(rows)) == (epochs, steps)
+
+
+@pytest.mark.parametrize(
     ("update", "kw", "field", "reason"),
     [
         ({"vector_length": 24}, {}, "hyperparameters.vector_length", "24 does not divide"),

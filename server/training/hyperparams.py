@@ -30,7 +30,6 @@ from .errors import HyperparameterError
 # is 2 GiB in all, the most a job may hold beside the model.
 MAX_LOGITS = 1 << 27
 MAX_SEQ_LEN = 32768
-MAX_EPOCHS = 100
 # Steps from the data size: without `epochs` or `max_steps`, a job makes as many passes
 # over its rows as give it at least this many optimizer steps. A job of a few dozen steps
 # barely moves VB-LoRA's bank and top-k choice; 60 is where the default job met PEFT LoRA
@@ -60,7 +59,7 @@ class TrainingHyperparameters(BaseModel):
     epochs: int | None = Field(
         None,
         ge=1,
-        le=MAX_EPOCHS,
+        le=100,
         description="Passes over the training rows; unset: as many as give at least "
         f"{MIN_AUTO_STEPS} optimizer steps (one for a large file)",
     )
@@ -155,7 +154,7 @@ class TrainingHyperparameters(BaseModel):
         """The passes over `rows` training rows: `epochs`, else enough for `MIN_AUTO_STEPS`."""
         if self.epochs is not None:
             return self.epochs
-        return min(MAX_EPOCHS, math.ceil(MIN_AUTO_STEPS / self.steps_per_epoch(rows)))
+        return math.ceil(MIN_AUTO_STEPS / self.steps_per_epoch(rows))
 
     def total_steps(self, rows: int) -> int:
         """The optimizer steps of a job on `rows` training rows: `max_steps` when set."""
