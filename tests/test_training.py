@@ -490,10 +490,10 @@ def test_hyperparameter_bounds(data: object, field: str, reason: str) -> None:
 
 
 def test_defaults() -> None:
-    """The paper's method at seven times its learning rates, steps from the data size
+    """The paper's method at ten times its learning rates, steps from the data size
     (see `hyperparams`)."""
     hp = TrainingHyperparameters.parse(None)
-    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (7e-3, 7e-2, 2, "float16", "refuse")
+    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (1e-2, 1e-1, 2, "float16", "refuse")
     assert (hp.epochs, hp.max_steps, hp.batch_size, hp.warmup_ratio) == (None, None, 4, 0.1)
     assert (hp.target_modules, hp.r, hp.vector_length, hp.num_vectors) == (["q_proj", "v_proj"], 4, 64, 256)
 
