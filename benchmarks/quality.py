@@ -79,7 +79,8 @@ from server.training.hyperparams import TrainingHyperparameters
 from server.training.trainer import collate, loss_sum, plan_batches, target_count
 
 SEED = 1234
-# The best settings this script found for vbserve jobs (see benchmarks/RESULTS.md).
+# The best settings this script found for vbserve jobs beyond the defaults: none, the
+# defaults are the best it found (ten times the paper's rates; see benchmarks/RESULTS.md).
 BEST: dict[str, object] = {}
 QV = ["q_proj", "v_proj"]
 # The paper's settings (VB-LoRA, Appendix A.1) at b=64, for PEFT's VB-LoRA and a vbserve job.
