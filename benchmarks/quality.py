@@ -34,9 +34,9 @@ default the steps a job with default hyperparameters takes on the task's trainin
   cost of sharing.
 
 Bytes: what is stored per adapter (PEFT: `save_pretrained`'s adapter_model.safetensors,
-float32 as the model is, VB-LoRA's with `save_only_topk_weights`: the bank, top-k indices
-and k-1 weights, as the paper counts it; vbserve: the store's body + bank, and the body alone, which is
-what a client holding the bank pulls). Wall time: training plus evaluation.
+float32 as the model is; VB-LoRA's with `save_only_topk_weights`: the bank, top-k indices
+and k-1 weights, the triplet the paper stores; vbserve: the store's body + bank, and the body
+alone, which is what a client holding the bank pulls). Wall time: training plus evaluation.
 
 The PEFT runs train in this process with the trainer's own data pipeline (`parse_jsonl`,
 `plan_batches`, token-level mean loss); vbserve jobs run through the HTTP API of an app in
