@@ -11,9 +11,13 @@ shared 2-core machine):
   "negative" or "mixed").
 
 Each task has train / validation / test splits; the score is exact match on the test
-split (greedy, up to the longest answer's length, stripped text equal).
+split (greedy, up to the longest answer's length, stripped text equal). `--score-on
+validation` scores the validation split instead: settings are chosen on it, so the test
+split stays held out.
 
-For each task, with the same number of optimizer steps and the same batch size:
+For each task, with the same number of optimizer steps and the same batch size (by
+default the steps a job with default hyperparameters takes on the task's training rows,
+`TrainingHyperparameters.total_steps`; `--steps` sets them for all):
 - `base`: the base model alone (served);
 - `lora`: PEFT LoRA r=8 (alpha 16) on q,v, AdamW lr `--lora-lr`, linear schedule with 10%
   warmup (what a user would otherwise train);
@@ -22,7 +26,7 @@ For each task, with the same number of optimizer steps and the same batch size:
 - `vbserve_paper`: a vbserve job through the HTTP API with the paper's settings, as above
   (the trainer matches PEFT's VB-LoRA: `benchmarks/training.py`);
 - `vbserve_default`: a vbserve job through the HTTP API with its default hyperparameters
-  (only the steps and batch size are given);
+  (nothing given, unless `--steps` or `--batch-size` is);
 - `vbserve_best`: a job with the best settings found with this script (`BEST`);
 - `vbserve_shared`: a job with the defaults trained against a frozen shared bank
   (`bank_of`): the tenant's bank made by one first job on the three tasks' pooled
@@ -30,15 +34,16 @@ For each task, with the same number of optimizer steps and the same batch size:
   cost of sharing.
 
 Bytes: what is stored per adapter (PEFT: `save_pretrained`'s adapter_model.safetensors,
-float32 as the model is; vbserve: the store's body + bank, and the body alone, which is
-what a client holding the bank pulls). Wall time: training plus evaluation.
+float32 as the model is; VB-LoRA's with `save_only_topk_weights`: the bank, top-k indices
+and k-1 weights, the triplet the paper stores; vbserve: the store's body + bank, and the body
+alone, which is what a client holding the bank pulls). Wall time: training plus evaluation.
 
 The PEFT runs train in this process with the trainer's own data pipeline (`parse_jsonl`,
 `plan_batches`, token-level mean loss); vbserve jobs run through the HTTP API of an app in
 this process (ASGI transport, the embedded worker thread) and are scored through
 `/v1/completions`, as a tenant would use them.
 
-    .venv/bin/python benchmarks/quality.py [--steps 120] [--tasks record,date,verdict]
+    .venv/bin/python benchmarks/quality.py [--steps 60] [--tasks record,date,verdict] [--score-on validation]
     .venv/bin/python benchmarks/quality.py --quick     # tiny random model, seconds: a smoke test
 
 Prints a table and, as its last line, a JSON object of the scores, bytes and times.
@@ -70,10 +75,12 @@ from server.engine.model_loader import load_model
 from server.settings import Settings
 from server.training import parse_jsonl
 from server.training.data import Example
+from server.training.hyperparams import TrainingHyperparameters
 from server.training.trainer import collate, loss_sum, plan_batches, target_count
 
 SEED = 1234
-# The best settings this script found for vbserve jobs (see benchmarks/RESULTS.md).
+# The best settings this script found for vbserve jobs beyond the defaults: none, the
+# defaults are the best it found (ten times the paper's rates; see benchmarks/RESULTS.md).
 BEST: dict[str, object] = {}
 QV = ["q_proj", "v_proj"]
 # The paper's settings (VB-LoRA, Appendix A.1) at b=64, for PEFT's VB-LoRA and a vbserve job.
@@ -156,7 +163,12 @@ def jsonl(rows: list[dict[str, str]]) -> bytes:
 
 def answer_tokens(tokenizer, task: Task) -> int:
     """Generation budget: the longest answer of the task, plus EOS and a little slack."""
-    return max(len(tokenizer.encode(r["completion"], add_special_tokens=False)) for r in task.test) + 2
+    rows = task.test + task.validation
+    return max(len(tokenizer.encode(r["completion"], add_special_tokens=False)) for r in rows) + 2
+
+
+def scored_rows(task: Task, args) -> list[dict[str, str]]:
+    return task.validation if args.score_on == "validation" else task.test
 
 
 def pad_id(tokenizer) -> int:
@@ -220,9 +232,9 @@ def train_peft(peft_model, groups: list[dict], train: list[Example], steps: int,
             epoch += 1
 
 
-def peft_bytes(peft_model, **save_kw) -> int:
+def peft_bytes(peft_model) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp, **save_kw)
+        peft_model.save_pretrained(tmp)
         return (Path(tmp) / "adapter_model.safetensors").stat().st_size
 
 
@@ -235,22 +247,22 @@ def run_peft(kind: str, model, tokenizer, task: Task, train: list[Example], args
         config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=QV)
         peft_model = get_peft_model(copy.deepcopy(model), config)
         groups = [{"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": args.lora_lr}]
-        save_kw: dict = {}
     else:
         p = PAPER
-        config = VBLoRAConfig(
-            r=p["r"], vector_length=p["vector_length"], num_vectors=p["num_vectors"], topk=p["topk"], target_modules=QV
-        )
+        # save_only_topk_weights is the config's, not save_pretrained's: there it would be
+        # swallowed by **kwargs and the full (S, h) logits saved.
+        config = VBLoRAConfig(r=p["r"], vector_length=p["vector_length"], num_vectors=p["num_vectors"], topk=p["topk"],
+                              target_modules=QV, save_only_topk_weights=True)  # fmt: skip
         peft_model = get_peft_model(copy.deepcopy(model), config)
         named = [(n, q) for n, q in peft_model.named_parameters() if q.requires_grad]
         groups = [
             {"params": [q for n, q in named if "vector_bank" in n], "lr": p["lr_bank"], "weight_decay": 0.0},
             {"params": [q for n, q in named if "logits" in n], "lr": p["lr_logits"], "weight_decay": 0.0},
         ]
-        save_kw = {"save_only_topk_weights": True}
     train_peft(peft_model, groups, train, args.steps, args.batch_size, pad)
-    answers = generate(peft_model, tokenizer, task.test, answer_tokens(tokenizer, task))
-    return {"score": score(answers, task.test), "bytes": peft_bytes(peft_model, **save_kw),
+    rows = scored_rows(task, args)
+    answers = generate(peft_model, tokenizer, rows, answer_tokens(tokenizer, task))
+    return {"score": score(answers, rows), "bytes": peft_bytes(peft_model),
             "wall_s": time.perf_counter() - started}  # fmt: skip
 
 
@@ -291,8 +303,9 @@ async def run_vbserve(api, kind: str, task: Task, tokenizer, args, hp: dict) -> 
     started = time.perf_counter()
     name = f"{task.name}-{kind.removeprefix('vbserve_')}"
     info = await run_job(api, name, task.train, task.validation if hp.get("eval_steps") else [], hp)
-    answers = await served_answers(api, task.test, name, answer_tokens(tokenizer, task))
-    return {"score": score(answers, task.test), "bytes": info["stored_bytes"], "pull_bytes": info["body_bytes"],
+    rows = scored_rows(task, args)
+    answers = await served_answers(api, rows, name, answer_tokens(tokenizer, task))
+    return {"score": score(answers, rows), "bytes": info["stored_bytes"], "pull_bytes": info["body_bytes"],
             "wall_s": time.perf_counter() - started}  # fmt: skip
 
 
@@ -308,11 +321,13 @@ async def run_all(
     result is logged as it comes). The app serves a copy of the model: its engine wraps the
     layers in place, and PEFT needs the plain model."""
     steps = {"max_steps": args.steps, "batch_size": args.batch_size}
+    # The default job is given only what the command line sets: its steps come from the data.
+    given = {k: v for k, v in steps.items() if k in args.given}
     if args.quick:  # the tiny model's context is 256 tokens, under the default max_seq_len
-        steps["max_seq_len"] = 128
+        steps["max_seq_len"] = given["max_seq_len"] = 128
     jobs = {
         "vbserve_paper": {**steps, **PAPER},
-        "vbserve_default": steps,
+        "vbserve_default": given,
         "vbserve_best": {**steps, **json.loads(args.best)},
         "vbserve_shared": {**steps, "bank_of": "pooled"},
     }
@@ -340,8 +355,9 @@ async def run_all(
                         log(f"{task.name}: {kind} ...")
                         if kind == "base":
                             started = time.perf_counter()
-                            answers = await served_answers(api, task.test, base_name, answer_tokens(tokenizer, task))
-                            result = {"score": score(answers, task.test), "bytes": 0,
+                            rows = scored_rows(task, args)
+                            answers = await served_answers(api, rows, base_name, answer_tokens(tokenizer, task))
+                            result = {"score": score(answers, rows), "bytes": 0,
                                       "wall_s": time.perf_counter() - started}  # fmt: skip
                         elif kind in jobs:
                             result = await run_vbserve(api, kind, task, tokenizer, args, jobs[kind])
@@ -394,14 +410,16 @@ def report(results: dict[str, dict[str, dict]], header: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a tiny random model and a few rows: a smoke test")
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=8)
+    default_job = TrainingHyperparameters()
+    ap.add_argument("--steps", type=int, help="optimizer steps of every method (default: the default job's)")
+    ap.add_argument("--batch-size", type=int, help=f"(default: the default job's, {default_job.batch_size})")
+    ap.add_argument("--score-on", choices=["test", "validation"], default="test")
     ap.add_argument("--pooled-steps", type=int, help="steps of the job that makes the shared bank (default --steps)")
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--best", default=json.dumps(BEST), help="vbserve_best's hyperparameters, a JSON object")
-    ap.add_argument("--sizes", default="240,32,100", help="train,validation,test rows per task")
+    ap.add_argument("--sizes", default="240,100,100", help="train,validation,test rows per task")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -416,12 +434,16 @@ def main() -> None:
         loaded = load_model(cache_dir=settings.model_cache_dir)
         model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
         sizes = tuple(int(n) for n in args.sizes.split(","))
+    args.given = {k for k, v in (("max_steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    args.batch_size = args.batch_size or default_job.batch_size
+    args.steps = args.steps or default_job.model_copy(update={"batch_size": args.batch_size}).total_steps(sizes[0])
     tasks = [Task.make(t, sizes) for t in args.tasks.split(",")]
     started = time.perf_counter()
     results = asyncio.run(run_all(model, tokenizer, tasks, args, settings, args.methods.split(",")))
     header = (
         f"{name}, {args.steps} steps x batch {args.batch_size}, {torch.get_num_threads()} threads, "
-        f"rows train/validation/test {sizes}, vbserve_best {args.best}, {time.perf_counter() - started:.0f} s in all"
+        f"rows train/validation/test {sizes}, scored on {args.score_on}, vbserve_best {args.best}, "
+        f"{time.perf_counter() - started:.0f} s in all"
     )
     print(json.dumps(report(results, header)))
 

@@ -136,7 +136,7 @@ def test_submit_get_list_and_tenant_isolation(queue: JobQueue) -> None:
     first = queue.submit("acme", "bot", {"r": 2, "vector_length": 16}, ROWS)
     second = queue.submit("acme", "bot2", HP, ROWS, validation_file=ROWS)
     assert first.state is JobState.QUEUED and first.id.startswith("ftjob-") and first.attempts == 0
-    assert first.hyperparameters["r"] == 2 and first.hyperparameters["lr_bank"] == 5e-3
+    assert first.hyperparameters["r"] == 2 and first.hyperparameters["lr_bank"] == 1e-2
     got = queue.get("acme", first.id)
     assert got == first
     assert got.to_json()["state"] == "queued" and json.dumps(got.to_json())

@@ -490,10 +490,32 @@ def test_hyperparameter_bounds(data: object, field: str, reason: str) -> None:
 
 
 def test_defaults() -> None:
-    """The paper's method at five times its learning rates (see `hyperparams`)."""
+    """The paper's method at ten times its learning rates, steps from the data size
+    (see `hyperparams`)."""
     hp = TrainingHyperparameters.parse(None)
-    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (5e-3, 5e-2, 2, "float16", "refuse")
+    assert (hp.lr_bank, hp.lr_logits, hp.topk, hp.save_dtype, hp.truncation) == (1e-2, 1e-1, 2, "float16", "refuse")
+    assert (hp.epochs, hp.max_steps, hp.batch_size, hp.warmup_ratio) == (None, None, 4, 0.1)
     assert (hp.target_modules, hp.r, hp.vector_length, hp.num_vectors) == (["q_proj", "v_proj"], 4, 64, 256)
+
+
+@pytest.mark.parametrize(
+    ("rows", "update", "epochs", "steps"),
+    [
+        (240, {}, 1, 60),  # a large file is read once: 60 steps at batch 4
+        (1000, {}, 1, 250),
+        (20, {}, 12, 60),  # a small one is repeated up to MIN_AUTO_STEPS
+        (7, {}, 30, 60),  # 2 steps per epoch (the last batch short)
+        (1, {}, 60, 60),
+        (20, {"epochs": 2}, 2, 10),  # given epochs win
+        (20, {"batch_size": 2, "grad_accum_steps": 5}, 30, 60),  # a step takes 10 rows
+        (20, {"max_steps": 7}, 12, 7),  # max_steps replaces the epochs
+    ],
+)
+def test_steps_from_the_data_size(rows: int, update: dict, epochs: int, steps: int) -> None:
+    """Without `epochs` or `max_steps`, a job makes as many passes as give it at least
+    `MIN_AUTO_STEPS` optimizer steps; the trainer runs `total_steps`."""
+    hp = TrainingHyperparameters.parse(update)
+    assert (hp.epochs_for(rows), hp.total_steps(rows)) == (epochs, steps)
 
 
 @pytest.mark.parametrize(

@@ -128,14 +128,14 @@ def _parser() -> argparse.ArgumentParser:
 JOBS_LS_LIMIT = 99  # the server's largest page of jobs
 # (flag, hyperparameter, type, help) of `vbctl train`; omitted flags take the server's defaults.
 HYPERPARAMETER_FLAGS = [
-    ("--epochs", "epochs", int, "passes over the data (default 1)"),
+    ("--epochs", "epochs", int, "passes over the data (default: from the data size)"),
     ("--steps", "max_steps", int, "optimizer steps; replaces --epochs"),
     ("--r", "r", int, "LoRA rank"),
     ("--b", "vector_length", int, "bank vector length; must divide every targeted dimension"),
     ("--h", "num_vectors", int, "vectors in the bank"),
     ("--k", "topk", int, "bank vectors mixed per sub-vector"),
-    ("--lr-bank", "lr_bank", float, "learning rate of the vector bank (default 5e-3)"),
-    ("--lr-logits", "lr_logits", float, "learning rate of the logits (default 5e-2)"),
+    ("--lr-bank", "lr_bank", float, "learning rate of the vector bank (default 1e-2)"),
+    ("--lr-logits", "lr_logits", float, "learning rate of the logits (default 1e-1)"),
     ("--batch-size", "batch_size", int, None),
     ("--max-seq-len", "max_seq_len", int, "tokens per row"),
     ("--seed", "seed", int, None),

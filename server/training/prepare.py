@@ -64,7 +64,7 @@ class PreparedJob:
         tokens, once per epoch. None with `max_steps`, which need not end on an epoch."""
         if hp.max_steps is not None:
             return None
-        return hp.epochs * sum(len(example.input_ids) for example in self.train)
+        return hp.epochs_for(len(self.train)) * sum(len(example.input_ids) for example in self.train)
 
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -303,8 +303,7 @@ def train_adapter(
         groups.append({"params": [params.bank], "lr": hp.lr_bank, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
     lengths = [len(e.input_ids) for e in examples]
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / hp.batch_size) / hp.grad_accum_steps)
-    total = hp.max_steps or steps_per_epoch * hp.epochs
+    total = hp.total_steps(len(examples))
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * total), total)
     stop = should_stop or (lambda: False)
     best = _BestCheckpoint(hp.early_stopping_patience)

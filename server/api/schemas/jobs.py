@@ -130,7 +130,7 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = Field(description="Once succeeded: its rows' tokens times its epochs")
     seed: int
     hyperparameters: dict[str, Any] = Field(
-        description="OpenAI's n_epochs, batch_size and learning_rate_multiplier (lr_bank / 5e-3), "
+        description="OpenAI's n_epochs, batch_size and learning_rate_multiplier (lr_bank / 1e-2), "
         "and every hyperparameter of the VB-LoRA trainer by its own name"
     )
     method: dict[str, Any]
