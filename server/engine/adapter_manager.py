@@ -285,7 +285,7 @@ class AdapterManager:
         try:
             record, adapter = self.store.get(key[0], key[1])
             adapter.config.check_compatible(self.base_model.module_shapes)
-            self._check_rank(adapter.config)
+            self._check_rank(adapter.config.r, "model")
         except AdapterError as exc:
             self._fail(key, AdapterUnavailableError("model", str(exc), _kind(exc)))
             return

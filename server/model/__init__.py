@@ -2,7 +2,7 @@
 safetensors cache) and the one description of it that the engine, the API and the trainer
 read (`BaseModelSpec`)."""
 
-from .description import BaseModelSpec, describe_model, eos_token_ids, module_shapes
+from .description import BaseModelSpec, describe_model, module_shapes
 from .loader import DEFAULT_NAME, LoadedModel, load_model, resolve_device, resolve_dtype
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "BaseModelSpec",
     "LoadedModel",
     "describe_model",
-    "eos_token_ids",
     "load_model",
     "module_shapes",
     "resolve_device",
