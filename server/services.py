@@ -59,8 +59,9 @@ def open_services(
     when fine-tuning is on (and the file store beside a queue opened here), the tenant
     registry only on a multi-tenant server (`settings.admin_key`; an injected one is
     ignored without it). A training worker: the model in its training dtype, the queue
-    (refused when fine-tuning is off: there would be nothing to run) and always the
-    registry, whose tenants' quotas bound what it publishes.
+    (`VBSERVE_TRAINING_ENABLED` turns off the API's fine-tuning routes; a worker runs
+    whatever is queued) and always the registry, whose tenants' quotas bound what it
+    publishes.
 
     `model` and `tokenizer` come together or not at all. With an injected store there is
     no store URL to put the queue beside: the queue then needs `jobs` or an explicit
@@ -73,15 +74,13 @@ def open_services(
             log.info("adapter store: %r", store)
         files = None
         if jobs is None:
-            jobs = _open_jobs(settings, store_injected=store_injected)
+            jobs = _open_jobs(settings, store_injected=store_injected, for_training=for_training)
             if jobs is not None:
                 opened.callback(jobs.close)
                 if not for_training:
                     # Uploaded training files live beside a queue opened here (an injected
                     # queue names no location to put them): `POST /v1/files` is 503 without.
                     files = opened.enter_context(closing(open_file_store(settings)))
-        if for_training and jobs is None:
-            raise RuntimeError("fine-tuning is off (VBSERVE_TRAINING_ENABLED=false): a worker has no jobs to run")
         if settings.admin_key is None and not for_training:
             tenants = None
         elif tenants is None:
@@ -106,12 +105,13 @@ def _load(settings: Settings, *, for_training: bool) -> tuple[PreTrainedModel, P
     return loaded.model, loaded.tokenizer, loaded.name
 
 
-def _open_jobs(settings: Settings, *, store_injected: bool) -> JobQueue | None:
-    if not settings.training_enabled:
-        log.info("fine-tuning disabled (VBSERVE_TRAINING_ENABLED=false)")
-        return None
-    if store_injected and not settings.jobs_url:
-        return None
+def _open_jobs(settings: Settings, *, store_injected: bool, for_training: bool) -> JobQueue | None:
+    if not for_training:
+        if not settings.training_enabled:
+            log.info("fine-tuning disabled (VBSERVE_TRAINING_ENABLED=false)")
+            return None
+        if store_injected and not settings.jobs_url:
+            return None
     jobs = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
     log.info("job queue: %r", jobs)
     return jobs
