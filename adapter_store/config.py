@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -102,7 +102,7 @@ class AdapterConfig:
         """Adapters with equal keys compose together in one batched kernel call."""
         return (self.modules, self.r, self.vector_length, self.num_vectors, self.topk)
 
-    def check_compatible(self, base_modules: dict[str, tuple[int, int]]) -> None:
+    def check_compatible(self, base_modules: Mapping[str, tuple[int, int]]) -> None:
         check_modules_compatible(self.modules, base_modules)
 
     def to_json(self) -> dict:
@@ -179,7 +179,7 @@ def canonical_modules(modules: tuple[ModuleSpec, ...]) -> tuple[ModuleSpec, ...]
     return ordered
 
 
-def check_modules_compatible(modules: tuple[ModuleSpec, ...], base_modules: dict[str, tuple[int, int]]) -> None:
+def check_modules_compatible(modules: tuple[ModuleSpec, ...], base_modules: Mapping[str, tuple[int, int]]) -> None:
     """Raise unless every targeted module exists in the base model with the same
     (in_features, out_features)."""
     for m in modules:

@@ -11,6 +11,7 @@ Blob: safetensors (never pickle), tensors `<module>.lora_A` and `<module>.lora_B
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +63,7 @@ class LoRAConfig:
     def base_fingerprint(self) -> str:
         return module_fingerprint(self.modules)
 
-    def check_compatible(self, base_modules: dict[str, tuple[int, int]]) -> None:
+    def check_compatible(self, base_modules: Mapping[str, tuple[int, int]]) -> None:
         check_modules_compatible(self.modules, base_modules)
 
     def to_json(self) -> dict:

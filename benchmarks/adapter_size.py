@@ -88,7 +88,7 @@ def composed_errors(adapter: VBLoRAAdapter, dtype: torch.dtype) -> tuple[float, 
 
 def smollm2_logits(adapters: dict[str, VBLoRAAdapter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Base logits and, per adapter, logits with it applied through our serving layers."""
-    from server.engine.model_loader import load_model
+    from server.model.loader import load_model
 
     cache = Path(os.environ.get("VBSERVE_MODEL_CACHE_DIR", Path.home() / ".cache" / "vbserve" / "models"))
     log("loading SmolLM2-135M")

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bandwidth import decode_weight_bytes, limit_tok_s, read_bandwidth_gbs
-from server.engine.model_loader import load_model
 from server.engine.model_runner import ModelRunner
+from server.model.loader import load_model
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import write_adapter_slot
 from tests.test_engine import random_adapter

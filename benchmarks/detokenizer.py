@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
-    from server.engine.model_loader import load_model
+    from server.model.loader import load_model
     from server.settings import Settings
 
     tokenizer = load_model(cache_dir=Settings().model_cache_dir).tokenizer

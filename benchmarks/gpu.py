@@ -179,7 +179,7 @@ class DecodeBench:
     def __init__(self, runner, batch: int, prompt_len: int, steps: int) -> None:
         self.runner, self.batch, self.prompt_len, self.steps = runner, batch, prompt_len, steps
         gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(1, runner.vocab_size, (batch, prompt_len), generator=gen)
+        ids = torch.randint(1, runner.model.config.vocab_size, (batch, prompt_len), generator=gen)
         positions = torch.arange(prompt_len).expand(batch, -1).contiguous()
         runner.forward(0, ids, positions, torch.full((batch,), prompt_len - 1), torch.full((batch,), -1))
         self.first_ids = ids[:, -1:]
@@ -233,7 +233,7 @@ def fill_slots(runner, adapters: list, variant: str) -> float:
     return timed(runner.device, lambda: compose_into_slots(adapters, tables, torch.arange(len(adapters))))
 
 
-def cold_ttft(runner, config, prompt_len: int) -> tuple[float, float]:
+def cold_ttft(runner, base_model, config, prompt_len: int) -> tuple[float, float]:
     """(cold, warm) seconds from asking for an adapter to the first token of a prompt."""
     from adapter_store.store import SQLiteAdapterStore
     from server.engine.adapters import AdapterCache, SlotTable
@@ -244,10 +244,10 @@ def cold_ttft(runner, config, prompt_len: int) -> tuple[float, float]:
         store = SQLiteAdapterStore(Path(tmp) / "adapters.db")
         store.put("bench", "cold", adapter)
         cache = AdapterCache(
-            store, runner.layers, max_rank=RANK, cache_bytes=1 << 30, device=runner.device, dtype=runner.dtype
+            store, base_model, cache_bytes=1 << 30, device=runner.device, dtype=runner.dtype
         )
         slots = SlotTable(runner.layers, cache)
-        ids = torch.randint(1, runner.vocab_size, (1, prompt_len))
+        ids = torch.randint(1, base_model.vocab_size, (1, prompt_len))
         positions = torch.arange(prompt_len).view(1, -1)
 
         def first_token() -> None:
@@ -271,6 +271,7 @@ def cold_ttft(runner, config, prompt_len: int) -> tuple[float, float]:
 
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
     from server.engine.model_runner import ModelRunner
+    from server.model import BaseModelSpec, module_shapes
     from server.vblora import ops
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -293,10 +294,21 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
         log(f"[{shape}] PEFT, {PEFT_REQUESTS} requests one at a time")
         result["peft_tok_s"] = peft_switching(model, config, prompt, args.steps)
 
+    # Described before the runner wraps its layers. Random weights and no tokenizer: no EOS
+    # (every benchmark row runs to its step count anyway).
+    base_model = BaseModelSpec(
+        name=shape,
+        module_shapes=module_shapes(model),
+        context_length=None,
+        max_len=args.prompt_len + args.steps + 8,
+        vocab_size=model.config.vocab_size,
+        eos_ids=frozenset(),
+        max_rank=RANK,
+    )
     runner = ModelRunner(
         model,
         max_rows=args.batch,
-        max_len=args.prompt_len + args.steps + 8,
+        max_len=base_model.max_len,
         num_adapter_slots=args.slots,
         max_rank=RANK,
     )
@@ -333,7 +345,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
 
     log(f"[{shape}] cold-adapter TTFT")
     ops.use_kernels(args.variants[-1])
-    cold, warm = cold_ttft(runner, config, args.prompt_len)
+    cold, warm = cold_ttft(runner, base_model, config, args.prompt_len)
     result["ttft_s"] = {"cold": cold, "warm": warm, "kernels": args.variants[-1]}
     ops.use_kernels("auto")
     result["peak_memory_mib"] = peak_memory_mib(device)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapter_store import LoRAAdapter, LoRAConfig, ModuleSpec
 from adapter_store.store import SQLiteAdapterStore
 from server.engine import AdapterRef, GenerationRequest, MixtureComponent, MixtureRef, SamplingParams, build_engine
-from server.engine.model_loader import load_model
+from server.model import describe_model, load_model
 from server.settings import Settings
 from server.vblora.compose import compose_adapters
 from server.vblora.mixture import mix_lora
@@ -107,7 +107,7 @@ async def main() -> None:
     torch.set_num_threads(threads)
 
     settings = Settings(max_batch_size=ROWS, max_adapter_slots=ROWS + 4, max_lora_rank=8, max_model_len=512)
-    engine = build_engine(model, tok, store, settings)
+    engine = build_engine(model, tok, describe_model(model, tok, settings), store, settings)
     ids = [tok.encode(f"Tell me about topic number {i}.") for i in range(ROWS)]
     own = [(p, AdapterRef(TENANT, f"a{i}")) for i, p in enumerate(ids)]
     mixture = MixtureRef(TENANT, tuple(MixtureComponent(f"a{i}", 0.5, "", "") for i in (0, 1)), "cat")

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapter_store.store import SQLiteAdapterStore
 from server.app import create_app
-from server.engine.model_loader import load_model
+from server.model.loader import load_model
 from server.settings import Settings
 from server.training import parse_jsonl
 from server.training.data import Example

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapter_store.peft_io import load_peft_dir
 from adapter_store.store import SQLiteAdapterStore
 from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
-from server.engine.model_loader import load_model
+from server.model import describe_model, load_model
 from server.settings import Settings
 from tests.conftest import random_peft_vblora
 
@@ -155,7 +155,7 @@ async def main() -> None:
         store.put(TENANT, f"cold{i}", load_peft_dir(tmp / "ckpt" / names[1 + i % (n - 1)]))
 
     settings = Settings(max_batch_size=n, max_adapter_slots=n + 2, max_lora_rank=8, max_model_len=512)
-    engine = build_engine(copy.deepcopy(base), tok, store, settings)
+    engine = build_engine(copy.deepcopy(base), tok, describe_model(base, tok, settings), store, settings)
     jobs = {
         "a": [(p, None) for p in ps],
         "b": list(zip(ps, store_names, strict=True)),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine import GenerationRequest, ResponseFormat, SamplingParams, build_engine
 from server.engine.grammar import mask_logits
-from server.engine.model_loader import load_model
+from server.model import describe_model, load_model
 from server.settings import Settings
 
 TOPICS = ["the sea", "a robot", "autumn", "a city at night", "mathematics", "a cat", "coffee", "the moon"]
@@ -94,7 +94,8 @@ async def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(cache_dir=Settings().model_cache_dir)
     settings = Settings(max_batch_size=args.requests, max_queue=2 * args.requests, max_model_len=256)
-    engine = build_engine(loaded.model, loaded.tokenizer, None, settings)
+    base_model = describe_model(loaded.model, loaded.tokenizer, settings)
+    engine = build_engine(loaded.model, loaded.tokenizer, base_model, None, settings)
     ids = prompts(loaded.tokenizer, args.requests)
     fmt = ResponseFormat(SCHEMA)
     every = args.requests // args.constrained  # constrained rows spread through the batch
@@ -120,7 +121,7 @@ async def main() -> None:
                 generated[name] = tokens
             ratios.append(rates["mixed"][-1] / rates["unconstrained"][-1])
         grammar = await engine.grammars.compile(fmt)
-        mask_ms = mask_cost_ms(grammar, args.requests, args.constrained, engine.runner.vocab_size, args.new_tokens)
+        mask_ms = mask_cost_ms(grammar, args.requests, args.constrained, base_model.vocab_size, args.new_tokens)
     finally:
         engine.shutdown()
     ratio = statistics.median(ratios)

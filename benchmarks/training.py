@@ -60,9 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapter_store import decode_adapter, encode_adapter
 from adapter_store.store import SQLiteAdapterStore
 from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
-from server.engine.model_loader import load_model
+from server.model import describe_model, load_model, module_shapes
 from server.settings import Settings
-from server.training import TrainingHyperparameters, model_shapes, parse_jsonl, train_adapter
+from server.training import TrainingHyperparameters, parse_jsonl, train_adapter
 from server.training.data import Example
 from server.training.trainer import Progress, VBLoRAParameters, collate, evaluate, plan_batches, target_count
 
@@ -243,7 +243,7 @@ async def exact_match(engine, tokenizer, rows: list[dict], adapter: AdapterRef |
 async def base_and_tuned_accuracy(model, tokenizer, store, rows: list[dict], r: int) -> tuple[float, float]:
     """One engine (it wraps the model's layers in place, once) serves both."""
     settings = Settings(max_batch_size=32, max_queue=128, max_adapter_slots=2, max_lora_rank=r, max_model_len=128)
-    engine = build_engine(model, tokenizer, store, settings)
+    engine = build_engine(model, tokenizer, describe_model(model, tokenizer, settings), store, settings)
     try:
         base = await exact_match(engine, tokenizer, rows, None)
         tuned = await exact_match(engine, tokenizer, rows, AdapterRef(TENANT, "reverse"))
@@ -282,7 +282,7 @@ def main() -> None:
     train = parse_jsonl(train_bytes, tok, max_seq_len=hp.max_seq_len)
     val = parse_jsonl(val_bytes, tok, max_seq_len=hp.max_seq_len, field="validation_file")
     val_rows = [json.loads(line) for line in val_bytes.splitlines()]
-    config = hp.check_fits(model_shapes(model), base_model=loaded.name)
+    config = hp.check_fits(module_shapes(model), base_model=loaded.name)
     log(f"{len(train)} training rows, {len(val)} held out; {config.num_subvectors} sub-vectors x {hp.num_vectors}")
 
     log("training: PEFT and ours, in turn ...")

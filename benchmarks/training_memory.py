@@ -33,16 +33,16 @@ def resident_kib(field: str) -> int:
 
 
 def measure(rows: int, width: int) -> None:
-    from server.engine.model_loader import load_model
+    from server.model import load_model, module_shapes
     from server.settings import Settings
-    from server.training import TrainingHyperparameters, model_shapes
+    from server.training import TrainingHyperparameters
     from server.training.trainer import VBLoRAParameters, _frozen, lora_hooks, loss_sum
 
     torch.set_num_threads(1)
     model = load_model(cache_dir=Settings().model_cache_dir).model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     hp = TrainingHyperparameters(target_modules=targets, r=4, vector_length=64, num_vectors=256)
-    params = VBLoRAParameters(hp.check_fits(model_shapes(model)), seed=0)
+    params = VBLoRAParameters(hp.check_fits(module_shapes(model)), seed=0)
     with _frozen(model), lora_hooks(model, params) as refresh:
         for shape in (WARM_UP, (rows, width)):
             ids = torch.randint(0, model.config.vocab_size, shape)

@@ -58,7 +58,7 @@ from adapter_store.store import SQLiteAdapterStore
 from benchmarks.bandwidth import decode_weight_bytes, limit_tok_s, read_bandwidth_gbs
 from benchmarks.decode_step import build as build_decode_runner
 from benchmarks.decode_step import step_seconds
-from server.engine.model_loader import load_model, model_path
+from server.model.loader import load_model, model_path
 from server.vblora.lora_export import export_lora
 from tests.test_engine import random_adapter
 

@@ -5,7 +5,7 @@ copy (about a second) instead of waiting on the file lock while one of them conv
 
 import logging
 
-from server.engine.model_loader import load_model
+from server.model.loader import load_model
 from server.settings import Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,7 +23,10 @@ if not torch.cuda.is_available():
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.engine.model_loader import load_model
+from server.engine import Engine, build_engine
+from server.model import BaseModelSpec, describe_model
+from server.model.loader import load_model
+from server.settings import Settings
 
 
 def tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64) -> LlamaForCausalLM:
@@ -87,6 +90,17 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)
+
+
+def described(model, tokenizer=None, settings: Settings | None = None) -> BaseModelSpec:
+    """A plain (not yet engine-wrapped) model as the server describes it where it loads one;
+    with the byte tokenizer and the default settings unless given."""
+    return describe_model(model, tokenizer or byte_tokenizer(), settings or Settings())
+
+
+def engine_over(model, tokenizer, store, settings: Settings, **hooks) -> Engine:
+    """`build_engine` over `model` and its description, as the app's start-up builds it."""
+    return build_engine(model, tokenizer, describe_model(model, tokenizer, settings), store, settings, **hooks)
 
 
 REDIS_URL = os.environ.get("VBSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

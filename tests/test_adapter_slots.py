@@ -10,8 +10,9 @@ import torch
 from adapter_store.store import SQLiteAdapterStore
 from server.engine.adapters import AdapterCache, AdapterKey, SlotTable
 from server.engine.types import AdapterRef
+from server.settings import Settings
 from server.vblora.layer import AdapterRouting, wrap_linear_layers
-from tests.conftest import tiny_llama
+from tests.conftest import described, tiny_llama
 from tests.test_engine import TENANT, random_adapter
 
 
@@ -31,9 +32,10 @@ def test_slots_are_shared_by_key_and_refilled_least_recently_used_first(tmp_path
     store = SQLiteAdapterStore(tmp_path / "a.db")
     for i in range(3):
         store.put(TENANT, f"ad{i}", random_adapter(model, seed=300 + i))
+    spec = described(model, settings=Settings(max_lora_rank=8))
     layers = wrap_linear_layers(model, AdapterRouting(), num_slots=2, max_rank=8)
     cache = AdapterCache(
-        store, layers, max_rank=8, cache_bytes=1 << 30, device=torch.device("cpu"), dtype=torch.float32
+        store, spec, cache_bytes=1 << 30, device=torch.device("cpu"), dtype=torch.float32
     )
     slots = SlotTable(layers, cache)
     try:

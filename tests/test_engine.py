@@ -18,12 +18,11 @@ from server.engine import (
     InvalidRequestError,
     OverloadedError,
     SamplingParams,
-    build_engine,
 )
 from server.engine.batcher import Engine
 from server.engine.sampling import sample_next_tokens
 from server.settings import Settings
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
 
 TENANT = "t1"
 
@@ -45,7 +44,7 @@ def engine_with_adapters(db: Path, *, count: int, first_seed: int, **limits: int
     for i in range(count):
         store.put(TENANT, f"ad{i}", random_adapter(model, seed=first_seed + i))
     settings = Settings(max_lora_rank=8, max_model_len=128, **limits)
-    return build_engine(model, byte_tokenizer(), store, settings), store
+    return engine_over(model, byte_tokenizer(), store, settings), store
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def setup(tmp_path):
         targets = ("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
         store.put(TENANT, f"ad{i}", random_adapter(model, seed=100 + i, targets=targets, r=2 + i % 3))
     settings = Settings(max_batch_size=24, max_queue=64, max_adapter_slots=20, max_lora_rank=8, max_model_len=128)
-    engine = build_engine(model, byte_tokenizer(), store, settings)
+    engine = engine_over(model, byte_tokenizer(), store, settings)
     yield engine, store, model
     engine.shutdown()
     store.close()
@@ -299,7 +298,7 @@ async def test_adapter_replaced_while_loading(tmp_path, race):
     store = SQLiteAdapterStore(tmp_path / "a.db")
     first = store.put(TENANT, "ad", random_adapter(model, seed=1)).version
     racing = RacingStore(store)
-    engine = build_engine(model, byte_tokenizer(), racing, Settings(max_batch_size=4, max_model_len=128))
+    engine = engine_over(model, byte_tokenizer(), racing, Settings(max_batch_size=4, max_model_len=128))
     try:
         newer = random_adapter(tiny_llama(seed=7), seed=2)
         racing.before_get = {
@@ -329,7 +328,7 @@ async def test_chunked_prefill_interleaves_decode_and_is_batch_invariant(tmp_pat
         store.put(TENANT, f"ad{i}", random_adapter(tiny_llama(seed=7), seed=200 + i))
     chunk = 16
     engines = {
-        budget: build_engine(
+        budget: engine_over(
             tiny_llama(seed=7),
             byte_tokenizer(),
             store,

@@ -23,13 +23,12 @@ from server.engine import (
     InvalidRequestError,
     RequestFailedError,
     SamplingParams,
-    build_engine,
 )
 from server.engine.adapters import compose, composed_nbytes
 from server.engine.sampling import NO_TOKEN, sample_next_tokens
 from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
 from server.settings import Settings
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer
 from tests.test_engine import TENANT, engine_with_adapters, greedy, prompts, random_adapter, run
 
@@ -227,7 +226,7 @@ def thrash_engine(tmp_path, *, adapters: int, cached: int, on_adapter_event=None
         store.put(TENANT, f"ad{i}", random_adapter(model, seed=300 + i, targets=ALL_LINEAR, r=8))
     one = composed_nbytes(store.get(TENANT, "ad0")[1].config, torch.float32)
     settings = Settings(max_lora_rank=8, max_model_len=128, adapter_cache_bytes=cached * one, **settings)
-    return build_engine(model, byte_tokenizer(), store, settings, on_adapter_event=on_adapter_event), store, one
+    return engine_over(model, byte_tokenizer(), store, settings, on_adapter_event=on_adapter_event), store, one
 
 
 async def test_adapters_evicted_while_their_requests_wait_are_still_served(tmp_path):

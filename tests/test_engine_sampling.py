@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from server.engine import GenerationRequest, InvalidRequestError, OverloadedError, SamplingParams, build_engine
+from server.engine import GenerationRequest, InvalidRequestError, OverloadedError, SamplingParams
 from server.engine.sampling import sample_next_tokens
 from server.settings import Settings
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
 from tests.test_engine import greedy, prompts, run
 
 EOS = 2  # LlamaConfig's default eos_token_id, which the tiny model's generation config keeps
@@ -21,8 +21,8 @@ MAX_N = 4
 @pytest.fixture(scope="module")
 def engine():
     settings = Settings(max_batch_size=16, max_queue=8, max_model_len=128, max_n=MAX_N)
-    engine = build_engine(tiny_llama(seed=7), byte_tokenizer(), None, settings)
-    assert engine.eos_ids == {EOS}
+    engine = engine_over(tiny_llama(seed=7), byte_tokenizer(), None, settings)
+    assert engine.base_model.eos_ids == {EOS}
     yield engine
     engine.shutdown()
 

@@ -11,10 +11,10 @@ import torch
 from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
 from adapter_store.peft_io import load_peft_dir
 from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from server.engine import AdapterRef, GenerationRequest, SamplingParams
 from server.settings import Settings
 from server.vblora.layer import targetable_linears
-from tests.conftest import random_peft_vblora
+from tests.conftest import engine_over, random_peft_vblora
 
 pytestmark = pytest.mark.smollm2
 TENANT = "acme"
@@ -39,7 +39,7 @@ def engine_and_store(smollm2, tmp_path_factory):
         store.put(TENANT, f"user{i}", smollm2_adapter(base, seed=i))
     settings = Settings(max_batch_size=32, max_adapter_slots=32, max_lora_rank=8, max_model_len=512)
     # The engine wraps layers in place; keep the session's model pristine for other tests.
-    engine = build_engine(copy.deepcopy(base), smollm2.tokenizer, store, settings)
+    engine = engine_over(copy.deepcopy(base), smollm2.tokenizer, store, settings)
     yield engine, store
     engine.shutdown()
     store.close()
@@ -110,7 +110,7 @@ async def test_chunked_prefill_same_tokens_smollm2(engine_and_store, smollm2):
     settings = Settings(
         max_batch_size=4, max_adapter_slots=4, max_lora_rank=8, max_model_len=512, prefill_chunk_tokens=16
     )
-    chunked = build_engine(copy.deepcopy(smollm2.model), smollm2.tokenizer, store, settings)
+    chunked = engine_over(copy.deepcopy(smollm2.model), smollm2.tokenizer, store, settings)
     try:
         jobs = [
             (chat_ids(smollm2.tokenizer, q), a) for q, a in zip(QUESTIONS[:3], ["user1", None, "user2"], strict=True)

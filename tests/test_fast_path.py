@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.engine.model_loader import cpu_has_bfloat16, resolve_dtype
 from server.engine.model_runner import ModelRunner
+from server.model.loader import cpu_has_bfloat16, resolve_dtype
 from server.vblora.compose import compose_adapters
 from server.vblora.layer import write_adapter_slot
 from tests.conftest import rel_err, tiny_llama

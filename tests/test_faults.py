@@ -43,7 +43,7 @@ from server.tenancy import SQLiteTenantRegistry, TenantLimits
 from server.training import queue_limits
 from server.training.jobs import RedisJobQueue
 from server.training.worker import Worker, start_embedded_worker
-from tests.conftest import serve_in_thread, tiny_llama
+from tests.conftest import described, serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
 from tests.test_jobs_api import TASK_FORM
 from tests.test_training import TASK_FILE
@@ -242,12 +242,13 @@ def test_redis_outage_serves_cached_adapters_fails_fast_and_recovers(tmp_path) -
             assert r.status_code == 503, r.text
             # A worker started in the outage waits for the queue instead of dying.
             worker_settings = settings.model_copy(update={"embedded_worker": True})
+            worker_model, worker_tokenizer = tiny_llama(seed=7), chat_tokenizer()
             worker = Worker(
                 RedisJobQueue.from_url(rds.url, limits=queue_limits(worker_settings)),
                 RedisAdapterStore.from_url(rds.url),
-                tiny_llama(seed=7),
-                chat_tokenizer(),
-                base_model="base",
+                worker_model,
+                worker_tokenizer,
+                described(worker_model, worker_tokenizer, worker_settings),
             )
             embedded = start_embedded_worker(worker_settings, worker)
             time.sleep(2.0)  # more load, Redis still down

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
 from adapter_store.store import StoreQuota
 from server.backends import BackendInputError, BackendUnavailableError
+from server.model import BaseModelSpec
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -35,7 +37,6 @@ from server.training import (
     TooManyJobsError,
     TrainingError,
     TrainingHyperparameters,
-    model_shapes,
     prepare_job,
     train_adapter,
 )
@@ -52,7 +53,7 @@ from server.training.jobs import (
 )
 from server.training.jobs.sqlite_queue import SCHEMA
 from server.training.worker import Worker, start_embedded_worker
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, described, tiny_llama
 from tests.redis_cluster import redis_under_test
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -426,11 +427,17 @@ def test_open_job_queue_urls(tmp_path: Path) -> None:
 # -- workers -------------------------------------------------------------------------------
 
 
+def _worker_model() -> tuple[torch.nn.Module, PreTrainedTokenizerBase, BaseModelSpec]:
+    """The tiny model (seed 3) a test worker trains, its tokenizer and its description."""
+    model = tiny_llama(seed=3)
+    return model, byte_tokenizer(), described(model)
+
+
 class ThreadWorker:
     """A `Worker` over the tiny model, in a thread of the test."""
 
     def __init__(self, queue: JobQueue, store: AdapterStore, worker_id: str = "inproc") -> None:
-        self.worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id=worker_id)
+        self.worker = Worker(queue, store, *_worker_model(), worker_id=worker_id)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.worker.run, args=(self.stop,), kwargs={"poll_s": 0.1})
 
@@ -499,7 +506,7 @@ def test_a_publish_over_the_tenants_quota_fails_the_job_and_stores_nothing(backe
     quotas = {"count": StoreQuota(max_adapters=1), "bytes": StoreQuota(max_bytes=1 << 10)}
     for name, quota in quotas.items():
         submitted = queue.submit("acme", name, HP, ROWS)
-        worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), quota_of=lambda tenant, quota=quota: quota)
+        worker = Worker(queue, store, *_worker_model(), quota_of=lambda tenant, quota=quota: quota)
         worker.run_job(queue.claim("w1", 2))
         record = queue.get("acme", submitted.id)
         assert record.state is JobState.FAILED and record.error.startswith("quota: "), record
@@ -515,7 +522,7 @@ def test_a_publish_that_lands_after_its_tenant_was_deleted_is_withdrawn(backend:
     finding its job gone at `finish`, removes it again."""
     queue, store = backend.open(), backend.open_store()
     submitted = queue.submit("acme", "bot", HP, ROWS)
-    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer())
+    worker = Worker(queue, store, *_worker_model())
     real_put = store.put
 
     def put_after_the_delete(tenant, name, adapter, **kw):
@@ -533,7 +540,7 @@ def test_a_publish_that_lands_after_its_tenant_was_deleted_is_withdrawn(backend:
 
 def _trained_adapter():
     model = tiny_llama(seed=3)
-    prepared = prepare_job(model_shapes(model), byte_tokenizer(), HP, ROWS)
+    prepared = prepare_job(described(model), byte_tokenizer(), HP, ROWS)
     return train_adapter(model, prepared.train, HP, prepared.config).adapter
 
 
@@ -543,8 +550,8 @@ def test_a_publish_interrupted_after_put_is_not_published_twice(backend: Backend
     queue, store = backend.open(lease_s=0.3), backend.open_store()
     submitted = queue.submit("acme", "bot", HP, ROWS)
     job = queue.claim("dead", 2)
-    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id="w2")
-    prepared = prepare_job(model_shapes(worker.model), worker.tokenizer, HP, ROWS)
+    worker = Worker(queue, store, *_worker_model(), worker_id="w2")
+    prepared = prepare_job(worker.base_model, worker.tokenizer, HP, ROWS)
     adapter = train_adapter(worker.model, prepared.train, HP, prepared.config).adapter
     assert queue.mark_publishing(job, adapter.bank_id)
     store.put("acme", "bot", adapter)
@@ -569,7 +576,7 @@ def test_a_family_members_earlier_version_is_not_taken_for_this_jobs_publish(bac
     submitted = queue.submit("acme", "bot", HP.model_copy(update={"bank_id": earlier.bank_id}), ROWS)
     assert queue.mark_publishing(queue.claim("dead", 2), earlier.bank_id)
     time.sleep(0.4)  # ... and died before its put
-    worker = Worker(queue, store, tiny_llama(seed=3), byte_tokenizer(), worker_id="w2")
+    worker = Worker(queue, store, *_worker_model(), worker_id="w2")
     worker.run_job(queue.claim("w2", 2))
     record = queue.get("acme", submitted.id)
     assert (record.state, record.adapter_version, record.step) == (JobState.SUCCEEDED, 2, record.total_steps)

@@ -18,11 +18,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from adapter_store import LoRAAdapter, decode_lora
 from adapter_store.peft_io import load_peft_dir, write_checkpoint_dir
 from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, build_engine
+from server.engine import AdapterRef
 from server.settings import Settings
 from server.vblora.lora_export import export_lora
 from server.vblora.mixture import mix_lora
-from tests.conftest import byte_tokenizer, rel_err, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, rel_err, tiny_llama
 from tests.test_api import api  # noqa: F401 (the fixture)
 from tests.test_engine import random_adapter
 from tests.test_mixtures import (
@@ -93,7 +93,7 @@ async def test_the_engine_serves_lora_beside_vblora_rows_as_peft_does(tmp_path):
     store = SQLiteAdapterStore(tmp_path / "a.db")
     store.put(TENANT, "plain", load_peft_dir(saved(oracle, tmp_path / "peft")))
     store.put(TENANT, "vb", random_adapter(model, seed=62, bank_scale=2.0))
-    engine = build_engine(model, byte_tokenizer(), store, Settings(max_lora_rank=8, max_model_len=128))
+    engine = engine_over(model, byte_tokenizer(), store, Settings(max_lora_rank=8, max_model_len=128))
     try:
         prompts = ([5, 17, 99, 3, 250], [8, 8, 1])
         rows = [
@@ -121,7 +121,7 @@ async def test_the_engine_serves_a_mixture_of_lora_and_vblora_as_peft_cat(tmp_pa
     store = SQLiteAdapterStore(tmp_path / "a.db")
     store.put(TENANT, "plain", lora)
     store.put(TENANT, "vb", vb)
-    engine = build_engine(model, byte_tokenizer(), store, Settings(max_lora_rank=8, max_model_len=128))
+    engine = engine_over(model, byte_tokenizer(), store, Settings(max_lora_rank=8, max_model_len=128))
     try:
         prompt = [3, 141, 59, 26]
         [(tokens, logprobs), _] = await generate(

@@ -22,7 +22,6 @@ from server.engine import (
     MixtureComponent,
     MixtureRef,
     SamplingParams,
-    build_engine,
 )
 from server.engine.adapters import MAX_CACHED_MIXTURES_PER_TENANT, AdapterKey, MixtureKey
 from server.settings import Settings
@@ -30,7 +29,7 @@ from server.vblora.compose import compose_adapters
 from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
 from server.vblora.lora_export import export_lora
 from server.vblora.mixture import mix_lora
-from tests.conftest import byte_tokenizer, rel_err, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, rel_err, tiny_llama
 from tests.test_engine import random_adapter
 
 TENANT = "t1"
@@ -125,7 +124,7 @@ def engine_and_store(tmp_path):
     store.put("t2", "theirs", random_adapter(model, seed=34))
     events: list[str] = []
     settings = Settings(max_lora_rank=8, max_model_len=128, max_batch_size=8)
-    engine = build_engine(
+    engine = engine_over(
         model, byte_tokenizer(), store, settings, on_adapter_event=lambda kind, _: events.append(kind)
     )
     yield engine, store, events

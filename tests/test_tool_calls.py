@@ -453,8 +453,8 @@ class ScriptedModel:
     EOS. One request at a time: each forward pass is the next token."""
 
     def __init__(self, services, text: str) -> None:
-        self._vocab = services.engine.runner.vocab_size
-        self._ids = [*tool_tokenizer().encode(text), min(services.engine.eos_ids)]
+        self._vocab = services.base_model.vocab_size
+        self._ids = [*tool_tokenizer().encode(text), min(services.base_model.eos_ids)]
         self._step = 0
         services.engine.runner.forward = self._forward
 

@@ -14,7 +14,8 @@ import torch
 
 from adapter_store import bank_id_of
 from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from server.engine import AdapterRef, GenerationRequest, SamplingParams
+from server.model import module_shapes
 from server.settings import Settings
 from server.training import (
     DatasetError,
@@ -23,7 +24,6 @@ from server.training import (
     HyperparameterError,
     TrainingCancelled,
     TrainingHyperparameters,
-    model_shapes,
     parse_jsonl,
     prepare_job,
     published_bytes,
@@ -41,7 +41,7 @@ from server.training.trainer import (
     plan_batches,
     target_count,
 )
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, described, engine_over, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASK = {"key0:": "apple", "key1:": "river", "key2:": "stone", "key3:": "cloud"}
@@ -91,7 +91,7 @@ TASK_HP = TrainingHyperparameters(
 
 async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
     model, tok = task_model(), byte_tokenizer()
-    job = prepare_job(model_shapes(model), tok, TASK_HP, TASK_FILE)
+    job = prepare_job(described(model), tok, TASK_HP, TASK_FILE)
     progress: list[Progress] = []
     result = train_adapter(model, job.train, TASK_HP, job.config, on_progress=progress.append, pad_token_id=0)
     losses = [p.loss for p in progress]
@@ -103,7 +103,7 @@ async def test_trained_adapter_learns_the_task_and_serves_it(tmp_path) -> None:
     store = SQLiteAdapterStore(tmp_path / "adapters.db")
     assert store.put("acme", "lookup", result.adapter).version == 1
     settings = Settings(max_batch_size=4, max_queue=8, max_adapter_slots=2, max_lora_rank=8, max_model_len=64)
-    engine = build_engine(model, tok, store, settings)
+    engine = engine_over(model, tok, store, settings)
     try:
         for prompt, completion in TASK.items():
             ids = tok.encode(prompt)
@@ -125,7 +125,7 @@ def test_forward_matches_peft_and_gradients_reach_logits_and_bank() -> None:
 
     base, tok = tiny_llama(seed=1).requires_grad_(False), byte_tokenizer()
     hp = TrainingHyperparameters(target_modules=["q_proj", "v_proj", "down_proj"], r=2, vector_length=16, num_vectors=8)
-    config = hp.check_fits(model_shapes(base))
+    config = hp.check_fits(module_shapes(base))
     params = VBLoRAParameters(config, seed=4)
     with torch.no_grad():  # large enough that the adapter visibly changes the output
         params.bank.mul_(50)
@@ -174,7 +174,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
     def run(seed: int):
         model = task_model()
-        job = prepare_job(model_shapes(model), tok, hp, TASK_FILE)
+        job = prepare_job(described(model), tok, hp, TASK_FILE)
         return train_adapter(model, job.train, hp.model_copy(update={"seed": seed}), job.config).adapter
 
     a, b, c = run(0), run(0), run(1)
@@ -189,7 +189,7 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     def run(batch_size: int, accum: int):
         model = task_model()
         hp = TASK_HP.model_copy(update={"max_steps": 2, "batch_size": batch_size, "grad_accum_steps": accum})
-        job = prepare_job(model_shapes(model), tok, hp, rows)
+        job = prepare_job(described(model), tok, hp, rows)
         return train_adapter(model, job.train, hp, job.config)
 
     one, accumulated = run(4, 1), run(2, 2)
@@ -211,7 +211,7 @@ def test_micro_batches_bound_each_forward_and_train_as_one_batch() -> None:
         widths: list[int] = []  # padded tokens of every forward
         model.register_forward_pre_hook(lambda _, args, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True)
         hp = TASK_HP.model_copy(update={"max_steps": 3, "batch_size": 12, "max_seq_len": 16})
-        job = prepare_job(model_shapes(model), tok, hp, rows, validation)
+        job = prepare_job(described(model), tok, hp, rows, validation)
         result = train_adapter(
             model, job.train, hp, job.config, val_examples=job.validation, max_batch_tokens=max_batch_tokens
         )
@@ -244,7 +244,7 @@ def test_best_checkpoint_is_published_and_early_stopping_ends_training() -> None
     model, tok = task_model(), byte_tokenizer()
     contradicting = jsonl([{"prompt": p, "completion": "zz"} for p in TASK])
     hp = TASK_HP.model_copy(update={"eval_steps": 10, "early_stopping_patience": 2})
-    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, contradicting)
+    job = prepare_job(described(model), tok, hp, TASK_FILE, contradicting)
     seen: list[Progress] = []
     result = train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
     validated = [p for p in seen if p.val_loss is not None]
@@ -266,7 +266,7 @@ def test_exact_match_on_validation_rows() -> None:
     (the task the serving test reproduces); only the first `eval_exact_match_rows` count."""
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"eval_steps": 60, "eval_exact_match_rows": 3})
-    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, TASK_FILE)
+    job = prepare_job(described(model), tok, hp, TASK_FILE, TASK_FILE)
     untrained = VBLoRAParameters(job.config, seed=hp.seed)
     with lora_hooks(model, untrained) as refresh:
         assert exact_match(model, refresh, job.validation, 0) == 0.0
@@ -282,7 +282,7 @@ def test_frozen_bank_trains_only_the_logits_and_keeps_the_bank(save_dtype: str) 
     dtype, same id, whatever `save_dtype`), and the logits alone still learn the task."""
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"save_dtype": save_dtype})
-    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE)
+    job = prepare_job(described(model), tok, hp, TASK_FILE)
     shared = (torch.rand(64, 16, generator=torch.Generator().manual_seed(5)) * 0.4 - 0.2).half()
     progress: list[Progress] = []
     result = train_adapter(model, job.train, hp, job.config, frozen_bank=shared, on_progress=progress.append)
@@ -296,7 +296,7 @@ def test_frozen_bank_trains_only_the_logits_and_keeps_the_bank(save_dtype: str) 
 def test_validation_loss_per_epoch_and_cancellation() -> None:
     model, tok = task_model(), byte_tokenizer()
     hp = TASK_HP.model_copy(update={"max_steps": None, "epochs": 3, "batch_size": 2})
-    job = prepare_job(model_shapes(model), tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
+    job = prepare_job(described(model), tok, hp, TASK_FILE, jsonl([{"prompt": "key0:", "completion": "apple"}]))
     seen: list[Progress] = []
     result = train_adapter(model, job.train, hp, job.config, val_examples=job.validation, on_progress=seen.append)
     # 4 rows, batch 2: two steps per epoch, validation after each epoch.
@@ -532,7 +532,7 @@ def test_steps_from_the_data_size(rows: int, update: dict, epochs: int, steps: i
     ],
 )
 def test_check_fits_names_the_field(update: dict, kw: dict, field: str, reason: str) -> None:
-    shapes = model_shapes(tiny_llama())
+    shapes = module_shapes(tiny_llama())
     hp = TrainingHyperparameters(target_modules=ALL_LINEAR, vector_length=16, num_vectors=64).model_copy(update=update)
     hp = TrainingHyperparameters.model_validate(hp.model_dump())
     with pytest.raises(HyperparameterError) as err:
@@ -541,7 +541,7 @@ def test_check_fits_names_the_field(update: dict, kw: dict, field: str, reason: 
 
 
 def test_check_fits_matches_suffixes_and_full_names() -> None:
-    shapes = model_shapes(tiny_llama())
+    shapes = module_shapes(tiny_llama())
     hp = TrainingHyperparameters(target_modules=["v_proj", "model.layers.1.mlp.down_proj"], vector_length=16)
     config = hp.check_fits(shapes, base_model="tiny")
     assert [m.name for m in config.modules] == [
@@ -557,7 +557,7 @@ def test_published_bytes_are_known_before_training(tmp_path, save_dtype: str) ->
     """What the quota check at job creation charges is what the store charges later."""
     model = task_model()
     hp = TASK_HP.model_copy(update={"max_steps": 1, "save_dtype": save_dtype, "num_vectors": 48, "topk": 3})
-    job = prepare_job(model_shapes(model), byte_tokenizer(), hp, TASK_FILE)
+    job = prepare_job(described(model), byte_tokenizer(), hp, TASK_FILE)
     adapter = train_adapter(model, job.train, hp, job.config).adapter
     with SQLiteAdapterStore(tmp_path / "adapters.db") as store:
         assert published_bytes(job.config, hp.torch_save_dtype) == store.put("t", "a", adapter).stored_bytes
@@ -567,14 +567,14 @@ def test_published_bytes_are_known_before_training(tmp_path, save_dtype: str) ->
 def test_evaluation_settings_need_a_validation_file(name: str) -> None:
     hp = TASK_HP.model_copy(update={name: 2})
     with pytest.raises(HyperparameterError) as err:
-        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, TASK_FILE)
+        prepare_job(described(tiny_llama()), byte_tokenizer(), hp, TASK_FILE)
     assert err.value.field == f"hyperparameters.{name}" and "validation_file" in err.value.reason
 
 
 def test_prepare_job_checks_hyperparameters_before_the_file() -> None:
     hp = TrainingHyperparameters(vector_length=24)
     with pytest.raises(HyperparameterError):
-        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, b"not json")
+        prepare_job(described(tiny_llama()), byte_tokenizer(), hp, b"not json")
     hp = TrainingHyperparameters(vector_length=16, max_seq_len=64)
     with pytest.raises(DatasetError, match="validation_file line 1"):
-        prepare_job(model_shapes(tiny_llama()), byte_tokenizer(), hp, GOOD.encode(), b"not json")
+        prepare_job(described(tiny_llama()), byte_tokenizer(), hp, GOOD.encode(), b"not json")

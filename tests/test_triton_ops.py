@@ -25,13 +25,13 @@ import torch
 
 from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
 from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from server.engine import AdapterRef, GenerationRequest, SamplingParams
 from server.settings import Settings
 from server.vblora import ops
 from server.vblora.compose import compose_adapters, compose_into_slots
 from server.vblora.layer import MultiAdapterLinear, write_adapter_slot
 from server.vblora.ops import route_rows, torch_ops, triton_ops
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
 
 _triton_apply = triton_ops.add_routed_lora_
 # conftest chose the interpreter where there is no GPU; with one, the kernels are compiled.
@@ -183,7 +183,7 @@ async def test_engine_greedy_tokens_equal_with_either_kernels(tmp_path, monkeypa
 
     async def tokens(kernels: str) -> list[list[int]]:
         settings = Settings(kernels=kernels, max_lora_rank=8, max_model_len=64, max_batch_size=8)
-        engine = build_engine(tiny_llama(seed=model_seed).to(DEVICE), byte_tokenizer(), store, settings)
+        engine = engine_over(tiny_llama(seed=model_seed).to(DEVICE), byte_tokenizer(), store, settings)
         try:
             handles = [
                 await engine.submit(

@@ -74,13 +74,8 @@ async def parse_upload(request: Request, body: bytes, services: Services, tenant
 
 def check_servable(adapter: VBLoRAAdapter | LoRAAdapter, services: Services) -> None:
     """Refuse at upload what the engine would refuse at every request."""
-    adapter.config.check_compatible(services.engine.runner.base_module_shapes)
-    if adapter.config.r > services.settings.max_lora_rank:
-        raise APIError(
-            "invalid_request",
-            f"rank {adapter.config.r} exceeds this server's max {services.settings.max_lora_rank}",
-            "r",
-        )
+    adapter.config.check_compatible(services.base_model.module_shapes)
+    services.base_model.check_rank(adapter.config.r, "r")
 
 
 def export_checkpoint(adapter: VBLoRAAdapter | LoRAAdapter, fmt: CheckpointFormat) -> bytes:

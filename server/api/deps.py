@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from adapter_store.store import AdapterStore, StoreQuota
 from server.engine import Engine
 from server.metrics import Metrics
+from server.model import BaseModelSpec
 from server.settings import Settings
 from server.tenancy import ConcurrencyLimiter, Limits, RateLimiter, TenantLimits, TenantRegistry, effective_limits
 from server.tenancy.keys import secret_matches
@@ -47,7 +48,7 @@ class Services:
     engine: Engine
     store: AdapterStore
     tokenizer: PreTrainedTokenizerBase
-    model_name: str  # what clients pass as `model` for the base model without an adapter
+    base_model: BaseModelSpec  # the one description of the model the engine serves
     metrics: Metrics
     jobs: JobQueue | None = None  # None: fine-tuning disabled
     files: FileStore | None = None  # uploaded training files, beside the queue; None with it
@@ -61,6 +62,11 @@ class Services:
 
     def __post_init__(self) -> None:
         self.chat_template = read_chat_template(self.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        """What clients pass as `model` for the base model without an adapter."""
+        return self.base_model.name
 
     @cached_property
     def tokenizing(self) -> TokenizerPool:

@@ -89,7 +89,7 @@ def output_limit(services: Services, requested: int | None, prompt_len: int) -> 
     omitted limit never turns a prompt that fits into an error."""
     if requested is not None:
         return requested
-    room = services.engine.runner.max_len - prompt_len
+    room = services.base_model.max_len - prompt_len
     return max(1, min(services.settings.default_max_tokens, room))
 
 

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapter_store.store import AdapterStore
+from server.model import BaseModelSpec
 from server.settings import Settings
 from server.vblora.ops import use_kernels
 
 from .adapters import AdapterCache
-from .batcher import Engine, RequestHandle, eos_token_ids
+from .batcher import Engine, RequestHandle
 from .grammar import Grammars, ResponseFormat
 from .model_runner import ModelRunner
 from .types import (
@@ -56,28 +57,30 @@ __all__ = [
 def build_engine(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    base_model: BaseModelSpec,
     store: AdapterStore | None,
     settings: Settings,
     *,
     on_adapter_event: Callable[[str, float], None] | None = None,
     on_step: Callable[[dict], None] | None = None,
 ) -> Engine:
-    """Wrap `model` for multi-adapter batches and start the engine thread."""
+    """Wrap `model` for multi-adapter batches and start the engine thread. `base_model`
+    describes `model` as it was before (`describe_model`): the engine reads its context
+    length, vocabulary, EOS ids, module shapes and rank limit from there."""
     use_kernels(settings.kernels)
     runner = ModelRunner(
         model,
         max_rows=settings.max_batch_size,
-        max_len=settings.max_model_len,
+        max_len=base_model.max_len,
         num_adapter_slots=settings.max_adapter_slots,
-        max_rank=settings.max_lora_rank,
+        max_rank=base_model.max_rank,
         fast_path=settings.fast_path,
     )
     adapters = None
     if store is not None:
         adapters = AdapterCache(
             store,
-            runner.layers,
-            max_rank=settings.max_lora_rank,
+            base_model,
             cache_bytes=settings.adapter_cache_bytes,
             device=runner.device,
             dtype=runner.dtype,
@@ -85,8 +88,8 @@ def build_engine(
         )
     grammars = Grammars(
         tokenizer,
-        runner.vocab_size,
-        eos_token_ids(tokenizer, model),
+        base_model.vocab_size,
+        base_model.eos_ids,
         max_schema_chars=settings.response_format_max_schema_chars,
         max_schema_depth=settings.response_format_max_schema_depth,
         compile_timeout_s=settings.response_format_compile_timeout_s,
@@ -94,6 +97,7 @@ def build_engine(
     )
     return Engine(
         runner,
+        base_model,
         tokenizer,
         adapters,
         grammars,

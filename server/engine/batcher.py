@@ -30,6 +30,8 @@ import torch
 import xgrammar
 from transformers import PreTrainedTokenizerBase
 
+from server.model import BaseModelSpec
+
 from .adapters import AdapterCache, AdapterKey, CacheKey, SlotTable
 from .detokenizer import IncrementalDetokenizer
 from .grammar import Grammars, mask_logits
@@ -117,6 +119,7 @@ class Engine:
     def __init__(
         self,
         runner: ModelRunner,
+        base_model: BaseModelSpec,
         tokenizer: PreTrainedTokenizerBase,
         adapters: AdapterCache | None,
         grammars: Grammars,
@@ -129,6 +132,7 @@ class Engine:
         on_step: Callable[[dict], None] | None = None,
     ) -> None:
         self.runner = runner
+        self.base_model = base_model
         self.tokenizer = tokenizer
         self.adapters = adapters
         # The slot table is the engine thread's own (see `SlotTable`); the cache is shared.
@@ -140,7 +144,6 @@ class Engine:
         self.prefill_token_budget = prefill_token_budget
         self.max_n = max_n  # samples one request may ask for (`submit_n`)
         self.on_step = on_step or (lambda stats: None)
-        self.eos_ids = eos_token_ids(tokenizer, runner.model)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # decoding, in row order
@@ -176,11 +179,11 @@ class Engine:
         ids = request.prompt_ids
         if not isinstance(ids, list) or not ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        vocab = self.runner.vocab_size
+        vocab = self.base_model.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
         request.sampling.validate(self.max_new_tokens_limit, vocab)
-        budget = self.runner.max_len
+        budget = self.base_model.max_len
         if len(ids) >= budget:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens exceed the context length {budget}")
         if len(ids) + request.sampling.max_new_tokens > budget:
@@ -411,7 +414,8 @@ class Engine:
         prompts = [s.request.prompt_ids for s in seqs]
         outputs = [s.output for s in seqs]
         allowed = mask_logits(logits, [s.matcher for s in seqs])  # response_format's grammars
-        tokens = sample_next_tokens(allowed, params, [s.generator for s in seqs], prompts, outputs, self.eos_ids)
+        generators = [s.generator for s in seqs]
+        tokens = sample_next_tokens(allowed, params, generators, prompts, outputs, self.base_model.eos_ids)
         chosen: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
         if any(p.logprobs for p in params):
@@ -431,7 +435,7 @@ class Engine:
             raise RequestFailedError("engine", "the sampled token does not follow the response_format grammar")
         seq.output.append(token)
         seq.first_token_at = seq.first_token_at or now
-        is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.base_model.eos_ids)
         text = "" if is_eos else seq.detok.add(token)
         event = TokenEvent(len(seq.output) - 1, token, text)
         if p.logprobs:
@@ -517,13 +521,6 @@ def _row_error(seq: _Sequence, exc: Exception) -> EngineError:
         return exc
     log.error("request %s failed; the rest of its batch goes on", seq.request.request_id, exc_info=exc)
     return RequestFailedError("engine", "internal error while generating this request")
-
-
-def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    return ids
 
 
 def _adapter_names(sequences: Iterable[_Sequence]) -> list[str]:

@@ -32,6 +32,8 @@ class ModelRunner:
         max_rank: int,
         fast_path: bool = True,
     ) -> None:
+        """max_len: tokens per row of the KV cache, the model's context already applied
+        (`BaseModelSpec.max_len`); max_rank: the widest adapter a slot holds."""
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -42,9 +44,8 @@ class ModelRunner:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.max_len = min(max_len, getattr(cfg, "max_position_embeddings", max_len))
+        self.max_len = max_len
         self.max_rows = max_rows
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.cache = SlotKVCache(
             cfg.num_hidden_layers, max_rows, kv_heads, self.max_len, head_dim, dtype=self.dtype, device=self.device
         )
@@ -55,10 +56,6 @@ class ModelRunner:
         self._decode_ids = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_positions = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-
-    @property
-    def base_module_shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: (m.base.in_features, m.base.out_features) for n, m in self.layers.items()}
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

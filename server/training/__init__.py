@@ -15,7 +15,7 @@ from .errors import (
 )
 from .hyperparams import TrainingHyperparameters
 from .jobs import JobEvent, JobQueue, JobRecord, JobState, QueueLimits, jobs_url, open_job_queue, queue_limits
-from .prepare import PreparedJob, TrainingLimits, model_context, model_shapes, prepare_job, published_bytes
+from .prepare import PreparedJob, TrainingLimits, prepare_job, published_bytes
 from .trainer import TrainingResult, train_adapter
 
 __all__ = [
@@ -39,8 +39,6 @@ __all__ = [
     "TrainingLimits",
     "TrainingResult",
     "jobs_url",
-    "model_context",
-    "model_shapes",
     "open_job_queue",
     "parse_jsonl",
     "prepare_job",

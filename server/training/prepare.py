@@ -8,11 +8,9 @@ with its line number, not minutes later by a worker) and the worker before train
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adapter_store import (
@@ -25,8 +23,8 @@ from adapter_store import (
     index_dtype_for,
 )
 from adapter_store.store import AdapterStore
+from server.model import BaseModelSpec
 from server.settings import Settings
-from server.vblora.layer import targetable_linears
 
 from .data import DatasetLimits, Example, parse_jsonl
 from .errors import HyperparameterError
@@ -35,9 +33,9 @@ from .hyperparams import TrainingHyperparameters
 
 @dataclass(frozen=True)
 class TrainingLimits:
-    """Server-side limits a job must fit in."""
+    """Server-side limits a job must fit in (the rank limit is the base model's
+    `BaseModelSpec.max_rank`: a trained adapter must be servable)."""
 
-    max_rank: int = 16  # the serving engine's LoRA rank limit: a trained adapter must be servable
     max_num_vectors: int = 4096
     # Padded tokens per forward of the trainer (see `Settings.training_max_batch_tokens`).
     max_batch_tokens: int = 1024
@@ -46,7 +44,6 @@ class TrainingLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> TrainingLimits:
         return cls(
-            max_rank=settings.max_lora_rank,
             max_num_vectors=settings.training_max_num_vectors,
             max_batch_tokens=settings.training_max_batch_tokens,
             dataset=DatasetLimits(max_bytes=settings.training_max_file_bytes, max_rows=settings.training_max_rows),
@@ -65,17 +62,6 @@ class PreparedJob:
         if hp.max_steps is not None:
             return None
         return hp.epochs_for(len(self.train)) * sum(len(example.input_ids) for example in self.train)
-
-
-def model_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{dotted name: (in_features, out_features)} of every linear an adapter may target
-    in a plain (not engine-wrapped) model."""
-    return {name: (m.in_features, m.out_features) for name, m in targetable_linears(model).items()}
-
-
-def model_context(model: nn.Module) -> int | None:
-    """The model's context length, which bounds `max_seq_len`."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def published_bytes(config: AdapterConfig, dtype: torch.dtype) -> int:
@@ -116,25 +102,21 @@ def fit_to_bank(hp: TrainingHyperparameters, bank: torch.Tensor) -> TrainingHype
 
 
 def prepare_job(
-    shapes: Mapping[str, tuple[int, int]],
+    base_model: BaseModelSpec,
     tokenizer: PreTrainedTokenizerBase,
     hp: TrainingHyperparameters,
     training_file: bytes,
     validation_file: bytes | None = None,
     *,
     limits: TrainingLimits | None = None,
-    max_positions: int | None = None,
-    base_model: str = "",
     frozen_bank: torch.Tensor | None = None,
 ) -> PreparedJob:
     """Raise `HyperparameterError` / `DatasetError` (naming the field) or return the job
     ready to train. Hyperparameters are checked first: they are cheap and a wrong
     `max_seq_len` would otherwise be reported as a dataset error.
 
-    shapes: the base model's targetable linears, `model_shapes(model)` on a plain model;
-    the API process, whose model the engine has wrapped, passes the engine's
-    `ModelRunner.base_module_shapes`.
-    max_positions: the model's context length (`config.max_position_embeddings`).
+    base_model: what the job trains on: the modules it may target, the context its
+    sequences must fit, the rank a servable adapter may have, the name the adapter records.
     frozen_bank: the bank of a shared-bank job (`load_frozen_bank`), whose shape the
     hyperparameters must match (`fit_to_bank` makes them).
     """
@@ -143,12 +125,12 @@ def prepare_job(
     if frozen_bank is not None:
         fit_to_bank(hp, frozen_bank)
     config = hp.check_fits(
-        shapes,
-        max_rank=limits.max_rank,
+        base_model.module_shapes,
+        max_rank=base_model.max_rank,
         max_num_vectors=limits.max_num_vectors,
-        max_positions=max_positions,
+        max_positions=base_model.context_length,
         max_batch_tokens=limits.max_batch_tokens,
-        base_model=base_model,
+        base_model=base_model.name,
     )
 
     def parse(data: bytes, field: str) -> list[Example]:

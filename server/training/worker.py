@@ -48,22 +48,17 @@ from types import TracebackType
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import (
-    AdapterError,
-    AdapterNotFoundError,
-    AdapterStore,
-    QuotaExceededError,
-    open_store,
-)
+from adapter_store import AdapterError, AdapterNotFoundError, AdapterStore, QuotaExceededError
 from adapter_store.store import AdapterRecord, StoreQuota
 from server.backends import BackendUnavailableError
-from server.engine.model_loader import load_model, resolve_device, resolve_dtype
+from server.model import BaseModelSpec
+from server.services import Runtime, open_services
 from server.settings import Settings, get_settings
-from server.tenancy import open_tenant_registry, store_quota, withdraw_adapter
+from server.tenancy import store_quota, withdraw_adapter
 
 from .errors import JobNotFoundError, TrainingCancelled, TrainingError
-from .jobs import ClaimedJob, JobEvent, JobQueue, JobState, jobs_url, open_job_queue, queue_limits
-from .prepare import TrainingLimits, load_frozen_bank, model_context, model_shapes, prepare_job
+from .jobs import ClaimedJob, JobEvent, JobQueue, JobState
+from .prepare import TrainingLimits, load_frozen_bank, prepare_job
 from .trainer import Progress, train_adapter
 
 log = logging.getLogger(__name__)
@@ -85,14 +80,15 @@ class Worker:
         store: AdapterStore,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
+        base_model: BaseModelSpec,
         *,
         limits: TrainingLimits | None = None,
-        base_model: str = "",
         worker_id: str | None = None,
         quota_of: Callable[[str], StoreQuota] | None = None,
     ) -> None:
-        """quota_of: a tenant's store quota at publish time (`tenancy.store_quota`); None:
-        no quota."""
+        """base_model: `model` described (`describe_model`), what a job is checked
+        against; quota_of: a tenant's store quota at publish time (`tenancy.store_quota`);
+        None: no quota."""
         self.queue = queue
         self.quota_of = quota_of or (lambda tenant: StoreQuota())
         self.store = store
@@ -158,14 +154,12 @@ class Worker:
         hp = job.hyperparameters
         frozen_bank = None if hp.bank_id is None else load_frozen_bank(self.store, hp.bank_id)
         prepared = prepare_job(
-            model_shapes(self.model),
+            self.base_model,
             self.tokenizer,
             hp,
             job.training_file,
             job.validation_file,
             limits=self.limits,
-            max_positions=model_context(self.model),
-            base_model=self.base_model,
             frozen_bank=frozen_bank,
         )
         result = train_adapter(
@@ -301,33 +295,25 @@ def run_worker(settings: Settings | None = None, *, stop: threading.Event | None
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    device = resolve_device(settings.device)
-    loaded = load_model(
-        settings.model,
-        gguf_file=settings.gguf_file,
-        cache_dir=settings.model_cache_dir,
-        device=device,
-        dtype=resolve_dtype(settings.dtype, device, training=True),
+    with open_services(settings, for_training=True) as runtime:
+        build_worker(runtime, runtime.model, runtime.tokenizer).run(stop)
+
+
+def build_worker(runtime: Runtime, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Worker:
+    """A worker on `runtime`'s queue and store that trains `model`: the runtime's own in
+    `vbserve worker`, a copy taken before the engine wrapped it in the app's thread worker.
+    Tenants' own quotas bound what it publishes (the server's defaults without a registry)."""
+    if runtime.jobs is None:
+        raise ValueError("a worker needs the job queue, and fine-tuning is off")
+    return Worker(
+        runtime.jobs,
+        runtime.store,
+        model,
+        tokenizer,
+        runtime.base_model,
+        limits=TrainingLimits.from_settings(runtime.settings),
+        quota_of=partial(store_quota, runtime.settings, runtime.tenants),
     )
-    store = open_store(settings.store_url, redis_prefix=settings.redis_prefix)
-    queue = open_job_queue(jobs_url(settings), redis_prefix=settings.redis_prefix, limits=queue_limits(settings))
-    # Tenants' own quotas; in single-tenant mode the registry is empty and the defaults apply.
-    tenants = open_tenant_registry(settings)
-    try:
-        worker = Worker(
-            queue,
-            store,
-            loaded.model,
-            loaded.tokenizer,
-            limits=TrainingLimits.from_settings(settings),
-            base_model=loaded.name,
-            quota_of=partial(store_quota, settings, tenants),
-        )
-        worker.run(stop)
-    finally:
-        tenants.close()
-        queue.close()
-        store.close()
 
 
 class EmbeddedWorker:

@@ -49,7 +49,6 @@ from server.training import (
     TrainingError,
     TrainingHyperparameters,
     TrainingLimits,
-    model_context,
     prepare_job,
     published_bytes,
 )
@@ -359,16 +358,13 @@ def check_upload(
     """Refuse what the worker would refuse (hyperparameters that do not fit the model or
     the frozen bank, any bad row), now rather than after the job waited in the queue.
     Tokenizes every row with `tokenizer`: call it in `services.dataset_checks`."""
-    runner = services.engine.runner
     return prepare_job(
-        runner.base_module_shapes,
+        services.base_model,
         tokenizer,
         upload.hyperparameters,
         upload.training_file,
         upload.validation_file,
         limits=TrainingLimits.from_settings(services.settings),
-        max_positions=model_context(runner.model),
-        base_model=services.model_name,
         frozen_bank=frozen_bank,
     )
 

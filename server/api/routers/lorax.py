@@ -174,13 +174,13 @@ def _full_text(body: GenerateRequest, generated: str) -> str:
 
 def _finish_reason(services: Services, result: FinalResult) -> str:
     if result.finish_reason == "stop":
-        ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in services.engine.eos_ids
+        ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in services.base_model.eos_ids
         return "eos_token" if ended_on_eos else "stop_sequence"
     return "length"  # also a timeout: TGI has no other reason for a cut-short generation
 
 
 def _token_maker(services: Services) -> Callable[[TokenEvent], GeneratedToken]:
-    eos = services.engine.eos_ids
+    eos = services.base_model.eos_ids
     tokenizer = services.tokenizer
 
     def token(event: TokenEvent) -> GeneratedToken:

@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from adapter_store import AdapterConfig, AdapterError, LoRAConfig, config_from_json
+from adapter_store import AdapterConfig, AdapterError, AdapterValidationError, LoRAConfig, config_from_json
 from adapter_store.store import AdapterStore
-from server.vblora.layer import MultiAdapterLinear
+from server.model import BaseModelSpec
 from server.vblora.mixture import mixed_rank
 
 from ..types import AdapterRef, AdapterUnavailableError, MixtureRef
@@ -55,17 +55,15 @@ class AdapterCache:
     def __init__(
         self,
         store: AdapterStore,
-        layers: dict[str, MultiAdapterLinear],
+        base_model: BaseModelSpec,
         *,
-        max_rank: int,
         cache_bytes: int,
         device: torch.device,
         dtype: torch.dtype,
         on_event: Callable[[str, float], None] | None = None,
     ) -> None:
         self.store = store
-        self.base_shapes = {n: (m.base.in_features, m.base.out_features) for n, m in layers.items()}
-        self.max_rank = max_rank
+        self.base_model = base_model  # what adapters are checked against: module shapes, rank
         self.cache_bytes = cache_bytes
         self.device, self.dtype = device, dtype
         self.on_event = on_event or (lambda kind, value: None)
@@ -117,7 +115,7 @@ class AdapterCache:
         # immutable: skip parsing its config again (most of a resolve's CPU time).
         if self._hit(key):
             return key
-        self._check_rank(self._servable_config(record.config, "model"))
+        self._check_rank(self._servable_config(record.config, "model").r, "model")
         self._start_load(key)
         return key
 
@@ -144,7 +142,7 @@ class AdapterCache:
     def _servable_config(self, config_json: dict, field: str) -> AdapterConfig | LoRAConfig:
         try:
             config = config_from_json(config_json)
-            config.check_compatible(self.base_shapes)
+            config.check_compatible(self.base_model.module_shapes)
         except AdapterError as exc:
             raise AdapterUnavailableError(field, str(exc), _kind(exc)) from None
         return config
@@ -162,11 +160,11 @@ class AdapterCache:
             self.on_event("hit", 1)
             return True
 
-    def _check_rank(self, config: AdapterConfig | LoRAConfig) -> None:
-        if config.r > self.max_rank:
-            raise AdapterUnavailableError(
-                "model", f"rank {config.r} exceeds this server's max {self.max_rank}", "invalid_request"
-            )
+    def _check_rank(self, rank: int, field: str, subject: str | None = None) -> None:
+        try:
+            self.base_model.check_rank(rank, field, subject=subject)
+        except AdapterValidationError as exc:
+            raise AdapterUnavailableError(field, exc.reason, "invalid_request") from None
 
     def _check_mixture_rank(self, ranks: list[int], combination: str, field: str, combination_field: str) -> None:
         if combination == "linear" and len(set(ranks)) > 1:
@@ -176,12 +174,7 @@ class AdapterCache:
                 "invalid_request",
             )
         rank = mixed_rank(ranks, combination)
-        if rank > self.max_rank:
-            raise AdapterUnavailableError(
-                field,
-                f"the mixture's rank {rank} (ranks {ranks}, {combination}) exceeds this server's max {self.max_rank}",
-                "invalid_request",
-            )
+        self._check_rank(rank, field, f"the mixture's rank {rank} (ranks {ranks}, {combination})")
 
     def _request_load(self, key: CacheKey) -> None:
         """Queue `key` for the loader unless it is already on its way. Caller holds the lock."""
@@ -279,8 +272,8 @@ class AdapterCache:
     def _fetch_adapter(self, key: AdapterKey) -> None:
         try:
             record, adapter = self.store.get(key.tenant, key.name)
-            adapter.config.check_compatible(self.base_shapes)
-            self._check_rank(adapter.config)
+            adapter.config.check_compatible(self.base_model.module_shapes)
+            self._check_rank(adapter.config.r, "model")
         except AdapterError as exc:
             self._fail(key, AdapterUnavailableError("model", str(exc), _kind(exc)))
             return
@@ -296,7 +289,7 @@ class AdapterCache:
         for part in key.parts:
             try:
                 record, adapter = self.store.get(part.tenant, part.name)
-                adapter.config.check_compatible(self.base_shapes)
+                adapter.config.check_compatible(self.base_model.module_shapes)
             except AdapterError as exc:
                 self._fail(key, AdapterUnavailableError("adapters", f"{part.name}: {exc}", _kind(exc)))
                 return
