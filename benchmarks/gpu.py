@@ -243,9 +243,7 @@ def cold_ttft(runner, base_model, config, prompt_len: int) -> tuple[float, float
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteAdapterStore(Path(tmp) / "adapters.db")
         store.put("bench", "cold", adapter)
-        cache = AdapterCache(
-            store, base_model, cache_bytes=1 << 30, device=runner.device, dtype=runner.dtype
-        )
+        cache = AdapterCache(store, base_model, cache_bytes=1 << 30, device=runner.device, dtype=runner.dtype)
         slots = SlotTable(runner.layers, cache)
         ids = torch.randint(1, base_model.vocab_size, (1, prompt_len))
         positions = torch.arange(prompt_len).view(1, -1)
