@@ -71,6 +71,7 @@ def build_engine(
         num_adapter_slots=settings.max_adapter_slots,
         max_rank=settings.max_lora_rank,
         fast_path=settings.fast_path,
+        cuda_graphs=settings.cuda_graphs,
     )
     manager = None
     if store is not None:
