@@ -19,6 +19,7 @@ import copy
 import pytest
 import torch
 
+from adapter_store import VBLoRAAdapter
 from server.engine.decode_graphs import attention_buckets, batch_buckets, bucket
 from server.engine.model_runner import ModelRunner
 from server.vblora.compose import compose_adapters
@@ -30,16 +31,23 @@ ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PROMPT = 7
 
 
-def runner_with_adapters(
-    *, rows: int = 8, device: str = "cpu", cuda_graphs: bool = False, seed: int = 5
-) -> ModelRunner:
+def adapter(seed: int, r: int) -> VBLoRAAdapter:
+    """A random adapter on all seven modules of the tiny Llama (its shapes read before the
+    runner wraps the linears)."""
+    return random_adapter(tiny_llama(), seed=seed, targets=ALL_MODULES, r=r)
+
+
+def write_slot(runner: ModelRunner, slot: int, stored: VBLoRAAdapter) -> None:
+    mats = compose_adapters([stored], device=runner.device)
+    write_adapter_slot(runner.layers, slot, {n: (a[0], b[0]) for n, (a, b) in mats.items()})
+
+
+def runner_with_adapters(*, rows: int = 8, device: str = "cpu", cuda_graphs: bool = False) -> ModelRunner:
     """The tiny Llama with adapters of ranks 2, 3, 4 in slots 0-2."""
-    model = tiny_llama(seed=seed).to(device)
+    model = tiny_llama(seed=5).to(device)
     runner = ModelRunner(model, max_rows=rows, max_len=100, num_adapter_slots=3, max_rank=8, cuda_graphs=cuda_graphs)
     for slot in range(3):
-        adapter = random_adapter(model, seed=slot, targets=ALL_MODULES, r=2 + slot)
-        mats = compose_adapters([adapter], device=device)
-        write_adapter_slot(runner.layers, slot, {n: (a[0], b[0]) for n, (a, b) in mats.items()})
+        write_slot(runner, slot, adapter(slot, 2 + slot))
     return runner
 
 
@@ -92,8 +100,11 @@ def test_step_through_the_buffers_gives_the_eager_logits_exactly():
     assert torch.equal(first, again) and torch.equal(first, eager)
     # What decode returns is its own: the next step does not overwrite it.
     kept = first.clone()
-    runner.decode(nxt, positions, torch.full((8,), -1))
+    base = runner.decode(nxt, positions, torch.full((8,), -1))
     assert torch.equal(first, kept)
+    # The adapters act (rows with one differ from the base model's), and only in their rows.
+    assert rel_err(first[slots >= 0], base[slots >= 0]) > 1e-3
+    assert torch.equal(first[slots < 0], base[slots < 0])
 
 
 def test_padded_decode_is_batch_invariant_across_buckets():
@@ -159,8 +170,7 @@ def test_cuda_graphs_replay_the_eager_step():
             nxt = ref.argmax(-1, keepdim=True).cpu()
     keys = len(graphs.graphs.graphs)
     for r in (graphs, eager):  # rank 6 in slot 1: a new key
-        mats = compose_adapters([random_adapter(r.model, seed=7, targets=ALL_MODULES, r=6)], device="cuda")
-        write_adapter_slot(r.layers, 1, {m: (a[0], b[0]) for m, (a, b) in mats.items()})
+        write_slot(r, 1, adapter(7, 6))
     slots, positions = torch.tensor([1, 0, 1]), torch.full((3, 1), PROMPT)
     nxt = prefill(graphs, prompts(3, seed=4), slots).argmax(-1, keepdim=True).cpu()
     prefill(eager, prompts(3, seed=4), slots)
