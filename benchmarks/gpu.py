@@ -299,6 +299,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
         max_len=args.prompt_len + args.steps + 8,
         num_adapter_slots=args.slots,
         max_rank=RANK,
+        static_decode=True,  # the captured step's shapes, eager too: graphs vs eager on one step
     )
     # Eager unless a round turns the graphs on (`graphs_for`): one runner, one KV cache.
     graph_device = runner.graphs.device if runner.graphs is not None else None

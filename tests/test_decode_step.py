@@ -45,7 +45,9 @@ def write_slot(runner: ModelRunner, slot: int, stored: VBLoRAAdapter) -> None:
 def runner_with_adapters(*, rows: int = 8, device: str = "cpu", cuda_graphs: bool = False) -> ModelRunner:
     """The tiny Llama with adapters of ranks 2, 3, 4 in slots 0-2."""
     model = tiny_llama(seed=5).to(device)
-    runner = ModelRunner(model, max_rows=rows, max_len=100, num_adapter_slots=3, max_rank=8, cuda_graphs=cuda_graphs)
+    runner = ModelRunner(
+        model, max_rows=rows, max_len=100, num_adapter_slots=3, max_rank=8, cuda_graphs=cuda_graphs, static_decode=True
+    )
     for slot in range(3):
         write_slot(runner, slot, adapter(slot, 2 + slot))
     return runner
@@ -70,6 +72,13 @@ def greedy_decode(runner: ModelRunner, ids: torch.Tensor, slots: torch.Tensor, s
 
 def prompts(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n, PROMPT), generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_eager_runner_keeps_exact_shapes():
+    """Without graphs (the CPU) the step pads nothing and attends over the longest row."""
+    runner = ModelRunner(tiny_llama(), max_rows=8, max_len=100, num_adapter_slots=1, max_rank=2)
+    assert runner.graphs is None and not runner.static_decode
+    assert runner.batch_buckets == [] and runner.attention_buckets == []
 
 
 def test_buckets():
@@ -125,7 +134,7 @@ def test_padded_decode_is_batch_invariant_across_buckets():
 def test_padded_logits_equal_unpadded_to_float_rounding():
     padded = runner_with_adapters()
     unpadded = copy.deepcopy(padded)
-    unpadded.batch_buckets = []  # every batch its own size
+    unpadded.batch_buckets = []  # every batch its own size, as an eager runner's
     ids, slots = prompts(5, seed=2), torch.tensor([1, 2, -1, 0, 2])
     nxt = prefill(padded, ids, slots).argmax(-1, keepdim=True)
     prefill(unpadded, ids, slots)

@@ -34,6 +34,7 @@ class ModelRunner:
         max_rank: int,
         fast_path: bool = True,
         cuda_graphs: bool = True,
+        static_decode: bool | None = None,
     ) -> None:
         self.model = model
         param = next(model.parameters())
@@ -59,12 +60,17 @@ class ModelRunner:
         self._decode_positions = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self._decode_logits = torch.zeros(max_rows, self.vocab_size, dtype=torch.float32, device=self.device)
-        self.batch_buckets = batch_buckets(max_rows)
-        self.attention_buckets = attention_buckets(self.max_len)
         # The Hugging Face forward is not captured: it builds its masks and caches per call.
         captured = cuda_graphs and self.device.type == "cuda" and self.fast is not None
         self.graphs = DecodeGraphs(self.device) if captured else None
-        log.info("decode: %s", "CUDA graphs per batch-size bucket" if captured else "eager")
+        # Padding and the length bucket are what a graph needs. Run eagerly they only add
+        # work, and the longer attention changes bfloat16's rounding on the CPU (docs/engine.md,
+        # "The decode step"), so an eager step keeps its exact shapes (N rows, the longest
+        # row's length) unless asked (`static_decode`: the CPU tests, `benchmarks/gpu.py`).
+        self.static_decode = captured if static_decode is None else static_decode
+        self.batch_buckets = batch_buckets(max_rows) if self.static_decode else []
+        self.attention_buckets = attention_buckets(self.max_len) if self.static_decode else []
+        log.info("decode: %s", "CUDA graphs per bucket" if captured else "eager")
 
     @property
     def base_module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -75,14 +81,14 @@ class ModelRunner:
         """The decode step: one new token for each of rows 0..N-1 (N, 1), at `positions`
         (N, 1), with adapter `slots` (N,), all on the CPU; returns (N, V) float32 logits.
 
-        The step is static: N is padded up to a bucket of `batch_buckets` (padded rows: a
-        dummy token at the cache's scratch position, base model only, logits dropped), it
-        attends over a bucket of `attention_buckets` with the mask built inside the step
-        from the positions buffer, and its inputs, routing and logits sit in buffers
-        preallocated for `max_rows`. Every shape in it depends only on the buckets and the
-        adapters' ranks in use, and nothing in it reads a value back to the host, so on CUDA
-        it is captured once per such key and replayed (`DecodeGraphs`). The CPU runs the same
-        step eagerly (docs/engine.md has what padding and the length bucket cost there)."""
+        The step is static (`static_decode`): N is padded up to a bucket of `batch_buckets`
+        (padded rows: a dummy token at the cache's scratch position, base model only, logits
+        dropped), it attends over a bucket of `attention_buckets` with the mask built inside
+        the step from the positions buffer, and its inputs, routing and logits sit in
+        buffers preallocated for `max_rows`. Every shape in it depends only on the buckets
+        and the adapters' ranks in use, and nothing in it reads a value back to the host, so
+        on CUDA it is captured once per such key and replayed (`DecodeGraphs`). Eager
+        runners (the CPU) run the same code with no buckets: N rows, the longest row's length."""
         n = input_ids.shape[0]
         rows = bucket(self.batch_buckets, n)
         kv_len = bucket(self.attention_buckets, int(positions.max()) + 1)  # CPU positions: no sync
@@ -91,7 +97,7 @@ class ModelRunner:
         self._decode_ids[n:rows].zero_()
         self._decode_positions[n:rows].fill_(self.cache.scratch_position)
         self.cache.note_written(0, positions)
-        self.routing.route(slots, padded_rows=rows)
+        self.routing.route(slots, padded_rows=rows if self.static_decode else None)
         try:
             if self.graphs is None:
                 self._decode_step(rows, kv_len)
