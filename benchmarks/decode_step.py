@@ -10,6 +10,12 @@ alternate the cases (forward order, then backward), and the table reports the me
 the float32 memory-bandwidth ceiling measured here is printed beside it.
 
     .venv/bin/python benchmarks/decode_step.py [--rows 32] [--rounds 5] [--compile] [--profile]
+    .venv/bin/python benchmarks/decode_step.py --static 25  # the static step's cost, below
+
+`--static N`: instead, fast-fp32 alone, N rows with distinct adapters in a runner of
+`--rows` rows (max_len 512), the decode step with exact shapes (what the CPU runs) against
+the static one a CUDA graph captures (N padded to its bucket, attention over a length bucket),
+and padded over the full 512 positions, alternating per round.
 
 Prints a table and, as its last line, a JSON object.
 """
@@ -38,12 +44,18 @@ PROMPT_LEN = 40
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build(case: str, rows: int, cache_dir: Path) -> ModelRunner:
+def build(case: str, rows: int, cache_dir: Path, max_len: int = 256, static_decode: bool = False) -> ModelRunner:
     dtype = torch.bfloat16 if "bf16" in case else torch.float32
     model = load_model(cache_dir=cache_dir, dtype=dtype).model
     adapters = [random_adapter(model, seed=i, targets=ALL_MODULES, r=4, bank_scale=0.1) for i in range(rows)]
     runner = ModelRunner(
-        model, max_rows=rows, max_len=256, num_adapter_slots=rows, max_rank=8, fast_path=not case.startswith("hf")
+        model,
+        max_rows=rows,
+        max_len=max_len,
+        num_adapter_slots=rows,
+        max_rank=8,
+        fast_path=not case.startswith("hf"),
+        static_decode=static_decode,
     )
     mats = compose_adapters(adapters, dtype=dtype)
     for slot in range(rows):
@@ -75,6 +87,28 @@ def step_seconds(runner: ModelRunner, rows: int, adapters: bool, steps: int) -> 
     return statistics.median(times)
 
 
+def static_costs(args: argparse.Namespace) -> None:
+    """Decode tok/s of the step's shape modes (see the module docstring, `--static`)."""
+    runner = build("fast-fp32", args.rows, args.cache_dir, max_len=512, static_decode=True)
+    n = args.static
+    modes = {
+        "exact shapes": ([], []),
+        "padded, length bucket": (runner.batch_buckets, runner.attention_buckets),
+        "padded, full length": (runner.batch_buckets, [runner.max_len]),
+    }
+    ids = torch.randint(0, 49152, (n, 1), generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes if r % 2 == 0 else reversed(modes):
+            runner.batch_buckets, runner.attention_buckets = modes[mode]
+            for i in range(args.steps):
+                start = time.perf_counter()
+                runner.decode(ids, torch.full((n, 1), PROMPT_LEN + i), torch.arange(n))
+                times[mode].append(time.perf_counter() - start)
+    tok_s = {m: round(n / statistics.median(t), 1) for m, t in times.items()}
+    print(json.dumps({"rows": n, "runner_rows": args.rows, "tok_s": tok_s}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=32)
@@ -84,8 +118,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for fast-fp32")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "vbserve" / "models")
+    parser.add_argument("--static", type=int, metavar="N", help="the static step's cost at N rows (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.static:
+        static_costs(args)
+        return
     cases = ["hf-fp32", "fast-fp32", "fast-bf16"] + (["fast-fp32-compiled"] if args.compile else [])
     runners = {c: build(c, args.rows, args.cache_dir) for c in cases}
     bandwidth = read_bandwidth_gbs()

@@ -7,14 +7,16 @@ Models (bfloat16 on CUDA, float32 on CPU; random weights, no download): Llama-3.
 VB-LoRA r=16 on q, k, v, o of every layer (b=256, h=256, k=2; tiny: b=16, h=32), random.
 
 What is timed, per model:
-- decode tok/s at batch 64 (`--batch`), through the engine's own forward
-  (`ModelRunner.forward`: one token per row, greedy, the argmax copied to the CPU each step
-  as the engine does), after a 128-token prefill of every row, for: base only (no adapter);
+- decode tok/s at batch 64 (`--batch`), through the engine's decode step, eagerly
+  (`ModelRunner.decode` with its graphs off: one token per row, greedy, the argmax copied to
+  the CPU each step as the engine does), after a 128-token prefill of every row, for: base only (no adapter);
   64 rows on 1 adapter; 64 distinct adapters; 512 distinct adapters (512 slots, each step
   the next 64, so all 512 are read every 8 steps); each with the torch and the Triton kernels
   (`VBSERVE_KERNELS`), in alternating rounds, median of `--rounds`;
-- CUDA graphs: the engine exposes no static decode step yet (ModelRunner.forward makes
-  per-step CPU decisions), so graphs are reported "not available", not measured;
+- CUDA graphs: the same decode step captured per bucket and replayed (`DecodeGraphs`), base
+  and `batch` distinct adapters, each kernel variant, in the same rounds; and the ratio
+  graphs / eager. On CPU there are no graphs: that is reported, and the eager figures are
+  the same static (padded, length-bucketed) step's;
 - PEFT switching adapters per request: PEFT's VB-LoRA model with 8 adapters, requests one
   at a time (`set_adapter`, then HF `generate` of the same new tokens from a 128-token
   prompt), as a server without multi-adapter batching would serve them;
@@ -61,7 +63,7 @@ SHAPES = {
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANK = 16
 PEFT_REQUESTS = 8
-GRAPHS_NOTE = "not available: the engine has no static decode step to capture yet"
+GRAPHS_NOTE = "not available: CUDA graphs need CUDA; the eager figures ran the same static bucketed step"
 
 
 _START = time.perf_counter()
@@ -205,13 +207,11 @@ class DecodeBench:
             ids = self.first_ids
             for step in range(steps):
                 positions = torch.full((self.batch, 1), self.prompt_len + step)
-                logits = self.runner.forward(
-                    0, ids, positions, torch.zeros(self.batch, dtype=torch.long), self.slots(scenario, step)
-                )
+                logits = self.runner.decode(ids, positions, self.slots(scenario, step))
                 ids = logits.argmax(-1, keepdim=True).cpu()
 
         device = self.runner.device
-        timed(device, lambda: decode(2))  # warm-up (and Triton's compilation on first use)
+        timed(device, lambda: decode(2))  # warm-up (Triton's compilation, the graphs' capture)
         return self.batch * self.steps / timed(device, lambda: decode(self.steps))
 
 
@@ -268,6 +268,7 @@ def cold_ttft(runner, base_model, config, prompt_len: int) -> tuple[float, float
 
 
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
+    from server.engine.decode_graphs import DecodeGraphs
     from server.engine.model_runner import ModelRunner
     from server.model import BaseModelSpec, module_shapes
     from server.vblora import ops
@@ -309,7 +310,11 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
         max_len=base_model.max_len,
         num_adapter_slots=args.slots,
         max_rank=RANK,
+        static_decode=True,  # the captured step's shapes, eager too: graphs vs eager on one step
     )
+    # Eager unless a round turns the graphs on (`graphs_for`): one runner, one KV cache.
+    graph_device = runner.graphs.device if runner.graphs is not None else None
+    runner.graphs = None
     log(f"[{shape}] {args.slots} random adapters, composed into the slots")
     adapters = random_adapters(config, args.slots)
     compose: dict[str, list[float]] = {v: [] for v in args.variants}
@@ -330,6 +335,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
         diff = (bench.logits(distinct) - reference).norm() / reference.norm()
         result["logits_rel_err_triton_vs_torch"] = float(diff)
     runs: dict[str, list[float]] = {}
+    graph_runs: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for variant in args.variants:
             ops.use_kernels(variant)
@@ -338,8 +344,17 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
                     continue  # no adapter: no LoRA kernel runs, the variant changes nothing
                 key = "base" if scenario == "base" else f"{scenario} / {variant}"
                 runs.setdefault(key, []).append(bench.tok_s(scenario))
+                if graph_device is not None and scenario in ("base", f"{args.batch} distinct"):
+                    # Fresh graphs per variant: a graph replays the kernels it was captured with.
+                    runner.graphs = DecodeGraphs(graph_device)
+                    graph_runs.setdefault(key, []).append(bench.tok_s(scenario))
+                    runner.graphs = None
     result["decode_tok_s"] = {k: statistics.median(v) for k, v in runs.items()}
-    result["graphs"] = GRAPHS_NOTE
+    if graph_device is None:
+        result["graphs"] = GRAPHS_NOTE
+    else:
+        result["graphs"] = "measured"
+        result["graphs_decode_tok_s"] = {k: statistics.median(v) for k, v in graph_runs.items()}
 
     log(f"[{shape}] cold-adapter TTFT")
     ops.use_kernels(args.variants[-1])
@@ -348,6 +363,8 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> d
     ops.use_kernels("auto")
     result["peak_memory_mib"] = peak_memory_mib(device)
     result["ratios"] = ratios(result["decode_tok_s"], args)
+    for key, value in result.get("graphs_decode_tok_s", {}).items():
+        result["ratios"][f"graphs / eager ({key})"] = value / result["decode_tok_s"][key]
     del runner, model, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -377,7 +394,11 @@ def print_table(r: dict) -> None:
     print("|---|---|")
     for key, value in r["decode_tok_s"].items():
         print(f"| decode tok/s, {key} (eager) | {value:,.1f} |")
-    print(f"| decode tok/s, CUDA graphs | {r['graphs']} |")
+    if "graphs_decode_tok_s" in r:
+        for key, value in r["graphs_decode_tok_s"].items():
+            print(f"| decode tok/s, {key} (CUDA graphs) | {value:,.1f} |")
+    else:
+        print(f"| decode tok/s, CUDA graphs | {r['graphs']} |")
     peft = "skipped" if r["peft_tok_s"] is None else f"{r['peft_tok_s']:,.1f}"
     print(f"| PEFT tok/s, switching adapters per request ({PEFT_REQUESTS} requests, batch 1) | {peft} |")
     for variant, seconds in r["compose_all_slots_s"].items():

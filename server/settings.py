@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # VB-LoRA kernels (server/vblora/ops): auto = fused Triton kernels on CUDA when triton
     # imports, torch otherwise; torch or triton forces one (triton on CPU needs TRITON_INTERPRET=1).
     kernels: Literal["auto", "torch", "triton"] = "auto"
+    # On CUDA, the decode step is captured as CUDA graphs, one per batch-size bucket (and
+    # attention-length bucket and adapter ranks in use), and replayed; false runs it eagerly.
+    # No effect on the CPU (docs/engine.md, "The decode step").
+    cuda_graphs: bool = True
     adapter_cache_bytes: int = 512 << 20  # composed adapters kept, LRU
     max_new_tokens_limit: int = 4096
     max_model_len: int = 2048  # context per request; sizes the KV cache (rows x len)

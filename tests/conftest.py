@@ -128,20 +128,23 @@ def redis_test_prefix() -> Iterator[tuple[redis.Redis, str]]:
 
 @contextmanager
 def failing_forward_pass(runner, n: int) -> Iterator[None]:
-    """The `n`-th forward pass of `runner` (a ModelRunner) from now raises, as a fault in the
-    model would; the runner is restored on exit."""
-    forward, calls = runner.forward, itertools.count(1)
+    """The `n`-th forward pass of `runner` (a ModelRunner: a prefill or a decode step) from
+    now raises, as a fault in the model would; the runner is restored on exit."""
+    forward, decode, calls = runner.forward, runner.decode, itertools.count(1)
 
-    def failing_forward(*args, **kwargs):
-        if next(calls) == n:
-            raise RuntimeError("injected fault")
-        return forward(*args, **kwargs)
+    def failing(step):
+        def call(*args, **kwargs):
+            if next(calls) == n:
+                raise RuntimeError("injected fault")
+            return step(*args, **kwargs)
 
-    runner.forward = failing_forward
+        return call
+
+    runner.forward, runner.decode = failing(forward), failing(decode)
     try:
         yield
     finally:
-        runner.forward = forward
+        runner.forward, runner.decode = forward, decode
 
 
 @contextmanager

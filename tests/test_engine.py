@@ -178,22 +178,27 @@ async def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(set
     engine, _, _ = setup
     p = prompts(1, seed=8)[0]
     expected = (await run(engine, greedy(p, "ad2"))).token_ids
-    forward = engine.runner.forward
+    forward, decode = engine.runner.forward, engine.runner.decode
     for failing_call in (1, 4):  # the prefill, a decode step
         calls = 0
 
-        def flaky(*args, failing_call=failing_call):
-            nonlocal calls
-            calls += 1
-            if calls == failing_call:
-                raise RuntimeError("boom")
-            return forward(*args)
+        def flaky(step, failing_call=failing_call):
+            def call(*args):
+                nonlocal calls
+                calls += 1
+                if calls == failing_call:
+                    raise RuntimeError("boom")
+                return step(*args)
 
-        monkeypatch.setattr(engine.runner, "forward", flaky)
+            return call
+
+        monkeypatch.setattr(engine.runner, "forward", flaky(forward))
+        monkeypatch.setattr(engine.runner, "decode", flaky(decode))
         result = await asyncio.wait_for(run(engine, greedy(p, "ad2")), timeout=30)
         assert result.finish_reason == "error" and result.error.field == "engine", failing_call
         assert len(result.token_ids) == failing_call - 1  # the tokens emitted before the failure
         monkeypatch.setattr(engine.runner, "forward", forward)
+        monkeypatch.setattr(engine.runner, "decode", decode)
         assert (await run(engine, greedy(p, "ad2"))).token_ids == expected  # slot and row were freed
 
 
@@ -345,14 +350,18 @@ async def test_chunked_prefill_interleaves_decode_and_is_batch_invariant(tmp_pat
         alone = [(await run(whole, greedy(p, a, n=20))).token_ids for p, a in jobs]
 
         chunked = engines[chunk]
-        forwards = []  # (first row, tokens per row) of every forward
-        forward = chunked.runner.forward
+        forwards = []  # (first row, tokens per row) of every forward: prefills, and decode steps (row 0)
+        forward, decode = chunked.runner.forward, chunked.runner.decode
 
         def spy(first_row, input_ids, *args):
             forwards.append((first_row, input_ids.shape[1]))
             return forward(first_row, input_ids, *args)
 
-        chunked.runner.forward = spy
+        def spy_decode(input_ids, *args):
+            forwards.append((0, input_ids.shape[1]))
+            return decode(input_ids, *args)
+
+        chunked.runner.forward, chunked.runner.decode = spy, spy_decode
         # A short request decodes while the long prompts arrive behind it.
         handle = await chunked.submit(greedy(prompts(1, seed=16)[0], n=60))
         async for _ in handle:

@@ -457,6 +457,7 @@ class ScriptedModel:
         self._ids = [*tool_tokenizer().encode(text), min(services.base_model.eos_ids)]
         self._step = 0
         services.engine.runner.forward = self._forward
+        services.engine.runner.decode = self._decode
 
     def restart(self) -> None:
         self._step = 0
@@ -466,6 +467,9 @@ class ScriptedModel:
         logits[:, self._ids[min(self._step, len(self._ids) - 1)]] = 1.0
         self._step += 1
         return logits
+
+    def _decode(self, input_ids, positions, slots):
+        return self._forward(0, input_ids, positions, None, slots)
 
 
 SCRIPT = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "oslo", "days": 3}}</tool_call>'

@@ -75,6 +75,7 @@ def build_engine(
         num_adapter_slots=settings.max_adapter_slots,
         max_rank=base_model.max_rank,
         fast_path=settings.fast_path,
+        cuda_graphs=settings.cuda_graphs,
     )
     adapters = None
     if store is not None:

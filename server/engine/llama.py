@@ -121,7 +121,7 @@ class LlamaForward:
     def __call__(
         self, cache: SlotKVCache, input_ids: torch.Tensor, positions: torch.Tensor, last_index: torch.Tensor
     ) -> torch.Tensor:
-        """input_ids, positions: (N, L) on the model's device; cache.begin() already called.
+        """input_ids, positions: (N, L) on the model's device; cache.route() already called.
         returns (N, V) float32 logits at `last_index`."""
         n, length = input_ids.shape
         hidden = F.embedding(input_ids, self.embed)

@@ -27,15 +27,16 @@ class AdapterRouting:
     """Per-forward row -> slot map shared by all wrapped layers of one model, whose slot
     tables live on `device`."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", rows: int = 0) -> None:
         self.device = torch.device(device)
         self._slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.row_mask: torch.Tensor | None = None
-        # Reused from forward to forward (grown when a batch is larger), so a step's routing
-        # lands at the same addresses every time: what a captured (CUDA graph) step needs.
-        self._index_buf = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._mask_buf = torch.zeros(0, 1, 1, dtype=torch.bool, device=self.device)
+        # Reused from forward to forward (allocated for `rows`, grown when a batch is larger),
+        # so a step's routing lands at the same addresses every time: what a captured (CUDA
+        # graph) step needs.
+        self._index_buf = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._mask_buf = torch.zeros(rows, 1, 1, dtype=torch.bool, device=self.device)
 
     @property
     def slots(self) -> torch.Tensor | None:
@@ -44,21 +45,32 @@ class AdapterRouting:
 
     @slots.setter
     def slots(self, slots: torch.Tensor | None) -> None:
+        self.route(slots)
+
+    def route(self, slots: torch.Tensor | None, padded_rows: int | None = None) -> None:
+        """Route the next forward's rows: `slots` (N,) long, -1 = base only. With
+        `padded_rows` (the decode step's bucket, >= N), rows N.. are padding, routed to the
+        base model, and the base-row mask is set even when every row has an adapter, so the
+        ops a layer runs depend only on the bucket and on whether any row has an adapter."""
         # Computed once here rather than in each of the model's wrapped layers, and on the
         # CPU (where the engine builds slots): the "any adapter? every row?" decisions then
         # cost no device synchronization.
         slots = None if slots is None else slots.cpu()
         if slots is None or not bool((slots >= 0).any()):
             self._slots = self.index = self.row_mask = None
-        else:
-            self._slots = slots
-            index, row_mask = route_rows(slots)
-            n = index.shape[0]
-            if n > self._index_buf.shape[0]:
-                self._index_buf = torch.zeros(n, dtype=torch.long, device=self.device)
-                self._mask_buf = torch.zeros(n, 1, 1, dtype=torch.bool, device=self.device)
-            self.index = self._index_buf[:n].copy_(index)
-            self.row_mask = None if row_mask is None else self._mask_buf[:n].copy_(row_mask)
+            return
+        if padded_rows is not None:
+            slots = torch.cat([slots, slots.new_full((padded_rows - slots.shape[0],), -1)])
+        self._slots = slots
+        index, row_mask = route_rows(slots)
+        if row_mask is None and padded_rows is not None:
+            row_mask = torch.zeros(padded_rows, 1, 1, dtype=torch.bool)
+        n = index.shape[0]
+        if n > self._index_buf.shape[0]:
+            self._index_buf = torch.zeros(n, dtype=torch.long, device=self.device)
+            self._mask_buf = torch.zeros(n, 1, 1, dtype=torch.bool, device=self.device)
+        self.index = self._index_buf[:n].copy_(index)
+        self.row_mask = None if row_mask is None else self._mask_buf[:n].copy_(row_mask)
 
 
 class MultiAdapterLinear(nn.Module):
