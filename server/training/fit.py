@@ -45,12 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from adapter_store import AdapterConfig, LoRAAdapter, VBLoRAAdapter
 from server.vblora.compose import compose_adapters
 
 from .errors import TrainingCancelled
-from .trainer import VBLoRAParameters
+from .trainer import VBLoRAParameters, matrices_added
 
 # The initial factorizations tried (module doc): the LoRA's own factors, the SVD-balanced ones.
 GAUGES = ("own", "svd")
@@ -76,6 +77,48 @@ class FitResult:
     rel_error: float  # overall, of the returned adapter (top-k, in its stored dtype)
     module_errors: dict[str, float]  # per module, of the returned adapter
     steps: int
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """How the fitted adapter's model agrees with the LoRA adapter's, on `AGREEMENT_ROWS`
+    prompts of `AGREEMENT_TOKENS` random tokens (seeded: the same prompts every time)."""
+
+    rel_error: float  # ||logits_fit - logits_lora|| / ||logits_lora - logits_base||: the adapter's effect missed
+    top1_agreement: float  # share of positions where both models' most likely next token is the same
+
+
+AGREEMENT_ROWS = 4
+AGREEMENT_TOKENS = 32
+
+
+@torch.no_grad()
+def output_agreement(model: nn.Module, lora: LoRAAdapter, adapter: VBLoRAAdapter, *, seed: int = 0) -> OutputAgreement:
+    """Compare `model` with `lora` against `model` with `adapter` (forward hooks, removed
+    after; `model`'s train/eval mode is restored)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    length = min(AGREEMENT_TOKENS, getattr(model.config, "max_position_embeddings", AGREEMENT_TOKENS))
+    prompts = torch.randint(vocab, (AGREEMENT_ROWS, length), generator=torch.Generator().manual_seed(seed))
+    prompts = prompts.to(device)
+    s = lora.config.scaling
+    lora_mats = {n: (a.to(device), (b * s).to(device)) for n, (a, b) in lora.matrices().items()}
+    fitted = {n: (a[0], b[0]) for n, (a, b) in compose_adapters([adapter], device=device).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        plain = model(input_ids=prompts).logits.float()
+        outputs = []
+        for mats in (lora_mats, fitted):
+            with matrices_added(model, list(mats), mats):
+                outputs.append(model(input_ids=prompts).logits.float())
+    finally:
+        model.train(was_training)
+    reference, ours = outputs
+    effect = float((reference - plain).norm()) or 1.0
+    return OutputAgreement(
+        float((ours - reference).norm()) / effect, float((ours.argmax(-1) == reference.argmax(-1)).float().mean())
+    )
 
 
 @dataclass(frozen=True)
