@@ -68,7 +68,7 @@ MIN_WEIGHT = 1e-3
 class FitProgress:
     step: int
     total_steps: int
-    rel_error: float  # overall relative Frobenius error of the delta weights before this step's update
+    rel_error: float  # overall relative Frobenius error of the delta weights, the best iterate's so far
 
 
 @dataclass(frozen=True)
@@ -195,17 +195,27 @@ def fit_vblora(
     # Cosine decay: large steps find the sub-vectors' bank vectors, small ones settle the weights.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     stop = should_stop or (lambda: False)
-    for step in range(1, steps + 1):
+    # Adam's first steps move every logit by about the learning rate whatever its gradient,
+    # which can undo a close start: the best iterate seen is the result, not the last.
+    best = (math.inf, params.logits.detach().clone(), params.bank.detach().clone())
+    for step in range(1, steps + 2):
         if stop():
             raise TrainingCancelled()
         mats = params.matrices()
         loss = sum(t.error2(*mats[name]) for name, t in targets.items()) / total
+        if float(loss.detach()) < best[0]:
+            best = (float(loss.detach()), params.logits.detach().clone(), params.bank.detach().clone())
+        if step > steps:  # the last update's result, measured only
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if on_progress is not None:
-            on_progress(FitProgress(step, steps, math.sqrt(max(float(loss.detach()), 0.0))))
+            on_progress(FitProgress(step, steps, math.sqrt(best[0])))
+    with torch.no_grad():
+        params.logits.copy_(best[1])
+        params.bank.copy_(best[2])
     adapter = params.to_adapter(save_dtype)
     composed = {name: (a[0], b[0]) for name, (a, b) in compose_adapters([adapter]).items()}
     overall, per_module = relative_errors(targets, composed)
