@@ -32,6 +32,7 @@ from adapter_store import AdapterConfig
 from adapter_store.peft_io import load_peft_dir
 from benchmarks.quality import LORA_ALPHA, LORA_R, QV, Task, answer_tokens, generate, jsonl, pad_id, score, train_peft
 from server.engine.model_loader import load_model
+from server.settings import Settings
 from server.training import parse_jsonl
 from server.training.fit import fit_vblora, output_agreement
 from server.training.hyperparams import FIT_STEPS, TrainingHyperparameters
@@ -64,7 +65,7 @@ def main() -> None:
         model, tokenizer, sizes, args.steps = tiny_llama(hidden=128), byte_tokenizer(), (8, 4, 4), 3
         shapes = [(8, 64, 64, 2)]
     else:
-        loaded = load_model()
+        loaded = load_model(cache_dir=Settings().model_cache_dir)
         model, tokenizer, sizes = loaded.model, loaded.tokenizer, (240, 32, 100)
     task = Task.make(args.task, sizes)
     pad = pad_id(tokenizer)
