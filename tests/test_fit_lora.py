@@ -117,6 +117,13 @@ def test_a_smaller_rank_fits_the_best_it_can(tmp_path):
     assert math.sqrt(best_err2 / total) - 1e-6 <= result.rel_error < 1.0
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_other_topk_fit(k, tmp_path):
+    lora = load_peft_dir(peft_lora(tiny_llama(seed=31), tmp_path)[1])
+    result = fit_vblora(lora, vb_config(lora, h=32, k=k), steps=10, lr_bank=5e-3, lr_logits=5e-2)
+    assert result.adapter.config.topk == k and result.rel_error < 0.9, result.rel_error
+
+
 def test_a_config_not_on_the_loras_modules_is_refused(tmp_path):
     lora = load_peft_dir(peft_lora(tiny_llama(seed=31), tmp_path)[1])
     other = random_adapter(tiny_llama(seed=31), seed=1, targets=("q_proj",)).config

@@ -335,6 +335,7 @@ def _code(subvectors: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.T
         t = (num / den.clamp_min(1e-30)).clamp(0, 1)
         rest = (u * u).sum(1)[:, None, None] - 2 * p[:, None, :] + gd[:, None, :]
         residual = rest - 2 * t * num + t * t * den  # (s, c_i, c_j)
+        residual.diagonal(dim1=1, dim2=2).fill_(math.inf)  # two distinct rows: top-k picks each once
         flat = residual.flatten(1).argmin(dim=1)
         i, j = flat // c, flat % c
         rows = torch.arange(len(u))
