@@ -6,7 +6,8 @@ the relative Frobenius error of the delta weights over all modules,
 
     E = sum_m ||B'_m A'_m - s B_m A_m||^2 / sum_m ||s B_m A_m||^2,
 
-by gradient descent (AdamW, as the trainer) on the logits and, unless it is frozen, the bank.
+by gradient descent (AdamW, as the trainer, cosine-decayed) on the logits and, unless it
+is frozen, the bank; the result is the best iterate, which the start may be.
 
 It fits the product, not A and B: `B A = (B G)(G^-1 A)` for any invertible G, so the
 LoRA's own factors are one arbitrary choice among many, and the VB-LoRA rank may differ
