@@ -36,9 +36,9 @@ from tests.test_training import task_model
 TARGETS = ("q_proj", "v_proj")
 
 
-def peft_lora(base, tmp_path, *, r=4, alpha=8, seed=0, scale=0.3):
+def peft_lora(base, tmp_path, *, r=4, alpha=8, seed=0, scale=0.3, targets=TARGETS):
     """A PEFT LoRA model over a copy of `base`, random A and B, saved under tmp_path/lora."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS)))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -238,6 +238,16 @@ async def test_a_fit_job_takes_no_files_and_no_openai_body(api, tmp_path):
     body = {"model": model, "training_file": "file-x", "vblora": {"method": "fit_lora", "source_adapter": "src"}}
     r = await api.post("/v1/fine_tuning/jobs", json=body)
     assert (r.status_code, error_of(r)["field"]) == (400, "vblora.method"), r.text
+    assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
+
+
+async def test_a_source_too_large_to_copy_is_413(api, tmp_path):
+    """The job copies its source, within the training file limit (64 KiB here)."""
+    await put_lora(
+        api, tmp_path, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    r = await post_fit(api, {**FIT_FORM, "vector_length": "32"})
+    assert (r.status_code, error_of(r)["field"]) == (413, "hyperparameters.source_adapter"), r.text
     assert (await api.get("/v1/fine_tuning/jobs")).json()["data"] == []
 
 
