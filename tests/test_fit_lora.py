@@ -189,6 +189,18 @@ async def test_a_fit_job_converts_an_uploaded_lora_and_serves_it(api, tmp_path):
     assert r.status_code == 200, r.text
 
 
+async def test_a_fit_job_is_cancelled_between_steps_and_publishes_nothing(api, tmp_path):
+    await put_lora(api, tmp_path)
+    r = await post_fit(api, {**FIT_FORM, "max_steps": "1000000"})
+    assert r.status_code == 201, r.text
+    job = await wait_for(api, r.json()["id"], lambda j: j["progress"]["step"] > 0, timeout=120)
+    assert job["progress"]["total_steps"] == 1000000 and 0 <= job["progress"]["loss"] < 1
+    await api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    job = await wait_for(api, job["id"], ended, timeout=60)
+    assert job["status"] == "cancelled", job
+    assert (await api.get("/v1/adapters/vb")).status_code == 404
+
+
 async def test_a_fit_against_an_existing_bank_keeps_it(api, tmp_path):
     await put_lora(api, tmp_path)
     family = random_adapter(task_model(), seed=5, targets=("q_proj",), r=4, b=16, h=64)
