@@ -183,6 +183,9 @@ async def test_a_fit_job_converts_an_uploaded_lora_and_serves_it(api, tmp_path):
     assert last["step"] == last["total_steps"] == 200 and "fit error=" in last["message"]
     assert last["loss"] < 5e-3 and last["output_rel_error"] < 2e-2 and last["top1_agreement"] == 1.0, last
     assert job["progress"]["loss"] == last["loss"]
+    [checkpoint] = (await api.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")).json()["data"]
+    assert checkpoint["metrics"]["train_loss"] == last["loss"]
+    assert checkpoint["metrics"]["top1_agreement"] == last["top1_agreement"] == 1.0
     info = (await api.get("/v1/adapters/vb")).json()
     assert info["bank_id"] and info["config"]["num_vectors"] == 128 and info["config"]["r"] == 4
     r = await api.post("/v1/completions", json={"model": "vb", "prompt": "Hello", "max_tokens": 4, "temperature": 0})

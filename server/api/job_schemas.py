@@ -283,7 +283,7 @@ class FineTuningJobCheckpoint(BaseModel):
     step_number: int = Field(description="The step the published checkpoint was taken at")
     metrics: dict[str, float | None] = Field(
         description="step, train_loss (at the last step), valid_loss and valid_exact_match (of the published "
-        "checkpoint)"
+        "checkpoint); a fit_lora job's also output_rel_error and top1_agreement (train_loss is its fit error)"
     )
 
     @classmethod
@@ -294,18 +294,17 @@ class FineTuningJobCheckpoint(BaseModel):
         if validated:
             step, valid_loss = validated[-1].best_step, validated[-1].best_val_loss
             exact_match = next((e.val_exact_match for e in validated if e.step == step), None)
+        metrics = {"step": step, "train_loss": record.loss, "valid_loss": valid_loss, "valid_exact_match": exact_match}
+        fitted = [e for e in events if e.output_rel_error is not None]
+        if fitted:
+            metrics |= {"output_rel_error": fitted[-1].output_rel_error, "top1_agreement": fitted[-1].top1_agreement}
         return cls(
             id=f"ftckpt-{record.id.removeprefix('ftjob-')}",
             created_at=int(record.updated),
             fine_tuned_model_checkpoint=record.adapter_name,
             fine_tuning_job_id=record.id,
             step_number=step,
-            metrics={
-                "step": step,
-                "train_loss": record.loss,
-                "valid_loss": valid_loss,
-                "valid_exact_match": exact_match,
-            },
+            metrics=metrics,
         )
 
 
