@@ -258,6 +258,10 @@ class JobEvent:
     val_exact_match: float | None = None  # on validation steps of a job with eval_exact_match_rows
     best_step: int | None = None  # on validation steps: the checkpoint the job would publish now
     best_val_loss: float | None = None
+    # A fit_lora job's last event (its `loss` is the fit error): the LoRA's effect on the
+    # logits the fitted adapter misses, and the share of positions with the same top token.
+    output_rel_error: float | None = None
+    top1_agreement: float | None = None
 
 
 @dataclass

@@ -60,7 +60,8 @@ class ModelRunner:
         self._decode_ids = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_positions = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        self._decode_logits = torch.zeros(max_rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        self._decode_logits = torch.zeros(max_rows, vocab_size, dtype=torch.float32, device=self.device)
         # The Hugging Face forward is not captured: it builds its masks and caches per call.
         captured = cuda_graphs and self.device.type == "cuda" and self.fast is not None
         self.graphs = DecodeGraphs(self.device) if captured else None

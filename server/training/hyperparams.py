@@ -43,6 +43,9 @@ MIN_AUTO_STEPS = 60
 # Greedy generation of one validation row costs a forward per completion token: this
 # bounds what the exact-match metric adds to each validation.
 MAX_EXACT_MATCH_ROWS = 256
+# Gradient steps of a fit_lora job that leaves `max_steps` unset: the sparse-coding start
+# does most of the work (`fit.py`), and a step costs milliseconds.
+FIT_STEPS = 200
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
@@ -96,6 +99,14 @@ class TrainingHyperparameters(BaseModel):
     # of the tenant's adapters already uses, so the published adapter shares that bank.
     bank_id: str | None = Field(None, pattern=r"^sha256-[0-9a-f]{40}$", description="Train against this bank, frozen")
     bank_of: str | None = Field(None, description="Train against the bank of this adapter of yours, frozen")
+    # Bring your LoRA (`fit.py`): "fit_lora" reads no data; it fits a VB-LoRA adapter to the
+    # delta weights of `source_adapter`, a plain LoRA adapter of the tenant's, in
+    # `max_steps` steps (`FIT_STEPS` when unset; `epochs`, `batch_size` and the sequence
+    # settings do not apply).
+    method: Literal["supervised", "fit_lora"] = Field(
+        "supervised", description="supervised: train on the files; fit_lora: convert source_adapter"
+    )
+    source_adapter: str | None = Field(None, description="fit_lora: the plain LoRA adapter of yours to convert")
 
     @field_validator("target_modules")
     @classmethod
@@ -107,12 +118,12 @@ class TrainingHyperparameters(BaseModel):
             raise ValueError("names must be unique")
         return names
 
-    @field_validator("bank_of")
+    @field_validator("bank_of", "source_adapter")
     @classmethod
     def _adapter_name(cls, name: str | None) -> str | None:
         if name is not None:
             try:
-                validate_key("bank_of", name)
+                validate_key("adapter", name)
             except BackendInputError as exc:
                 raise ValueError(exc.reason) from None
         return name
@@ -123,6 +134,9 @@ class TrainingHyperparameters(BaseModel):
             raise ValueError(f"topk {self.topk} exceeds num_vectors {self.num_vectors}")
         if self.bank_id is not None and self.bank_of is not None:
             raise HyperparameterError("hyperparameters.bank_of", "give bank_id or bank_of, not both")
+        if (self.method == "fit_lora") != (self.source_adapter is not None):
+            reason = "is required by method fit_lora" if self.method == "fit_lora" else "needs method fit_lora"
+            raise HyperparameterError("hyperparameters.source_adapter", reason)
         return self
 
     def check_validation(self, has_validation_file: bool) -> None:

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapter_store import (
     AdapterConfig,
     BankNotFoundError,
+    LoRAAdapter,
     VBLoRAAdapter,
     decode_bank,
     encode_adapter,
@@ -28,7 +29,7 @@ from server.settings import Settings
 
 from .data import DatasetLimits, Example, parse_jsonl
 from .errors import HyperparameterError
-from .hyperparams import TrainingHyperparameters
+from .hyperparams import FIT_STEPS, TrainingHyperparameters
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,52 @@ def prepare_job(
     train = parse(training_file, "training_file")
     validation = parse(validation_file, "validation_file") if validation_file is not None else None
     return PreparedJob(config, train, validation)
+
+
+def prepare_fit(
+    base_model: BaseModelSpec,
+    hp: TrainingHyperparameters,
+    source: LoRAAdapter,
+    *,
+    limits: TrainingLimits | None = None,
+    frozen_bank: torch.Tensor | None = None,
+) -> AdapterConfig:
+    """The adapter config of a fit_lora job (`fit.fit_vblora`), or `HyperparameterError`
+    naming the field: the hyperparameters must fit the model, the server's limits and the
+    frozen bank as a training job's do, and target exactly the source adapter's modules
+    (the API fills `target_modules` and `r` from the source where the job left them
+    unset). Both sides call it, as `prepare_job`."""
+    limits = limits or TrainingLimits()
+    if frozen_bank is not None:
+        fit_to_bank(hp, frozen_bank)
+    config = hp.check_fits(
+        base_model.module_shapes,
+        max_rank=base_model.max_rank,
+        max_num_vectors=limits.max_num_vectors,
+        base_model=base_model.name,
+    )
+    wanted = {(m.name, m.in_features, m.out_features) for m in source.config.modules}
+    if {(m.name, m.in_features, m.out_features) for m in config.modules} != wanted:
+        names = sorted(m.name for m in source.config.modules)
+        raise HyperparameterError(
+            "hyperparameters.target_modules",
+            f"must select the source adapter's {len(names)} modules ({', '.join(names[:3])}...) and no others",
+        )
+    return config
+
+
+def with_fit_defaults(
+    hp: TrainingHyperparameters, source: LoRAAdapter, base_model: BaseModelSpec
+) -> TrainingHyperparameters:
+    """A fit_lora job's hyperparameters with what it left unset taken from its source:
+    `target_modules` the source's modules (by their short names, `q_proj`, when those
+    select exactly them, else by full name), `r` the source's rank, and `max_steps`
+    `FIT_STEPS`. Call it when the job is created: the queue keeps every field set."""
+    data = hp.model_dump(exclude_unset=True)
+    names = {m.name for m in source.config.modules}
+    short = sorted({name.rsplit(".", 1)[-1] for name in names})
+    selected = {n for n in base_model.module_shapes if any(n == t or n.endswith("." + t) for t in short)}
+    data.setdefault("target_modules", short if selected == names else sorted(names))
+    data.setdefault("r", source.config.r)
+    data.setdefault("max_steps", FIT_STEPS)
+    return TrainingHyperparameters.parse(data)

@@ -68,6 +68,9 @@ class Progress:
     val_exact_match: float | None = None  # set on validation steps with `eval_exact_match_rows`
     best_step: int | None = None  # the step of the checkpoint that would be published now
     best_val_loss: float | None = None
+    # A fit_lora job's last report (`fit.OutputAgreement`), where `loss` is the fit error.
+    output_rel_error: float | None = None
+    top1_agreement: float | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -171,17 +174,28 @@ def lora_hooks(model: nn.Module, params: VBLoRAParameters) -> Iterator[Callable[
         current.clear()
         current.update(params.matrices())
 
+    with matrices_added(model, [m.name for m in params.config.modules], current):
+        yield refresh
+
+
+@contextmanager
+def matrices_added(
+    model: nn.Module, names: Sequence[str], matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
+    """Add `B (A x)` to the output of each linear in `names` while inside, `(A, B)` read
+    from `matrices` at every forward (so the caller may replace them between forwards)."""
+
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            a, b = current[name]
+            a, b = matrices[name]
             x = args[0]
             return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(output.dtype)
 
         return hook
 
-    handles = [model.get_submodule(m.name).register_forward_hook(make_hook(m.name)) for m in params.config.modules]
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
     try:
-        yield refresh
+        yield
     finally:
         for handle in handles:
             handle.remove()

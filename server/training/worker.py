@@ -45,10 +45,18 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterError, AdapterNotFoundError, AdapterStore, QuotaExceededError
+from adapter_store import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterStore,
+    QuotaExceededError,
+    VBLoRAAdapter,
+    decode_lora,
+)
 from adapter_store.store import AdapterRecord, StoreQuota
 from server.backends import BackendUnavailableError
 from server.model import BaseModelSpec
@@ -57,8 +65,10 @@ from server.settings import Settings, get_settings
 from server.tenancy import store_quota, withdraw_adapter
 
 from .errors import JobNotFoundError, TrainingCancelled, TrainingError
+from .fit import FitProgress, fit_vblora, output_agreement
+from .hyperparams import FIT_STEPS, TrainingHyperparameters
 from .jobs import ClaimedJob, JobEvent, JobQueue, JobState
-from .prepare import TrainingLimits, load_frozen_bank, prepare_job
+from .prepare import TrainingLimits, load_frozen_bank, prepare_fit, prepare_job
 from .trainer import Progress, train_adapter
 
 log = logging.getLogger(__name__)
@@ -153,6 +163,36 @@ class Worker:
     def _train_and_publish(self, job: ClaimedJob, lease: _Lease, stop: threading.Event) -> None:
         hp = job.hyperparameters
         frozen_bank = None if hp.bank_id is None else load_frozen_bank(self.store, hp.bank_id)
+
+        def should_stop() -> bool:
+            return lease.lost or lease.cancel_requested or stop.is_set()
+
+        reporter = _Reporter(self.queue, job, lease)
+        if hp.method == "fit_lora":
+            adapter = self._fit(job, hp, frozen_bank, reporter, should_stop)
+        else:
+            adapter = self._train(job, hp, frozen_bank, reporter, should_stop)
+        lease.beat()  # a cancel that arrived during the last step still wins
+        if lease.lost or lease.cancel_requested:
+            raise TrainingCancelled()
+        if not self.queue.mark_publishing(job, adapter.bank_id):
+            lease.lost = True
+            raise TrainingCancelled()
+        tenant = job.record.tenant
+        record = self.store.put(tenant, job.record.adapter_name, adapter, quota=self.quota_of(tenant))
+        if self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version):
+            log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
+        else:
+            self._withdraw_if_removed(job, record)
+
+    def _train(
+        self,
+        job: ClaimedJob,
+        hp: TrainingHyperparameters,
+        frozen_bank: torch.Tensor | None,
+        reporter: _Reporter,
+        should_stop: Callable[[], bool],
+    ) -> VBLoRAAdapter:
         prepared = prepare_job(
             self.base_model,
             self.tokenizer,
@@ -162,30 +202,68 @@ class Worker:
             limits=self.limits,
             frozen_bank=frozen_bank,
         )
-        result = train_adapter(
+        return train_adapter(
             self.model,
             prepared.train,
             hp,
             prepared.config,
             val_examples=prepared.validation,
             pad_token_id=self.pad_token_id,
-            on_progress=_Reporter(self.queue, job, lease),
-            should_stop=lambda: lease.lost or lease.cancel_requested or stop.is_set(),
+            on_progress=reporter,
+            should_stop=should_stop,
             max_batch_tokens=self.limits.max_batch_tokens,
             frozen_bank=frozen_bank,
+        ).adapter
+
+    def _fit(
+        self,
+        job: ClaimedJob,
+        hp: TrainingHyperparameters,
+        frozen_bank: torch.Tensor | None,
+        reporter: _Reporter,
+        should_stop: Callable[[], bool],
+    ) -> VBLoRAAdapter:
+        """A fit_lora job: its training file is the source LoRA adapter's blob, taken when
+        the job was created (as a training job keeps its own copy of its files)."""
+        source = decode_lora(job.training_file, max_bytes=len(job.training_file))
+        config = prepare_fit(self.base_model, hp, source, limits=self.limits, frozen_bank=frozen_bank)
+        steps = hp.max_steps or FIT_STEPS
+
+        def on_progress(progress: FitProgress) -> None:
+            if progress.step < steps:  # the last report is the published adapter's, below
+                reporter(Progress(progress.step, steps, progress.rel_error, tokens_per_s=0.0))
+
+        result = fit_vblora(
+            source,
+            config,
+            steps=steps,
+            lr_bank=hp.lr_bank,
+            lr_logits=hp.lr_logits,
+            seed=hp.seed,
+            frozen_bank=frozen_bank,
+            save_dtype=hp.torch_save_dtype,
+            on_progress=on_progress,
+            should_stop=should_stop,
         )
-        lease.beat()  # a cancel that arrived during the last step still wins
-        if lease.lost or lease.cancel_requested:
-            raise TrainingCancelled()
-        if not self.queue.mark_publishing(job, result.adapter.bank_id):
-            lease.lost = True
-            raise TrainingCancelled()
-        tenant = job.record.tenant
-        record = self.store.put(tenant, job.record.adapter_name, result.adapter, quota=self.quota_of(tenant))
-        if self.queue.finish(job, JobState.SUCCEEDED, adapter_version=record.version):
-            log.info("job %s: published %s/%s v%d", job.id, record.tenant, record.name, record.version)
-        else:
-            self._withdraw_if_removed(job, record)
+        agreement = output_agreement(self.model, source, result.adapter, seed=hp.seed)
+        log.info(
+            "job %s: fit error %.4f, output error %.4f, top-1 agreement %.3f",
+            job.id,
+            result.rel_error,
+            agreement.rel_error,
+            agreement.top1_agreement,
+        )
+        reporter(
+            Progress(
+                steps,
+                steps,
+                result.rel_error,
+                tokens_per_s=0.0,
+                output_rel_error=agreement.rel_error,
+                top1_agreement=agreement.top1_agreement,
+            )
+        )
+        return result.adapter
 
     def _withdraw_if_removed(self, job: ClaimedJob, record: AdapterRecord) -> None:
         """`finish` refused: either another worker took the job over (it finds this
@@ -279,6 +357,8 @@ class _Reporter:
             val_exact_match=progress.val_exact_match,
             best_step=progress.best_step,
             best_val_loss=progress.best_val_loss,
+            output_rel_error=progress.output_rel_error,
+            top1_agreement=progress.top1_agreement,
         )
         try:
             if not self.queue.report(self.job, event):

@@ -29,11 +29,13 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from adapter_store import (
+    AdapterConfig,
     AdapterError,
     AdapterNotFoundError,
     AdapterValidationError,
     BankNotFoundError,
     QuotaExceededError,
+    decode_lora,
 )
 from adapter_store.store import AdapterStore, StoreQuota
 from adapter_store.store.base import quota_exceeded
@@ -56,7 +58,7 @@ from server.training.errors import UnknownFileError
 from server.training.files import FileStore
 from server.training.hyperparams import from_openai, request_field
 from server.training.jobs.base import MAX_LIST_LIMIT
-from server.training.prepare import fit_to_bank, load_frozen_bank
+from server.training.prepare import fit_to_bank, load_frozen_bank, prepare_fit, with_fit_defaults
 
 from ..body_limits import BodyLimitedRoute, body_limit, read_body, training_upload_limit
 from ..deps import CallerDep, Services, ServicesDep, TenantDep, still_current, tenant_deleted
@@ -129,13 +131,21 @@ async def create_job(
         raise APIError("conflict", f"{upload.adapter!r} is the base model's name", "adapter")
     try:
         hp, bank = await asyncio.to_thread(with_frozen_bank, services.store, tenant, upload.hyperparameters)
-        upload = dataclasses.replace(upload, hyperparameters=hp)
-        prepared = await services.dataset_checks.run(lambda tokenizer: check_upload(services, upload, tokenizer, bank))
+        if hp.method == "fit_lora":
+            hp, source_blob = await asyncio.to_thread(with_fit_source, services, tenant, hp, bank)
+            upload = dataclasses.replace(upload, hyperparameters=hp, training_file=source_blob)
+            config, trained_tokens = check_fit(services, hp, source_blob, bank), None
+        else:
+            upload = dataclasses.replace(upload, hyperparameters=hp)
+            prepared = await services.dataset_checks.run(
+                lambda tokenizer: check_upload(services, upload, tokenizer, bank)
+            )
+            config, trained_tokens = prepared.config, prepared.trained_tokens(hp)
     except (HyperparameterError, AdapterNotFoundError) as exc:  # named by the trainer's field; name the request's
         if upload.request_fields is None:
             raise
         raise type(exc)(request_field(exc.field, upload.request_fields), exc.reason) from None
-    size = published_bytes(prepared.config, hp.torch_save_dtype)
+    size = published_bytes(config, hp.torch_save_dtype)
     await asyncio.to_thread(check_quota, services.store, tenant, caller.quota, upload.adapter, size)
     record = await asyncio.to_thread(
         functools.partial(
@@ -147,7 +157,7 @@ async def create_job(
             upload.validation_file,
             training_file_id=upload.training_file_id,
             validation_file_id=upload.validation_file_id,
-            trained_tokens=prepared.trained_tokens(hp),
+            trained_tokens=trained_tokens,
         )
     )
     if not await asyncio.to_thread(still_current, services, caller):  # deleted while the upload streamed in
@@ -198,8 +208,9 @@ async def job_events(
     if stream or "text/event-stream" in (accept or ""):
         first = await asyncio.to_thread(jobs.get, tenant, job_id)  # a 404 before the stream starts
         return sse_response(follow(jobs, tenant, first, services.model_name))
+    record = await asyncio.to_thread(jobs.get, tenant, job_id)
     events = await asyncio.to_thread(jobs.events, tenant, job_id)
-    return JobEventList(data=[FineTuningJobEvent.of(job_id, e) for e in events])
+    return JobEventList(data=[FineTuningJobEvent.of(job_id, e, _method(record)) for e in events])
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -241,12 +252,19 @@ async def read_upload(request: Request, max_file_bytes: int) -> JobUpload:
     form = await read_form(
         request, file_fields=FILE_FIELDS, max_file_bytes=max_file_bytes, max_fields=len(HYPERPARAMETER_FIELDS) + 2
     )
+    adapter = _adapter_name(form.fields.pop("adapter", []))
+    hp = _hyperparameters(form.fields)
+    if hp.method == "fit_lora":
+        for name in form.files:
+            raise DatasetError(name, "a fit_lora job reads no files: it converts hyperparameters.source_adapter")
+        # The source adapter's blob takes the training file's place (`with_fit_source`).
+        return JobUpload(adapter=adapter, hyperparameters=hp, training_file=b"", validation_file=None)
     if "training_file" not in form.files:
         raise DatasetError("training_file", "is required: a JSONL file of training rows")
     validation = form.files.get("validation_file")
     return JobUpload(
-        adapter=_adapter_name(form.fields.pop("adapter", [])),
-        hyperparameters=_hyperparameters(form.fields),
+        adapter=adapter,
+        hyperparameters=hp,
         training_file=form.files["training_file"].content,
         validation_file=None if validation is None else validation.content,
     )
@@ -269,6 +287,12 @@ async def read_openai_request(request: Request, services: Services, tenant: str)
     if job.integrations:
         raise APIError("invalid_request", "no integrations are supported here", "integrations")
     hp, request_fields = _trainer_hyperparameters(job)
+    if hp.method == "fit_lora":
+        raise APIError(
+            "invalid_request",
+            "a fit_lora job reads no training file: create it with the multipart form",
+            "vblora.method",
+        )
     try:
         suffix = "" if job.suffix is None else validate_key("suffix", job.suffix) + "-"
     except AdapterError as exc:
@@ -339,7 +363,9 @@ def with_frozen_bank(
         except AdapterNotFoundError:
             raise AdapterNotFoundError("hyperparameters.bank_of", f"you have no adapter {hp.bank_of!r}") from None
         if not bank_id:
-            raise AdapterValidationError("hyperparameters.bank_of", f"{hp.bank_of!r} is a plain LoRA adapter: it has no bank")
+            raise AdapterValidationError(
+                "hyperparameters.bank_of", f"{hp.bank_of!r} is a plain LoRA adapter: it has no bank"
+            )
     elif hp.bank_id is not None:
         if not store.tenant_uses_bank(tenant, hp.bank_id):
             raise BankNotFoundError("hyperparameters.bank_id", "none of your adapters uses this bank")
@@ -350,6 +376,42 @@ def with_frozen_bank(
     data = {**hp.model_dump(exclude_unset=True), "bank_id": bank_id}
     data.pop("bank_of", None)
     return fit_to_bank(TrainingHyperparameters.parse(data), bank), bank
+
+
+def with_fit_source(
+    services: Services, tenant: str, hp: TrainingHyperparameters, frozen_bank: torch.Tensor | None
+) -> tuple[TrainingHyperparameters, bytes]:
+    """A fit_lora job's hyperparameters as queued (`with_fit_defaults`) and the blob of its
+    source adapter as it is now: the job keeps that copy (as a training job keeps its
+    files), so the source may change or go while it waits. The source must be a plain LoRA
+    adapter of the tenant's: another tenant's is a 404, as one that does not exist."""
+    name = hp.source_adapter
+    assert name is not None  # method fit_lora requires it
+    field = "hyperparameters.source_adapter"
+    try:
+        record, blob = services.store.get_blob(tenant, name)
+    except AdapterNotFoundError:
+        raise AdapterNotFoundError(field, f"you have no adapter {name!r}") from None
+    if record.bank_id:
+        raise AdapterValidationError(field, f"{name!r} is a VB-LoRA adapter; fit_lora converts plain LoRA adapters")
+    limit = services.settings.training_max_file_bytes
+    if len(blob) > limit:
+        raise APIError("too_large", f"{name!r} takes {len(blob)} bytes; a job may copy at most {limit}", field)
+    source = decode_lora(blob, max_bytes=len(blob))
+    return with_fit_defaults(hp, source, services.base_model), blob
+
+
+def check_fit(
+    services: Services, hp: TrainingHyperparameters, source_blob: bytes, frozen_bank: torch.Tensor | None
+) -> AdapterConfig:
+    """Refuse what the worker would refuse of a fit_lora job (`prepare_fit`), now."""
+    return prepare_fit(
+        services.base_model,
+        hp,
+        decode_lora(source_blob, max_bytes=len(source_blob)),
+        limits=TrainingLimits.from_settings(services.settings),
+        frozen_bank=frozen_bank,
+    )
 
 
 def check_upload(
@@ -441,7 +503,7 @@ async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> A
             return
         for event in events:
             if last_event is None or (event.time, event.step) > last_event:
-                yield sse(FineTuningJobEvent.of(first.id, event))
+                yield sse(FineTuningJobEvent.of(first.id, event, _method(first)))
                 last_event, last_sent = (event.time, event.step), time.monotonic()
         if _status(record) != status:
             status = _status(record)
@@ -454,6 +516,10 @@ async def follow(jobs: JobQueue, tenant: str, first: JobRecord, model: str) -> A
             yield format_sse_event(comment="keep-alive")
             last_sent = time.monotonic()
         await asyncio.sleep(FOLLOW_POLL_S)
+
+
+def _method(record: JobRecord) -> str:
+    return record.hyperparameters.get("method", "supervised")
 
 
 def _status(record: JobRecord) -> tuple[str, int, bool]:

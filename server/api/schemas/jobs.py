@@ -162,7 +162,7 @@ class FineTuningJob(BaseModel):
             trained_tokens=record.trained_tokens if succeeded else None,
             seed=record.hyperparameters.get("seed", 0),
             hyperparameters={**record.hyperparameters, **openai},
-            method={"type": "supervised", "supervised": {"hyperparameters": openai}},
+            method=_method(record.hyperparameters, openai),
             progress=JobProgress(
                 step=record.step,
                 total_steps=record.total_steps,
@@ -174,6 +174,13 @@ class FineTuningJob(BaseModel):
             attempts=record.attempts,
             cancel_requested=record.cancel_requested,
         )
+
+
+def _method(hyperparameters: dict[str, Any], openai: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method` of a job: supervised, or ours, fit_lora, with its source adapter."""
+    if hyperparameters.get("method") == "fit_lora":
+        return {"type": "fit_lora", "fit_lora": {"source_adapter": hyperparameters.get("source_adapter")}}
+    return {"type": "supervised", "supervised": {"hyperparameters": openai}}
 
 
 class JobList(BaseModel):
@@ -207,20 +214,32 @@ class FineTuningJobEvent(BaseModel):
         None, description="On validation steps: the step of the lowest validation loss so far (what is published)"
     )
     best_val_loss: float | None = None
-    tokens_per_s: float
+    output_rel_error: float | None = Field(
+        None,
+        description="fit_lora, last event: how much of the LoRA adapter's effect on the logits the fitted "
+        "adapter misses, on fixed random-token prompts (`loss` is then the fit error of the published adapter)",
+    )
+    top1_agreement: float | None = Field(
+        None, description="fit_lora, last event: share of positions where both adapters' top token agrees"
+    )
+    tokens_per_s: float = Field(description="0 for a fit_lora job, which reads no tokens")
 
     @classmethod
-    def of(cls, job_id: str, event: JobEvent) -> FineTuningJobEvent:
+    def of(cls, job_id: str, event: JobEvent, method: str = "supervised") -> FineTuningJobEvent:
+        """`method`: the job's; a fit_lora job's loss is its relative fit error."""
         val = "" if event.val_loss is None else f", validation loss={event.val_loss:.4f}"
         if event.val_exact_match is not None:
             val += f", validation exact match={event.val_exact_match:.3f}"
         if event.best_step is not None:
             val += f", best step {event.best_step}"
+        if event.output_rel_error is not None and event.top1_agreement is not None:
+            val += f", output error={event.output_rel_error:.4f}, top-1 agreement={event.top1_agreement:.3f}"
+        loss = "fit error" if method == "fit_lora" else "training loss"
         return cls(
             # A worker that re-runs the job restarts at step 1, later: the time tells them apart.
             id=f"ftevent-{job_id.removeprefix('ftjob-')}-{round(event.time * 1000)}-{event.step}",
             created_at=event.time,
-            message=f"Step {event.step}/{event.total_steps}: training loss={event.loss:.4f}{val}",
+            message=f"Step {event.step}/{event.total_steps}: {loss}={event.loss:.4f}{val}",
             data={
                 "step": event.step,
                 "total_steps": event.total_steps,
@@ -229,6 +248,8 @@ class FineTuningJobEvent(BaseModel):
                 "valid_exact_match": event.val_exact_match,
                 "best_step": event.best_step,
                 "best_valid_loss": event.best_val_loss,
+                "output_rel_error": event.output_rel_error,
+                "top1_agreement": event.top1_agreement,
                 "tokens_per_s": event.tokens_per_s,
             },
             step=event.step,
@@ -238,6 +259,8 @@ class FineTuningJobEvent(BaseModel):
             val_exact_match=event.val_exact_match,
             best_step=event.best_step,
             best_val_loss=event.best_val_loss,
+            output_rel_error=event.output_rel_error,
+            top1_agreement=event.top1_agreement,
             tokens_per_s=event.tokens_per_s,
         )
 
@@ -260,7 +283,7 @@ class FineTuningJobCheckpoint(BaseModel):
     step_number: int = Field(description="The step the published checkpoint was taken at")
     metrics: dict[str, float | None] = Field(
         description="step, train_loss (at the last step), valid_loss and valid_exact_match (of the published "
-        "checkpoint)"
+        "checkpoint); a fit_lora job's also output_rel_error and top1_agreement (train_loss is its fit error)"
     )
 
     @classmethod
@@ -271,18 +294,17 @@ class FineTuningJobCheckpoint(BaseModel):
         if validated:
             step, valid_loss = validated[-1].best_step, validated[-1].best_val_loss
             exact_match = next((e.val_exact_match for e in validated if e.step == step), None)
+        metrics = {"step": step, "train_loss": record.loss, "valid_loss": valid_loss, "valid_exact_match": exact_match}
+        fitted = [e for e in events if e.output_rel_error is not None]
+        if fitted:
+            metrics |= {"output_rel_error": fitted[-1].output_rel_error, "top1_agreement": fitted[-1].top1_agreement}
         return cls(
             id=f"ftckpt-{record.id.removeprefix('ftjob-')}",
             created_at=int(record.updated),
             fine_tuned_model_checkpoint=record.adapter_name,
             fine_tuning_job_id=record.id,
             step_number=step,
-            metrics={
-                "step": step,
-                "train_loss": record.loss,
-                "valid_loss": valid_loss,
-                "valid_exact_match": exact_match,
-            },
+            metrics=metrics,
         )
 
 

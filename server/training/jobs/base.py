@@ -100,6 +100,9 @@ class JobEvent:
     val_exact_match: float | None = None
     best_step: int | None = None
     best_val_loss: float | None = None
+    # A fit_lora job's last event, whose `loss` is the published adapter's fit error.
+    output_rel_error: float | None = None
+    top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ async function jobForm(status) {
     const input = hyperparameterInput(name, prop);
     return { name, input, initial: input.value, label: field(name, input, prop.description) };
   });
-  const training = h("input", { type: "file", name: "training_file", accept: ".jsonl,application/jsonl", required: true });
+  // Not required: a fit_lora job (the method field) reads no files.
+  const training = h("input", { type: "file", name: "training_file", accept: ".jsonl,application/jsonl" });
   const validation = h("input", { type: "file", name: "validation_file", accept: ".jsonl,application/jsonl" });
   const adapter = h("input", { name: "adapter", required: true, placeholder: "support-v2", autocomplete: "off" });
   const form = h("form", { class: "card", on: { submit: async (event) => {
@@ -50,7 +51,7 @@ async function jobForm(status) {
     status.clear();
     const body = new FormData();
     body.append("adapter", adapter.value.trim());
-    body.append("training_file", training.files[0]);
+    if (training.files[0]) body.append("training_file", training.files[0]);
     if (validation.files[0]) body.append("validation_file", validation.files[0]);
     // Only what differs from the default: the server applies its defaults to the rest.
     for (const { name, input, initial } of inputs) {
