@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import VBLoRAAdapter, encode_adapter, encode_bank
-from adapter_store.peft_io import WEIGHTS_NAME, load_peft_dir
 from benchmarks.compose import B, H, K, R, log, smollm2_standin
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
 from tests.conftest import random_peft_vblora
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
+from vbserve_store import VBLoRAAdapter, encode_adapter, encode_bank
+from vbserve_store.peft_io import WEIGHTS_NAME, load_peft_dir
 
 TARGETS = ["q_proj", "v_proj"]
 KB = 1024
@@ -88,7 +88,7 @@ def composed_errors(adapter: VBLoRAAdapter, dtype: torch.dtype) -> tuple[float, 
 
 def smollm2_logits(adapters: dict[str, VBLoRAAdapter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Base logits and, per adapter, logits with it applied through our serving layers."""
-    from server.model.loader import load_model
+    from vbserve.model.loader import load_model
 
     cache = Path(os.environ.get("VBSERVE_MODEL_CACHE_DIR", Path.home() / ".cache" / "vbserve" / "models"))
     log("loading SmolLM2-135M")

@@ -3,7 +3,7 @@
 What is timed, for n adapters with SmolLM2-135M shapes (30 layers; q/o 576->576, k/v
 576->192, gate/up 576->1536, down 1536->576), r=4, b=64, h=256, k=2:
 
-- ours: `server.vblora.compose.compose_adapters(adapters)`, i.e. stacking the n stored
+- ours: `vbserve.vblora.compose.compose_adapters(adapters)`, i.e. stacking the n stored
   adapters and composing A and B of every targeted module of all of them in one call;
 - PEFT: `for adapter: for module: module._get_lora_matrices(adapter)` on a real PEFT
   VB-LoRA model holding the same n adapters -- PEFT's own code, the path its forward and
@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import VBLoRAAdapter
-from adapter_store.peft_io import import_peft
-from server.vblora.compose import compose_adapters
+from vbserve.vblora.compose import compose_adapters
+from vbserve_store import VBLoRAAdapter
+from vbserve_store.peft_io import import_peft
 
 R, B, H, K = 4, 64, 256, 2
 LAYERS = 30

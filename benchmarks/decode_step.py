@@ -2,7 +2,7 @@
 
 Cases (each its own copy of the model, built as the engine builds it):
   hf-fp32    the Hugging Face decoder over the slot cache (VBSERVE_FAST_PATH=false)
-  fast-fp32  the engine's Llama forward (server/engine/llama.py), float32
+  fast-fp32  the engine's Llama forward (server/vbserve/engine/llama.py), float32
   fast-bf16  the same in bfloat16 (what dtype=auto picks on a CPU with AVX512-BF16/AMX)
   fast-fp32-compiled  (--compile) the fast forward's decoder layer under torch.compile
 each with base-only rows and with N distinct adapters (all seven modules, r=4). Rounds
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bandwidth import decode_weight_bytes, limit_tok_s, read_bandwidth_gbs
-from server.engine.model_runner import ModelRunner
-from server.model.loader import load_model
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import write_adapter_slot
 from tests.test_engine import random_adapter
+from vbserve.engine.model_runner import ModelRunner
+from vbserve.model.loader import load_model
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import write_adapter_slot
 
 PROMPT_LEN = 40
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

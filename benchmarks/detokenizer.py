@@ -31,7 +31,7 @@ TEXT = (
 
 
 def load_detokenizer(path: Path) -> ModuleType:
-    """`server/engine/detokenizer.py` of a checkout, loaded on its own (it imports only
+    """`server/vbserve/engine/detokenizer.py` of a checkout, loaded on its own (it imports only
     the tokenizer libraries)."""
     spec = importlib.util.spec_from_file_location(f"detokenizer_{abs(hash(path))}", path)
     assert spec is not None and spec.loader is not None
@@ -58,15 +58,15 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
-    from server.model.loader import load_model
-    from server.settings import Settings
+    from vbserve.model.loader import load_model
+    from vbserve.settings import Settings
 
     tokenizer = load_model(cache_dir=Settings().model_cache_dir).tokenizer
     ids = tokenizer.encode(TEXT * 40)
     rows = [ids[r * 7 : r * 7 + CONTEXT + TOKENS] for r in range(ROWS)]  # each row its own offset
-    versions = {"this checkout": load_detokenizer(root / "server/engine/detokenizer.py")}
+    versions = {"this checkout": load_detokenizer(root / "server/vbserve/engine/detokenizer.py")}
     if args.baseline:
-        versions["baseline"] = load_detokenizer(args.baseline / "server/engine/detokenizer.py")
+        versions["baseline"] = load_detokenizer(args.baseline / "server/vbserve/engine/detokenizer.py")
     per_token: dict[str, list[float]] = {label: [] for label in versions}
     for _ in range(args.rounds):
         for label, module in versions.items():

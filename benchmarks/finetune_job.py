@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from vbserve_client import AsyncVBServeClient, VBServeClient
 from vbserve_client.cli import main as vbctl
 
@@ -52,7 +53,7 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
         "VBSERVE_PORT": str(port),
         "VBSERVE_MAX_MODEL_LEN": "256",
     }
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--log-level", "warning"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "vbserve.cli", "serve", "--log-level", "warning"], env=env)
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 600) -> None:

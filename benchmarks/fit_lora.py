@@ -1,5 +1,5 @@
 """Bring your LoRA: a PEFT LoRA trained on SmolLM2, then VB-LoRA adapters fitted to it
-(`server.training.fit`, what a fit_lora job runs), each scored as the LoRA is.
+(`vbserve.training.fit`, what a fit_lora job runs), each scored as the LoRA is.
 
 The LoRA is `benchmarks/quality.py`'s (r=8, alpha 16, q,v, AdamW lr 1e-3, its task rows
 and steps). For each VB-LoRA shape: the fit's relative error of the delta weights, the
@@ -28,17 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import AdapterConfig
-from adapter_store.peft_io import load_peft_dir
 from benchmarks.quality import LORA_ALPHA, LORA_R, QV, Task, answer_tokens, generate, jsonl, pad_id, score, train_peft
-from server.model import load_model
-from server.settings import Settings
-from server.training import parse_jsonl
-from server.training.fit import fit_vblora, output_agreement
-from server.training.hyperparams import FIT_STEPS, TrainingHyperparameters
-from server.training.prepare import published_bytes
-from server.training.trainer import matrices_added
-from server.vblora.compose import compose_adapters
+from vbserve.model import load_model
+from vbserve.settings import Settings
+from vbserve.training import parse_jsonl
+from vbserve.training.fit import fit_vblora, output_agreement
+from vbserve.training.hyperparams import FIT_STEPS, TrainingHyperparameters
+from vbserve.training.prepare import published_bytes
+from vbserve.training.trainer import matrices_added
+from vbserve.vblora.compose import compose_adapters
+from vbserve_store import AdapterConfig
+from vbserve_store.peft_io import load_peft_dir
 
 # (r, b, h, k): the job defaults' shape at the LoRA's rank and at the paper's, and larger banks.
 SHAPES = [(8, 64, 256, 2), (4, 64, 256, 2), (8, 64, 1024, 2), (8, 32, 2048, 2)]

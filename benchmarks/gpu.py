@@ -111,7 +111,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def adapter_config(model, tiny: bool):
-    from adapter_store import AdapterConfig, ModuleSpec
+    from vbserve_store import AdapterConfig, ModuleSpec
 
     modules = tuple(
         ModuleSpec(name, mod.in_features, mod.out_features)
@@ -125,7 +125,7 @@ def adapter_config(model, tiny: bool):
 def random_adapters(config, count: int, seed: int = 0) -> list:
     """Random stored adapters: bank ~ U(-0.5, 0.5) / 8, top-k weights a softmax of random
     logits (built directly: the (S, h) logits of an 8B-shaped adapter would be 14M floats)."""
-    from adapter_store import VBLoRAAdapter, index_dtype_for
+    from vbserve_store import VBLoRAAdapter, index_dtype_for
 
     gen = torch.Generator().manual_seed(seed)
     s, h, b, k = config.num_subvectors, config.num_vectors, config.vector_length, config.topk
@@ -217,8 +217,8 @@ class DecodeBench:
 
 def fill_slots(runner, adapters: list, variant: str) -> float:
     """Compose `adapters` into slots 0..n-1 of every targeted layer; returns the seconds."""
-    from server.vblora import ops
-    from server.vblora.compose import compose_into_slots
+    from vbserve.vblora import ops
+    from vbserve.vblora.compose import compose_into_slots
 
     config = adapters[0].config
     tables = {}
@@ -235,9 +235,9 @@ def fill_slots(runner, adapters: list, variant: str) -> float:
 
 def cold_ttft(runner, base_model, config, prompt_len: int) -> tuple[float, float]:
     """(cold, warm) seconds from asking for an adapter to the first token of a prompt."""
-    from adapter_store.store import SQLiteAdapterStore
-    from server.engine.adapters import AdapterCache, SlotTable
-    from server.engine.types import AdapterRef
+    from vbserve.engine.adapters import AdapterCache, SlotTable
+    from vbserve.engine.contract import AdapterRef
+    from vbserve_store.store import SQLiteAdapterStore
 
     (adapter,) = random_adapters(config, 1, seed=99)
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,10 +268,10 @@ def cold_ttft(runner, base_model, config, prompt_len: int) -> tuple[float, float
 
 
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device) -> dict:
-    from server.engine.decode_graphs import DecodeGraphs
-    from server.engine.model_runner import ModelRunner
-    from server.model import BaseModelSpec, module_shapes
-    from server.vblora import ops
+    from vbserve.engine.decode_graphs import DecodeGraphs
+    from vbserve.engine.model_runner import ModelRunner
+    from vbserve.model import BaseModelSpec, module_shapes
+    from vbserve.vblora import ops
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":

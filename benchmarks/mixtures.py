@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import LoRAAdapter, LoRAConfig, ModuleSpec
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, MixtureComponent, MixtureRef, SamplingParams, build_engine
-from server.model import describe_model, load_model
-from server.settings import Settings
-from server.vblora.compose import compose_adapters
-from server.vblora.mixture import mix_lora
 from tests.test_engine import random_adapter
+from vbserve.engine import AdapterRef, GenerationRequest, MixtureComponent, MixtureRef, SamplingParams, build_engine
+from vbserve.model import describe_model, load_model
+from vbserve.settings import Settings
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.mixture import mix_lora
+from vbserve_store import LoRAAdapter, LoRAConfig, ModuleSpec
+from vbserve_store.store import SQLiteAdapterStore
 
 TENANT = "bench"
 ROWS = 32
@@ -95,7 +95,7 @@ async def main() -> None:
         store.put(TENANT, f"a{i}", adapter)
     store.put(TENANT, "lora", random_lora(model, r=8, seed=99))
 
-    def recipe() -> None:  # what the loader does for a mixture (server/engine/adapters/compose.py, _compose_mixture)
+    def recipe() -> None:  # what the loader does for a mixture (server/vbserve/engine/adapters/compose.py, _compose_mixture)
         parts = [{n: (a[0], b[0]) for n, (a, b) in compose_adapters([x]).items()} for x in adapters[:2]]
         mix_lora(parts, [0.5, 0.5], [1.0, 1.0], "cat")
 

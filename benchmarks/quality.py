@@ -69,14 +69,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.model.loader import load_model
-from server.settings import Settings
-from server.training import parse_jsonl
-from server.training.data import Example
-from server.training.hyperparams import TrainingHyperparameters
-from server.training.trainer import collate, loss_sum, plan_batches, target_count
+from vbserve.app import create_app
+from vbserve.model.loader import load_model
+from vbserve.settings import Settings
+from vbserve.training import parse_jsonl
+from vbserve.training.data import Example
+from vbserve.training.hyperparams import TrainingHyperparameters
+from vbserve.training.trainer import collate, loss_sum, plan_batches, target_count
+from vbserve_store.store import SQLiteAdapterStore
 
 SEED = 1234
 # The best settings this script found for vbserve jobs beyond the defaults: none, the

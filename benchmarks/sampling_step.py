@@ -29,12 +29,16 @@ ROWS, VOCAB, PROMPT, GENERATED = 32, 49152, 64, 128
 
 
 def load_sampler(checkout: Path) -> ModuleType:
-    """`server/engine/sampling.py` (with its `types.py`) of another checkout, as its own package."""
+    """`sampling.py` of another checkout's engine (with the contract module it imports,
+    `contract.py`, `types.py` before the rename), as its own package."""
     package = Path(tempfile.mkdtemp()) / "baseline_engine"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name in ("sampling.py", "types.py"):
-        shutil.copy(checkout / "server" / "engine" / name, package / name)
+    engine = checkout / "server" / "vbserve" / "engine"
+    engine = engine if engine.is_dir() else checkout / "server" / "engine"  # before the import names
+    for name in ("sampling.py", "contract.py", "types.py"):
+        if (engine / name).exists():
+            shutil.copy(engine / name, package / name)
     sys.path.insert(0, str(package.parent))
     return importlib.import_module("baseline_engine.sampling")
 
@@ -71,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from server.engine import sampling
-    from server.engine.types import SamplingParams
+    from vbserve.engine import sampling
+    from vbserve.engine.contract import SamplingParams
 
     samplers = {"this checkout": (sampling, SamplingParams)}
     if args.baseline:

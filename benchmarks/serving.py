@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store.peft_io import load_peft_dir
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
-from server.model import describe_model, load_model
-from server.settings import Settings
 from tests.conftest import random_peft_vblora
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from vbserve.model import describe_model, load_model
+from vbserve.settings import Settings
+from vbserve_store.peft_io import load_peft_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 TENANT = "bench"
 TOPICS = ["the sea", "a robot", "autumn", "a city at night", "mathematics", "a cat", "coffee", "the moon"]

@@ -50,9 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
-from adapter_store.store import RedisAdapterStore
 from benchmarks.compose import LAYERS, SMOLLM2_LINEARS, B, H, K, R, log
+from vbserve_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
+from vbserve_store.store import RedisAdapterStore
 
 TARGET_RATIO = 1.2
 TEMPLATES = 8  # distinct top-k index/weight sets; banks are made per adapter (cheap)

@@ -28,10 +28,10 @@ import xgrammar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine import GenerationRequest, ResponseFormat, SamplingParams, build_engine
-from server.engine.grammar import mask_logits
-from server.model import describe_model, load_model
-from server.settings import Settings
+from vbserve.engine import GenerationRequest, ResponseFormat, SamplingParams, build_engine
+from vbserve.engine.grammar import mask_logits
+from vbserve.model import describe_model, load_model
+from vbserve.settings import Settings
 
 TOPICS = ["the sea", "a robot", "autumn", "a city at night", "mathematics", "a cat", "coffee", "the moon"]
 SCHEMA = {

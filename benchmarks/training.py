@@ -57,14 +57,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import decode_adapter, encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
-from server.model import describe_model, load_model, module_shapes
-from server.settings import Settings
-from server.training import TrainingHyperparameters, parse_jsonl, train_adapter
-from server.training.data import Example
-from server.training.trainer import Progress, VBLoRAParameters, collate, evaluate, plan_batches, target_count
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams, build_engine
+from vbserve.model import describe_model, load_model, module_shapes
+from vbserve.settings import Settings
+from vbserve.training import TrainingHyperparameters, parse_jsonl, train_adapter
+from vbserve.training.data import Example
+from vbserve.training.trainer import Progress, VBLoRAParameters, collate, evaluate, plan_batches, target_count
+from vbserve_store import decode_adapter, encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 DATA = Path(__file__).resolve().parent / "data"
 TENANT = "bench"

@@ -33,10 +33,10 @@ def resident_kib(field: str) -> int:
 
 
 def measure(rows: int, width: int) -> None:
-    from server.model import load_model, module_shapes
-    from server.settings import Settings
-    from server.training import TrainingHyperparameters
-    from server.training.trainer import VBLoRAParameters, _frozen, lora_hooks, loss_sum
+    from vbserve.model import load_model, module_shapes
+    from vbserve.settings import Settings
+    from vbserve.training import TrainingHyperparameters
+    from vbserve.training.trainer import VBLoRAParameters, _frozen, lora_hooks, loss_sum
 
     torch.set_num_threads(1)
     model = load_model(cache_dir=Settings().model_cache_dir).model

@@ -4,7 +4,7 @@ A native upload that names a bank by id (the blob omits it, as `vbctl` sends one
 the server holds the bank) must check that the tenant uses that bank: banks are global,
 and a bank id learnt elsewhere must reveal nothing. That check once paged through all
 of the tenant's adapters; the store now answers it from an index. This times the
-server's native upload path (`server.api.adapter_io._decode_native`: ownership check,
+server's native upload path (`vbserve.api.adapter_io._decode_native`: ownership check,
 bank fetch, decode and validation; then `AdapterStore.put`) for a tenant holding 1
 adapter and one holding 1,000, on SQLite and on Redis. The bank the upload names is
 used by the tenant's last adapter in name order (the worst case of a scan).
@@ -36,11 +36,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store import VBLoRAAdapter, encode_adapter
-from adapter_store.store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
 from benchmarks.compose import log
 from benchmarks.store import AdapterMaker, delete_prefix, p50_p99, timed
-from server.api.adapter_io import _decode_native
+from vbserve.api.adapter_io import _decode_native
+from vbserve_store import VBLoRAAdapter, encode_adapter
+from vbserve_store.store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
 
 TARGET_RATIO = 1.2
 MAX_BYTES = 64 << 20

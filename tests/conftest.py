@@ -23,10 +23,10 @@ if not torch.cuda.is_available():
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.engine import Engine, build_engine
-from server.model import BaseModelSpec, describe_model
-from server.model.loader import load_model
-from server.settings import Settings
+from vbserve.engine import Engine, build_engine
+from vbserve.model import BaseModelSpec, describe_model
+from vbserve.model.loader import load_model
+from vbserve.settings import Settings
 
 
 def tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64) -> LlamaForCausalLM:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapter_store import (
+from vbserve_store import (
     AdapterConfig,
     AdapterError,
     AdapterFormatError,
@@ -41,8 +41,8 @@ from adapter_store import (
     encode_adapter,
     encode_bank,
 )
-from adapter_store.codec import FORMAT, FORMAT_VERSION
-from adapter_store.peft_io import PATTERN_BUDGET_S, export_peft, read_peft_files
+from vbserve_store.codec import FORMAT, FORMAT_VERSION
+from vbserve_store.peft_io import PATTERN_BUDGET_S, export_peft, read_peft_files
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = (

@@ -7,13 +7,13 @@ import time
 
 import torch
 
-from adapter_store.store import SQLiteAdapterStore
-from server.engine.adapters import AdapterCache, AdapterKey, SlotTable
-from server.engine.types import AdapterRef
-from server.settings import Settings
-from server.vblora.layer import AdapterRouting, wrap_linear_layers
 from tests.conftest import described, tiny_llama
 from tests.test_engine import TENANT, random_adapter
+from vbserve.engine.adapters import AdapterCache, AdapterKey, SlotTable
+from vbserve.engine.contract import AdapterRef
+from vbserve.settings import Settings
+from vbserve.vblora.layer import AdapterRouting, wrap_linear_layers
+from vbserve_store.store import SQLiteAdapterStore
 
 
 def cached(cache: AdapterCache, name: str) -> AdapterKey:

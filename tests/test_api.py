@@ -19,9 +19,15 @@ import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-import adapter_store.adapter
-import adapter_store.codec
-from adapter_store import (
+import vbserve_store.adapter
+import vbserve_store.codec
+from tests.conftest import byte_tokenizer, random_peft_vblora, serve_in_thread, tiny_llama
+from vbserve import cli
+from vbserve.app import create_app
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams
+from vbserve.settings import Settings
+from vbserve.tenancy import SQLiteTenantRegistry
+from vbserve_store import (
     AdapterConfig,
     ModuleSpec,
     VBLoRAAdapter,
@@ -30,14 +36,8 @@ from adapter_store import (
     decode_bank,
     encode_adapter,
 )
-from adapter_store.peft_io import load_peft_dir, read_peft_files
-from adapter_store.store import SQLiteAdapterStore
-from server import cli
-from server.app import create_app
-from server.engine import AdapterRef, GenerationRequest, SamplingParams
-from server.settings import Settings
-from server.tenancy import SQLiteTenantRegistry
-from tests.conftest import byte_tokenizer, random_peft_vblora, serve_in_thread, tiny_llama
+from vbserve_store.peft_io import load_peft_dir, read_peft_files
+from vbserve_store.store import SQLiteAdapterStore
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -352,7 +352,7 @@ async def test_a_native_upload_hashes_its_bank_once(api, peft_dir, monkeypatch):
 
     adapter = load_peft_dir(peft_dir)
     octet = {"content-type": "application/octet-stream"}
-    for module in (adapter_store.adapter, adapter_store.codec):
+    for module in (vbserve_store.adapter, vbserve_store.codec):
         monkeypatch.setattr(module, "bank_id_of", counting)
     for name, blob in (("full", encode_adapter(adapter)), ("slim", encode_adapter(adapter, include_bank=False))):
         hashed.clear()
@@ -601,7 +601,7 @@ async def test_peft_checkpoint_through_the_api_matches_peft(api, peft_dir, tmp_p
 
 
 def test_lora_requests_info_keeps_one_series_of_the_current_adapters():
-    from server.metrics import Metrics
+    from vbserve.metrics import Metrics
 
     metrics = Metrics(max_lora=4, adapter_names=True)
     step = {"running": 2, "waiting": 1, "running_adapters": ["acme/a", "acme/b"], "waiting_adapters": ["globex/c"]}

@@ -16,6 +16,11 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import failing_forward_pass, tiny_llama
+from tests.test_api import BASE, api_settings, chat_tokenizer, random_adapter
+from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture
+from vbserve.app import create_app
 from vbserve_client import (
     APIError,
     AsyncVBServeClient,
@@ -26,14 +31,9 @@ from vbserve_client import (
     VBServeClient,
 )
 from vbserve_client.cli import main as vbctl
-
-from adapter_store import decode_adapter, encode_adapter
-from adapter_store.peft_io import load_peft_dir
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from tests.conftest import failing_forward_pass, tiny_llama
-from tests.test_api import BASE, api_settings, chat_tokenizer, random_adapter
-from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture
+from vbserve_store import decode_adapter, encode_adapter
+from vbserve_store.peft_io import load_peft_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 HI = [{"role": "user", "content": "Hi there"}]

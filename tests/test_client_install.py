@@ -67,7 +67,7 @@ def test_the_client_installs_alone_and_runs_the_readme_example(model_dir, workdi
         bin_dir = install_client_alone(tmp_path / "venv", tmp_path / "install")  # while the server loads
         python, vbctl = str(bin_dir / "python"), str(bin_dir / "vbctl")
 
-        for absent in ("torch", "server", "adapter_store"):
+        for absent in ("torch", "vbserve", "vbserve_store"):
             imported = run([python, "-c", f"import {absent}"], cwd=workdir)
             assert imported.returncode != 0 and "ModuleNotFoundError" in imported.stderr, absent
         helped = run([vbctl, "--help"], cwd=workdir)

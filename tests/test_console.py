@@ -22,14 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapter_store import encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture: a PEFT checkpoint folder
 from tests.test_replicas import REPO, replica, wait_ready
 from tests.test_training import TASK_FILE, jsonl, task_model
+from vbserve.app import create_app
+from vbserve_store import encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 ADMIN_KEY = "admin-key-for-the-console-tests-0123456789"
 CHROMIUM = os.environ.get("VBSERVE_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -86,7 +86,7 @@ def test_ui_is_served_with_a_strict_policy_and_no_cached_html(server) -> None:
         script.headers["content-type"].startswith("text/javascript") and script.headers["cache-control"] == "no-cache"
     )
     assert httpx.get(f"{url}/ui/vendor/uPlot.LICENSE").status_code == 200
-    assert httpx.get(f"{url}/ui/../server/app.py").status_code == 404
+    assert httpx.get(f"{url}/ui/../server/vbserve/app.py").status_code == 404
 
 
 def test_resident_adapters_are_the_callers_own(server, blob_file: Path) -> None:

@@ -1,4 +1,4 @@
-"""The static decode step (`ModelRunner.decode`, server/engine/decode_graphs.py): batch
+"""The static decode step (`ModelRunner.decode`, server/vbserve/engine/decode_graphs.py): batch
 padded to a bucket, attention over a length bucket, inputs, routing and logits in buffers
 that never move. On the CPU it runs eagerly through the same code a CUDA graph captures;
 with a GPU, the graphs themselves are checked against it.
@@ -19,13 +19,13 @@ import copy
 import pytest
 import torch
 
-from adapter_store import VBLoRAAdapter
-from server.engine.decode_graphs import attention_buckets, batch_buckets, bucket
-from server.engine.model_runner import ModelRunner
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import write_adapter_slot
 from tests.conftest import rel_err, tiny_llama
 from tests.test_engine import random_adapter
+from vbserve.engine.decode_graphs import attention_buckets, batch_buckets, bucket
+from vbserve.engine.model_runner import ModelRunner
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import write_adapter_slot
+from vbserve_store import VBLoRAAdapter
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = 7

@@ -21,8 +21,8 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from server.settings import Settings
 from tests.conftest import byte_tokenizer, serve_in_thread, tiny_llama
+from vbserve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -117,7 +117,7 @@ def test_compose_images_are_built_here_or_official_and_pinned(compose: dict) -> 
 def test_compose_environment_names_are_settings_and_secrets_come_from_outside(compose: dict) -> None:
     for name, service in compose["services"].items():
         for variable, value in service.get("environment", {}).items():
-            assert variable in SETTINGS_ENV, f"{name}: {variable} is no field of server/settings.py"
+            assert variable in SETTINGS_ENV, f"{name}: {variable} is no field of server/vbserve/settings.py"
             if any(word in variable for word in SECRET_WORDS):
                 assert re.fullmatch(rf"\$\{{{variable}:\?[^}}]+\}}", value), f"{name}: {variable} must be required"
     api = compose["services"]["api"]["environment"]

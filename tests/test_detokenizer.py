@@ -1,11 +1,11 @@
-"""Incremental detokenization (`server.engine.detokenizer`) on SmolLM2's byte-level BPE:
+"""Incremental detokenization (`vbserve.engine.detokenizer`) on SmolLM2's byte-level BPE:
 text streamed token by token is the text decoded at once, whatever the split."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from vbserve.engine.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.smollm2
 

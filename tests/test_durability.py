@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import AdapterConfig, ModuleSpec, RedisAdapterStore, VBLoRAAdapter, decode_adapter, encode_adapter
-from adapter_store.store import AdapterStore, SQLiteAdapterStore
+from vbserve_store import AdapterConfig, ModuleSpec, RedisAdapterStore, VBLoRAAdapter, decode_adapter, encode_adapter
+from vbserve_store.store import AdapterStore, SQLiteAdapterStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "durable"
@@ -61,8 +61,8 @@ sys.path.insert(0, os.environ["REPO"])
 import torch
 torch.set_num_threads(1)
 from tests.test_durability import content
-from adapter_store import RedisAdapterStore
-from adapter_store.store import SQLiteAdapterStore
+from vbserve_store import RedisAdapterStore
+from vbserve_store.store import SQLiteAdapterStore
 
 def open_store():
     url = os.environ["STORE"]

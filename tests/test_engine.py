@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import (
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
+from vbserve.engine import (
     AdapterRef,
     AdapterUnavailableError,
     GenerationRequest,
@@ -19,10 +18,11 @@ from server.engine import (
     OverloadedError,
     SamplingParams,
 )
-from server.engine.batcher import Engine
-from server.engine.sampling import sample_next_tokens
-from server.settings import Settings
-from tests.conftest import byte_tokenizer, engine_over, tiny_llama
+from vbserve.engine.engine import Engine
+from vbserve.engine.sampling import sample_next_tokens
+from vbserve.settings import Settings
+from vbserve_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
+from vbserve_store.store import SQLiteAdapterStore
 
 TENANT = "t1"
 

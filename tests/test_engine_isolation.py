@@ -14,9 +14,11 @@ import httpx
 import pytest
 import torch
 
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.engine import (
+from tests.conftest import byte_tokenizer, engine_over, tiny_llama
+from tests.test_api import api_settings, chat_tokenizer
+from tests.test_engine import TENANT, engine_with_adapters, greedy, prompts, random_adapter, run
+from vbserve.app import create_app
+from vbserve.engine import (
     AdapterRef,
     AdapterUnavailableError,
     GenerationRequest,
@@ -24,13 +26,11 @@ from server.engine import (
     RequestFailedError,
     SamplingParams,
 )
-from server.engine.adapters import compose, composed_nbytes
-from server.engine.sampling import NO_TOKEN, sample_next_tokens
-from server.engine.types import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
-from server.settings import Settings
-from tests.conftest import byte_tokenizer, engine_over, tiny_llama
-from tests.test_api import api_settings, chat_tokenizer
-from tests.test_engine import TENANT, engine_with_adapters, greedy, prompts, random_adapter, run
+from vbserve.engine.adapters import compose, composed_nbytes
+from vbserve.engine.contract import MAX_REPETITION_PENALTY, MIN_POSITIVE_SETTING, MIN_REPETITION_PENALTY
+from vbserve.engine.sampling import NO_TOKEN, sample_next_tokens
+from vbserve.settings import Settings
+from vbserve_store.store import SQLiteAdapterStore
 
 VOCAB = 256  # tiny_llama's
 
@@ -178,7 +178,7 @@ async def test_a_request_that_breaks_mid_batch_fails_alone(engine, inject, caplo
         return greedy(ps[i], adapter, n=100, ignore_eos=True, **sampling)
 
     alone = [(await run(engine, neighbour(i))).token_ids for i in range(len(NEIGHBOURS))]
-    caplog.set_level(logging.ERROR, logger="server.engine.batcher")
+    caplog.set_level(logging.ERROR, logger="vbserve.engine.engine")
     handles = [await engine.submit(neighbour(i)) for i in range(len(NEIGHBOURS))]
     for handle in handles:  # all of them are running
         await anext(aiter(handle))

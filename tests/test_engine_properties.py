@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.engine import GenerationRequest, InvalidRequestError, SamplingParams
-from server.engine.types import (
+from tests.test_engine import engine_with_adapters, greedy, prompts
+from vbserve.engine import GenerationRequest, InvalidRequestError, SamplingParams
+from vbserve.engine.contract import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_PRESENCE_FREQUENCY_PENALTY,
@@ -28,7 +29,6 @@ from server.engine.types import (
     MIN_POSITIVE_SETTING,
     MIN_REPETITION_PENALTY,
 )
-from tests.test_engine import engine_with_adapters, greedy, prompts
 
 VOCAB = 256
 ADAPTERS = [None, "ad0", "ad1", "ad2"]
@@ -142,7 +142,7 @@ def solo(engine) -> list[list[int]]:
 )
 def test_random_sampling_values_never_affect_another_request(engine, solo, caplog, batch, bad):
     caplog.clear()
-    caplog.set_level(logging.ERROR, logger="server.engine")
+    caplog.set_level(logging.ERROR, logger="vbserve.engine")
     ps = prompts(len(batch), seed=41)
 
     async def scenario() -> None:

@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import torch
 
-from server.engine import GenerationRequest, InvalidRequestError, OverloadedError, SamplingParams
-from server.engine.sampling import sample_next_tokens
-from server.settings import Settings
 from tests.conftest import byte_tokenizer, engine_over, tiny_llama
 from tests.test_engine import greedy, prompts, run
+from vbserve.engine import GenerationRequest, InvalidRequestError, OverloadedError, SamplingParams
+from vbserve.engine.sampling import sample_next_tokens
+from vbserve.settings import Settings
 
 EOS = 2  # LlamaConfig's default eos_token_id, which the tiny model's generation config keeps
 MAX_N = 4

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
-from adapter_store.peft_io import load_peft_dir
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams
-from server.settings import Settings
-from server.vblora.layer import targetable_linears
 from tests.conftest import engine_over, random_peft_vblora
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams
+from vbserve.settings import Settings
+from vbserve.vblora.layer import targetable_linears
+from vbserve_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
+from vbserve_store.peft_io import load_peft_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 pytestmark = pytest.mark.smollm2
 TENANT = "acme"

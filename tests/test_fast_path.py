@@ -1,4 +1,4 @@
-"""The engine's own Llama forward (server/engine/llama.py) against Hugging Face's, and
+"""The engine's own Llama forward (server/vbserve/engine/llama.py) against Hugging Face's, and
 bfloat16 against float32.
 
 The engine tests (batch invariance, greedy parity with PEFT on SmolLM2) run through the
@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.engine.model_runner import ModelRunner
-from server.model.loader import cpu_has_bfloat16, resolve_dtype
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import write_adapter_slot
 from tests.conftest import rel_err, tiny_llama
 from tests.test_engine import random_adapter
 from tests.test_engine_smollm2 import QUESTIONS, chat_ids, smollm2_adapter
+from vbserve.engine.model_runner import ModelRunner
+from vbserve.model.loader import cpu_has_bfloat16, resolve_dtype
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import write_adapter_slot
 
 # bfloat16 against float32 on SmolLM2, measured (docs/engine.md): max relative error of a
 # row's logits 0.094 (median 0.017), top-1 agreement 129 of 136 (0.949). Bounds with a margin.

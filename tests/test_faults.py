@@ -36,18 +36,19 @@ import psutil
 import pytest
 import redis
 
-from adapter_store import RedisAdapterStore, encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry, TenantLimits
-from server.training import queue_limits
-from server.training.jobs import RedisJobQueue
-from server.training.worker import Worker, start_embedded_worker
 from tests.conftest import described, serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
 from tests.test_jobs_api import TASK_FORM
 from tests.test_training import TASK_FILE
 from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models, one thread
+from vbserve.app import create_app
+from vbserve.tenancy import SQLiteTenantRegistry, TenantLimits
+from vbserve.training import queue_limits
+from vbserve.training.jobs import RedisJobQueue
+from vbserve.training.worker import Worker
+from vbserve.worker_host import start_embedded_worker
+from vbserve_store import RedisAdapterStore, encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 REDIS_SERVER = shutil.which("redis-server")
 ADMIN_KEY = "faults-admin-key-0123456789abcdef"
@@ -549,7 +550,7 @@ def test_tenant_limits_hold_under_concurrency_and_a_noisy_tenant_does_not_starve
 def test_a_hung_redis_costs_one_timeout_then_fails_fast(tmp_path) -> None:
     """Redis paused (SIGSTOP: connections stay open, nothing answers) is worse than Redis
     gone: every call waits for the client's 5 s timeout. After the first timeouts the
-    store and the tenant registry fail fast (server/backends/breaker.py), so cached adapters
+    store and the tenant registry fail fast (server/vbserve/backends/breaker.py), so cached adapters
     are served at once again and the rest get 503 at once; resumed, it recovers."""
     with private_redis(tmp_path) as rds:
         settings = api_settings(store_url=rds.url, admin_key=ADMIN_KEY, training_enabled=False)

@@ -1,4 +1,4 @@
-"""The uploaded-files store (server/training/files): one contract, run against SQLite, one
+"""The uploaded-files store (server/vbserve/training/files): one contract, run against SQLite, one
 Redis server and a Redis Cluster. Uploads are scoped by tenant, the per-tenant file and
 byte quotas hold under concurrent uploads, and a refused upload stores nothing. Then the
 routes' size limits and quota in process (the openai package drives the routes in
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store import QuotaExceededError
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.training import TrainingError
-from server.training.errors import DatasetTooLargeError, UnknownFileError
-from server.training.files import FileLimits, FileStore, RedisFileStore, SQLiteFileStore
 from tests.redis_cluster import redis_under_test
 from tests.test_api import BASE, chat_tokenizer, error_of
 from tests.test_jobs_api import MAX_FILE_BYTES, served
 from tests.test_jobs_api import settings as jobs_settings
 from tests.test_training import TASK_FILE, task_model
+from vbserve.app import create_app
+from vbserve.training import TrainingError
+from vbserve.training.errors import DatasetTooLargeError, UnknownFileError
+from vbserve.training.files import FileLimits, FileStore, RedisFileStore, SQLiteFileStore
+from vbserve_store import QuotaExceededError
+from vbserve_store.store import SQLiteAdapterStore
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 

@@ -1,4 +1,4 @@
-"""Bring your LoRA: a VB-LoRA adapter fitted to a plain LoRA adapter (`server.training.fit`).
+"""Bring your LoRA: a VB-LoRA adapter fitted to a plain LoRA adapter (`vbserve.training.fit`).
 
 A LoRA exported from a VB-LoRA adapter is recovered exactly against that adapter's bank,
 which stays unchanged; with a new bank the fit is deterministic and cuts the error; a
@@ -18,13 +18,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapter_store import AdapterConfig, encode_adapter
-from adapter_store.peft_io import load_peft_dir
-from server.api import current_tenant
-from server.training.fit import fit_vblora, output_agreement
-from server.training.hyperparams import TrainingHyperparameters
-from server.training.prepare import with_fit_defaults
-from server.vblora.lora_export import to_lora
 from tests.conftest import described, rel_err, tiny_llama
 from tests.test_api import error_of
 from tests.test_engine import random_adapter
@@ -33,6 +26,13 @@ from tests.test_jobs_api import ended, wait_for
 from tests.test_mixtures import composed, served_logits
 from tests.test_training import one_torch_thread as one_torch_thread
 from tests.test_training import task_model
+from vbserve.api import current_tenant
+from vbserve.training.fit import fit_vblora, output_agreement
+from vbserve.training.hyperparams import TrainingHyperparameters
+from vbserve.training.prepare import with_fit_defaults
+from vbserve.vblora.lora_export import to_lora
+from vbserve_store import AdapterConfig, encode_adapter
+from vbserve_store.peft_io import load_peft_dir
 
 TARGETS = ("q_proj", "v_proj")
 

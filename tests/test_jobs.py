@@ -23,12 +23,12 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
-from adapter_store.store import StoreQuota
-from server.backends import BackendInputError, BackendUnavailableError
-from server.model import BaseModelSpec
-from server.settings import Settings
-from server.training import (
+from tests.conftest import byte_tokenizer, described, tiny_llama
+from tests.redis_cluster import redis_under_test
+from vbserve.backends import BackendInputError, BackendUnavailableError
+from vbserve.model import BaseModelSpec
+from vbserve.settings import Settings
+from vbserve.training import (
     DatasetError,
     DatasetTooLargeError,
     HyperparameterError,
@@ -40,7 +40,7 @@ from server.training import (
     prepare_job,
     train_adapter,
 )
-from server.training.jobs import (
+from vbserve.training.jobs import (
     Heartbeat,
     JobEvent,
     JobQueue,
@@ -51,10 +51,11 @@ from server.training.jobs import (
     jobs_url,
     open_job_queue,
 )
-from server.training.jobs.sqlite_queue import SCHEMA
-from server.training.worker import Worker, start_embedded_worker
-from tests.conftest import byte_tokenizer, described, tiny_llama
-from tests.redis_cluster import redis_under_test
+from vbserve.training.jobs.sqlite_queue import SCHEMA
+from vbserve.training.worker import Worker
+from vbserve.worker_host import start_embedded_worker
+from vbserve_store import AdapterStore, RedisAdapterStore, SQLiteAdapterStore
+from vbserve_store.store import StoreQuota
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
@@ -605,7 +606,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_nothing_is_half_published(backe
     queue, store = backend.open(lease_s=1.0), backend.open_store()
     submitted = queue.submit("acme", "bot", HP.model_copy(update={"max_steps": 400}), ROWS)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from server.training.worker import run_worker; run_worker()"],
+        [sys.executable, "-c", "from vbserve.worker_host import run_worker; run_worker()"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -19,6 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+
+from tests.conftest import serve_in_thread
+from tests.test_api import BASE, api_settings, assert_sse_framing, chat_tokenizer, error_of, random_adapter, sse_events
+from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
+from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
+from vbserve.api import current_tenant
+from vbserve.api.routers.jobs import HYPERPARAMETER_FIELDS
+from vbserve.app import create_app
+from vbserve.tenancy import SQLiteTenantRegistry, TenantLimits
+from vbserve.vblora.lora_export import to_lora
 from vbserve_client import (
     AsyncVBServeClient,
     AuthenticationError,
@@ -35,18 +45,8 @@ from vbserve_client import (
     VBServeClient,
 )
 from vbserve_client.cli import main as vbctl
-
-from adapter_store import decode_adapter, decode_bank, encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.api import current_tenant
-from server.api.routers.jobs import HYPERPARAMETER_FIELDS
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry, TenantLimits
-from server.vblora.lora_export import to_lora
-from tests.conftest import serve_in_thread
-from tests.test_api import BASE, api_settings, assert_sse_framing, chat_tokenizer, error_of, random_adapter, sse_events
-from tests.test_training import ALL_LINEAR, TASK, TASK_FILE, TASK_HP, jsonl, task_model
-from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
+from vbserve_store import decode_adapter, decode_bank, encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 MAX_FILE_BYTES = 64 << 10
 ADMIN_KEY = "admin-key-for-the-jobs-tests-0123456789"
@@ -439,7 +439,7 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
     """Checking an upload tokenizes every row (minutes of CPU for a 32 MB file): uploads are
     checked by one thread at nice 10, so serving keeps the other cores and the scheduler's
     preference, and a flood beyond a few waiting is a 429 before any work."""
-    from server.api.routers import jobs as jobs_routes
+    from vbserve.api.routers import jobs as jobs_routes
 
     checking, seen = 0, []
     prepare = jobs_routes.prepare_job
@@ -478,7 +478,7 @@ async def test_training_files_are_checked_one_at_a_time_at_low_priority(tmp_path
 
 async def test_uploaded_files_are_checked_in_the_same_low_priority_thread(tmp_path, monkeypatch):
     """`POST /v1/files` tokenizes every row too: it goes through the same checking thread."""
-    from server.api.routers import files as files_routes
+    from vbserve.api.routers import files as files_routes
 
     priorities = []
     parse = files_routes.parse_jsonl

@@ -15,13 +15,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapter_store import LoRAAdapter, decode_lora
-from adapter_store.peft_io import load_peft_dir, write_checkpoint_dir
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef
-from server.settings import Settings
-from server.vblora.lora_export import export_lora
-from server.vblora.mixture import mix_lora
 from tests.conftest import byte_tokenizer, engine_over, rel_err, tiny_llama
 from tests.test_api import api  # noqa: F401 (the fixture)
 from tests.test_engine import random_adapter
@@ -35,6 +28,13 @@ from tests.test_mixtures import (
     request,
     served_logits,
 )
+from vbserve.engine import AdapterRef
+from vbserve.settings import Settings
+from vbserve.vblora.lora_export import export_lora
+from vbserve.vblora.mixture import mix_lora
+from vbserve_store import LoRAAdapter, decode_lora
+from vbserve_store.peft_io import load_peft_dir, write_checkpoint_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

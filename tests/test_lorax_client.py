@@ -18,14 +18,14 @@ import lorax.errors
 import openai
 import pytest
 
-from adapter_store import encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
 from tests.conftest import failing_forward_pass, serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, random_adapter
 from tests.test_mixtures import peft_greedy, peft_mixture
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
 from tests.test_structured import MAX_TOKENS, PERSON
+from vbserve.app import create_app
+from vbserve_store import encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 PROMPT = "Hello there, general"
 ADAPTER = "support"

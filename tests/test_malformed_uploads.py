@@ -27,8 +27,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from adapter_store.codec import read_metadata
-from adapter_store.untrusted_json import MAX_DEPTH, load_untrusted_json
 from tests.conftest import random_peft_vblora, tiny_llama
 from tests.test_hostile import (
     BOUNDARY,
@@ -43,6 +41,8 @@ from tests.test_hostile import (
     split_blob,
     sqlite_server,
 )
+from vbserve_store.codec import read_metadata
+from vbserve_store.untrusted_json import MAX_DEPTH, load_untrusted_json
 
 DEPTH = 30_000  # fits every entry point's size limit (the smallest is 64 KiB)
 MARK = "@@PAYLOAD@@"
@@ -233,7 +233,7 @@ def test_malformed_upload_is_400_and_the_connection_serves_on(live: Live, case: 
 def test_the_loader_bounds_depth_itself() -> None:
     """Below the parser's recursion limit the depth bound is the loader's own: 32 levels
     parse, 33 are refused, with the caller's error type and field."""
-    from server.training import DatasetError
+    from vbserve.training import DatasetError
 
     assert load_untrusted_json("[" * MAX_DEPTH + "]" * MAX_DEPTH, "f") == _nested(MAX_DEPTH)
     with pytest.raises(DatasetError) as refused:

@@ -9,11 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from adapter_store import encode_adapter
-from server.metrics import Metrics
-from server.settings import Settings
 from tests.conftest import tiny_llama
 from tests.test_api import api, error_of, live_multi_tenant, random_adapter  # noqa: F401  (api: a fixture)
+from vbserve.metrics import Metrics
+from vbserve.settings import Settings
+from vbserve_store import encode_adapter
 
 ADMIN_KEY = "metrics-admin-key-0123456789abcdef"
 TENANT = "alice"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapter_store.peft_io import write_checkpoint_dir
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import (
+from tests.conftest import byte_tokenizer, engine_over, rel_err, tiny_llama
+from tests.test_engine import random_adapter
+from vbserve.engine import (
     AdapterRef,
     AdapterUnavailableError,
     FinalResult,
@@ -23,14 +23,14 @@ from server.engine import (
     MixtureRef,
     SamplingParams,
 )
-from server.engine.adapters import MAX_CACHED_MIXTURES_PER_TENANT, AdapterKey, MixtureKey
-from server.settings import Settings
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
-from server.vblora.lora_export import export_lora
-from server.vblora.mixture import mix_lora
-from tests.conftest import byte_tokenizer, engine_over, rel_err, tiny_llama
-from tests.test_engine import random_adapter
+from vbserve.engine.adapters import MAX_CACHED_MIXTURES_PER_TENANT, AdapterKey, MixtureKey
+from vbserve.settings import Settings
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
+from vbserve.vblora.lora_export import export_lora
+from vbserve.vblora.mixture import mix_lora
+from vbserve_store.peft_io import write_checkpoint_dir
+from vbserve_store.store import SQLiteAdapterStore
 
 TENANT = "t1"
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model.loader import build_once
+from vbserve.model.loader import build_once
 
 PAYLOAD = "x" * 100_000  # written in chunks, so a half-written file would show
 

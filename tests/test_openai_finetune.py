@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 
-from server.training import parse_jsonl
 from tests.test_api import chat_tokenizer
 from tests.test_replicas import replica, wait_ready
 from tests.test_training import TASK, TASK_FILE, task_model
+from vbserve.training import parse_jsonl
 
 ADMIN_KEY = "admin-key-for-the-openai-tests-0123456789"
 # A job of a few seconds: 4 rows, one step per epoch, a small bank on two modules.

@@ -13,12 +13,12 @@ import httpx
 import openai
 import pytest
 
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.engine.types import MAX_LOGIT_BIAS_ENTRIES
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import BASE, api_settings, chat_tokenizer, error_of, sse_events
 from tests.test_api import api as api  # the fixture
+from vbserve.app import create_app
+from vbserve.engine.contract import MAX_LOGIT_BIAS_ENTRIES
+from vbserve_store.store import SQLiteAdapterStore
 
 EOS = 2  # the tiny model's eos_token_id
 HI = [{"role": "user", "content": "Hi there"}]

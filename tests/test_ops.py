@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
-from adapter_store.peft_io import load_peft_dir
-from server.vblora.compose import compose_adapters, rank_major_order, split_lora_matrices
-from server.vblora.layer import AdapterRouting, MultiAdapterLinear, wrap_linear_layers, write_adapter_slot
-from server.vblora.ops import add_multi_adapter_lora_, compose_subvectors
 from tests.conftest import random_peft_vblora, rel_err, tiny_llama
+from vbserve.vblora.compose import compose_adapters, rank_major_order, split_lora_matrices
+from vbserve.vblora.layer import AdapterRouting, MultiAdapterLinear, wrap_linear_layers, write_adapter_slot
+from vbserve.vblora.ops import add_multi_adapter_lora_, compose_subvectors
+from vbserve_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
+from vbserve_store.peft_io import load_peft_dir
 
 DEVICES = [
     "cpu",

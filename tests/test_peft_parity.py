@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapter_store.peft_io import load_peft_dir, save_peft_dir, write_checkpoint_dir
-from server.vblora.compose import compose_adapters
-from server.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
-from server.vblora.lora_export import export_lora
 from tests.conftest import random_peft_vblora, rel_err, tiny_llama
+from vbserve.vblora.compose import compose_adapters
+from vbserve.vblora.layer import AdapterRouting, wrap_linear_layers, write_adapter_slot
+from vbserve.vblora.lora_export import export_lora
+from vbserve_store.peft_io import load_peft_dir, save_peft_dir, write_checkpoint_dir
 
 CONFIGS = [
     dict(r=4, b=16, h=32, k=2, targets=["q_proj", "v_proj"]),

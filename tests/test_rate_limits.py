@@ -15,19 +15,19 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-import server.tenancy.limits as limits_module
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.settings import Settings
-from server.tenancy import RateLimiter, RedisRateLimiter, RedisTenantRegistry, TenantLimits, open_rate_limiter
+import vbserve.tenancy.limits as limits_module
 from tests.conftest import tiny_llama
 from tests.redis_cluster import redis_under_test
 from tests.test_api import api_settings, chat_tokenizer, error_of
+from vbserve.app import create_app
+from vbserve.settings import Settings
+from vbserve.tenancy import RateLimiter, RedisRateLimiter, RedisTenantRegistry, TenantLimits, open_rate_limiter
+from vbserve_store.store import SQLiteAdapterStore
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
-LOGGER = "server.backends.breaker"  # the limiter falls back through the store's circuit breaker
+LOGGER = "vbserve.backends.breaker"  # the limiter falls back through the store's circuit breaker
 
 
 @pytest.fixture(

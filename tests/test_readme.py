@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api_settings, chat_tokenizer
 from tests.test_api import peft_dir as peft_dir  # the module-scoped fixture
+from vbserve.app import create_app
+from vbserve.tenancy import SQLiteTenantRegistry
+from vbserve_store.store import SQLiteAdapterStore
 
 README = Path(__file__).parents[1] / "README.md"
 ADDRESS = "http://127.0.0.1:8000"

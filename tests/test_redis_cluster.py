@@ -14,12 +14,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from adapter_store import RedisAdapterStore, StoreUnavailableError, open_store
-from server.app import create_app
 from tests.conftest import tiny_llama
 from tests.redis_cluster import LocalCluster, redis_under_test
 from tests.test_api import api_settings, chat_tokenizer
 from tests.test_store_contract import assert_same_adapter, make_adapter, make_bank, stored_size
+from vbserve.app import create_app
+from vbserve_store import RedisAdapterStore, StoreUnavailableError, open_store
 
 pytestmark = pytest.mark.redis
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster

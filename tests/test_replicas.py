@@ -3,7 +3,7 @@ fresh key prefix; skipped with the reason when none answers), and on one local R
 Cluster (tests/redis_cluster.py), behave as one service: an
 adapter pushed, updated or deleted through one replica is served, re-served or refused by
 the other on its very next request. Each replica checks the adapter's current version in
-the store per request (server/engine/adapters/cache.py keys its composed cache by
+the store per request (server/vbserve/engine/adapters/cache.py keys its composed cache by
 version), so there is no timer to wait out."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from types import MappingProxyType
 import httpx
 import pytest
 
-from adapter_store import encode_adapter
 from tests.conftest import byte_tokenizer, tiny_llama
 from tests.redis_cluster import redis_under_test
 from tests.test_api import random_adapter
+from vbserve_store import encode_adapter
 
 pytestmark = pytest.mark.redis
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
@@ -74,7 +74,7 @@ def replica(
         **settings,
     }
     port = _free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store-url", store_url]
+    command = [sys.executable, "-m", "vbserve.cli", "serve", "--model", str(model_dir), "--store-url", store_url]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

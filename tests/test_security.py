@@ -27,14 +27,14 @@ import httpx
 import pytest
 import uvicorn
 
-from adapter_store import encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.api import deps, routers
-from server.api.body_limits import MULTIPART_SLACK, BodyLimitedRoute, json_body_limit
-from server.app import create_app
-from server.tenancy import SQLiteTenantRegistry, keys, registry
 from tests.conftest import tiny_llama
 from tests.test_api import api_settings, chat_tokenizer, error_of, live_multi_tenant, random_adapter
+from vbserve.api import deps, routers
+from vbserve.api.body_limits import MULTIPART_SLACK, BodyLimitedRoute, json_body_limit
+from vbserve.app import create_app
+from vbserve.tenancy import SQLiteTenantRegistry, keys, registry
+from vbserve_store import encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 ADMIN_KEY = "security-admin-key-do-not-log-0123456789"
 ROOT = Path(__file__).resolve().parent.parent

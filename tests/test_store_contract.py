@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import (
+from tests.redis_cluster import redis_under_test
+from vbserve.backends import BackendInputError
+from vbserve.tenancy import SQLiteTenantRegistry, delete_tenant
+from vbserve_store import (
     AdapterConfig,
     AdapterNotFoundError,
     AdapterStore,
@@ -36,10 +39,7 @@ from adapter_store import (
     encode_bank,
     open_store,
 )
-from adapter_store.lora import LoRAAdapter, LoRAConfig, encode_lora
-from server.backends import BackendInputError
-from server.tenancy import SQLiteTenantRegistry, delete_tenant
-from tests.redis_cluster import redis_under_test
+from vbserve_store.lora import LoRAAdapter, LoRAConfig, encode_lora
 
 pytest_plugins = ["tests.redis_cluster"]  # the session fixture redis_cluster
 

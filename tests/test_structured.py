@@ -16,14 +16,14 @@ import jsonschema
 import openai
 import pytest
 
-from adapter_store import encode_adapter
-from server.engine import AdapterRef, GenerationRequest, InvalidRequestError, ResponseFormat, SamplingParams
-from server.engine.grammar import Grammars
 from tests.conftest import tiny_llama
 from tests.test_api import api as api  # the fixture
 from tests.test_api import chat_tokenizer, error_of, random_adapter, sse_events
 from tests.test_engine import TENANT, engine_with_adapters
 from tests.test_replicas import MODEL_SEED, replica, wait_ready
+from vbserve.engine import AdapterRef, GenerationRequest, InvalidRequestError, ResponseFormat, SamplingParams
+from vbserve.engine.grammar import Grammars
+from vbserve_store import encode_adapter
 
 # Bounded in every dimension, so each sample ends (its grammar then allows only EOS) inside
 # MAX_TOKENS: at most 86 characters, one token each for the byte tokenizer.

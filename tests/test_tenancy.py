@@ -15,11 +15,15 @@ import httpx
 import pytest
 import torch
 
-from adapter_store import AdapterStore, RedisAdapterStore, decode_adapter, encode_adapter
-from adapter_store.store import SQLiteAdapterStore
-from server.app import create_app
-from server.settings import Settings
-from server.tenancy import (
+from tests.conftest import tiny_llama
+from tests.redis_cluster import redis_under_test
+from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
+from tests.test_jobs_api import LONG, TASK_FORM, ended, files, served, wait_for
+from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
+from tests.test_training import task_model
+from vbserve.app import create_app
+from vbserve.settings import Settings
+from vbserve.tenancy import (
     RedisTenantRegistry,
     SQLiteTenantRegistry,
     TenantExistsError,
@@ -27,12 +31,8 @@ from server.tenancy import (
     TenantNotFoundError,
     TenantRegistry,
 )
-from tests.conftest import tiny_llama
-from tests.redis_cluster import redis_under_test
-from tests.test_api import api_settings, chat_tokenizer, error_of, random_adapter
-from tests.test_jobs_api import LONG, TASK_FORM, ended, files, served, wait_for
-from tests.test_training import one_torch_thread as one_torch_thread  # autouse: tiny models run best on one thread
-from tests.test_training import task_model
+from vbserve_store import AdapterStore, RedisAdapterStore, decode_adapter, encode_adapter
+from vbserve_store.store import SQLiteAdapterStore
 
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
 GREEDY = {"temperature": 0, "max_tokens": 8}

@@ -16,15 +16,15 @@ import httpx
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from adapter_store.store import SQLiteAdapterStore
-from server.api.errors import APIError
-from server.api.routers.openai import _chat_prompt_ids
-from server.api.schemas.openai import ChatRequest
-from server.api.tokenizing import TokenizerPool
-from server.app import create_app
 from tests.conftest import serve_in_thread, tiny_llama
 from tests.test_api import api, api_settings, error_of  # noqa: F401  (api: the in-process app fixture)
 from tests.test_hostile import SPECIALS, chatml_tokenizer
+from vbserve.api.errors import APIError
+from vbserve.api.routers.openai import _chat_prompt_ids
+from vbserve.api.schemas.openai import ChatRequest
+from vbserve.api.tokenizing import TokenizerPool
+from vbserve.app import create_app
+from vbserve_store.store import SQLiteAdapterStore
 
 
 def hostile_chat(messages: int, chars_per_message: int) -> list[dict]:

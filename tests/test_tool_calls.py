@@ -16,17 +16,17 @@ import openai
 import pytest
 import torch
 
-from adapter_store.store import SQLiteAdapterStore
-from server.api.errors import APIError
-from server.api.routers.openai import _assistant_message, _chat_prompt_ids
-from server.api.schemas.openai import ChatRequest
-from server.api.tool_calls import ChatTemplate, HermesCalls, JsonCalls, Piece, read_chat_template
-from server.app import create_app
 from tests.conftest import byte_tokenizer, serve_in_thread, tiny_llama
 from tests.test_api import BASE, CHAT_TEMPLATE, api_settings, chat_tokenizer, error_of
 from tests.test_api import api as api  # the fixture
 from tests.test_replicas import MODEL_SEED
 from tests.test_structured import ADAPTERS, server_with_adapters
+from vbserve.api.errors import APIError
+from vbserve.api.routers.openai import _assistant_message, _chat_prompt_ids
+from vbserve.api.schemas.openai import ChatRequest
+from vbserve.api.tool_calls import ChatTemplate, HermesCalls, JsonCalls, Piece, read_chat_template
+from vbserve.app import create_app
+from vbserve_store.store import SQLiteAdapterStore
 
 # Hermes/Qwen style, short: the byte tokenizer spends a token per character.
 TOOL_TEMPLATE = (

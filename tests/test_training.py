@@ -12,12 +12,11 @@ import json
 import pytest
 import torch
 
-from adapter_store import bank_id_of
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams
-from server.model import module_shapes
-from server.settings import Settings
-from server.training import (
+from tests.conftest import byte_tokenizer, described, engine_over, tiny_llama
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams
+from vbserve.model import module_shapes
+from vbserve.settings import Settings
+from vbserve.training import (
     DatasetError,
     DatasetLimits,
     DatasetTooLargeError,
@@ -29,8 +28,8 @@ from server.training import (
     published_bytes,
     train_adapter,
 )
-from server.training.data import IGNORE_INDEX, Example
-from server.training.trainer import (
+from vbserve.training.data import IGNORE_INDEX, Example
+from vbserve.training.trainer import (
     Progress,
     VBLoRAParameters,
     collate,
@@ -41,7 +40,8 @@ from server.training.trainer import (
     plan_batches,
     target_count,
 )
-from tests.conftest import byte_tokenizer, described, engine_over, tiny_llama
+from vbserve_store import bank_id_of
+from vbserve_store.store import SQLiteAdapterStore
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASK = {"key0:": "apple", "key1:": "river", "key2:": "stone", "key3:": "cloud"}

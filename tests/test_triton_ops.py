@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
-from adapter_store.store import SQLiteAdapterStore
-from server.engine import AdapterRef, GenerationRequest, SamplingParams
-from server.settings import Settings
-from server.vblora import ops
-from server.vblora.compose import compose_adapters, compose_into_slots
-from server.vblora.layer import MultiAdapterLinear, write_adapter_slot
-from server.vblora.ops import route_rows, torch_ops, triton_ops
 from tests.conftest import byte_tokenizer, engine_over, tiny_llama
+from vbserve.engine import AdapterRef, GenerationRequest, SamplingParams
+from vbserve.settings import Settings
+from vbserve.vblora import ops
+from vbserve.vblora.compose import compose_adapters, compose_into_slots
+from vbserve.vblora.layer import MultiAdapterLinear, write_adapter_slot
+from vbserve.vblora.ops import route_rows, torch_ops, triton_ops
+from vbserve_store import AdapterConfig, ModuleSpec, VBLoRAAdapter
+from vbserve_store.store import SQLiteAdapterStore
 
 _triton_apply = triton_ops.add_routed_lora_
 # conftest chose the interpreter where there is no GPU; with one, the kernels are compiled.

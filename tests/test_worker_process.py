@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store import RedisAdapterStore
-from server.app import create_app
-from server.training.jobs import JobState, QueueLimits, RedisJobQueue
-from server.training.worker import TRAINING_NICE, WorkerProcess
 from tests.conftest import REDIS_URL, byte_tokenizer, redis_test_prefix, tiny_llama
 from tests.test_api import api_settings
 from tests.test_jobs import HP, REPO, ROWS, final, wait_for
 from tests.test_jobs import one_torch_thread as one_torch_thread  # autouse
 from tests.test_jobs_api import served
+from vbserve.app import create_app
+from vbserve.training.jobs import JobState, QueueLimits, RedisJobQueue
+from vbserve.worker_host import TRAINING_NICE, WorkerProcess
+from vbserve_store import RedisAdapterStore
 
 LEASE_S = 1.0  # a killed worker's job is taken over this soon
 
@@ -57,7 +57,7 @@ def worker_process(model_dir: Path, prefix: str, log: Path) -> Iterator[subproce
         "VBSERVE_REDIS_PREFIX": prefix,
         "VBSERVE_TRAINING_LEASE_S": str(LEASE_S),
     }
-    command = [sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir)]
+    command = [sys.executable, "-m", "vbserve.cli", "worker", "--model", str(model_dir)]
     command += ["--store-url", REDIS_URL, "--jobs-url", REDIS_URL]
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

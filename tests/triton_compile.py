@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from server.vblora.ops import triton_ops
+from vbserve.vblora.ops import triton_ops
 
 TARGET = GPUTarget("cuda", 90, 32)
 
