@@ -102,6 +102,27 @@ def fit_to_bank(hp: TrainingHyperparameters, bank: torch.Tensor) -> TrainingHype
     return TrainingHyperparameters.parse({**hp.model_dump(exclude_unset=True), **shape})
 
 
+def checked_config(
+    base_model: BaseModelSpec,
+    hp: TrainingHyperparameters,
+    limits: TrainingLimits,
+    frozen_bank: torch.Tensor | None,
+    **sequence_limits: int | None,
+) -> AdapterConfig:
+    """The adapter config `hp` asks for, checked against the model, the server's limits and
+    the frozen bank (whose shape it takes, `fit_to_bank`): what a training job and a fit job
+    both must fit. `sequence_limits`: a training job's `max_positions`, `max_batch_tokens`."""
+    if frozen_bank is not None:
+        fit_to_bank(hp, frozen_bank)
+    return hp.check_fits(
+        base_model.module_shapes,
+        max_rank=base_model.max_rank,
+        max_num_vectors=limits.max_num_vectors,
+        base_model=base_model.name,
+        **sequence_limits,
+    )
+
+
 def prepare_job(
     base_model: BaseModelSpec,
     tokenizer: PreTrainedTokenizerBase,
@@ -123,15 +144,13 @@ def prepare_job(
     """
     limits = limits or TrainingLimits()
     hp.check_validation(validation_file is not None)
-    if frozen_bank is not None:
-        fit_to_bank(hp, frozen_bank)
-    config = hp.check_fits(
-        base_model.module_shapes,
-        max_rank=base_model.max_rank,
-        max_num_vectors=limits.max_num_vectors,
+    config = checked_config(
+        base_model,
+        hp,
+        limits,
+        frozen_bank,
         max_positions=base_model.context_length,
         max_batch_tokens=limits.max_batch_tokens,
-        base_model=base_model.name,
     )
 
     def parse(data: bytes, field: str) -> list[Example]:
@@ -158,14 +177,7 @@ def prepare_fit(
     (the API fills `target_modules` and `r` from the source where the job left them
     unset). Both sides call it, as `prepare_job`."""
     limits = limits or TrainingLimits()
-    if frozen_bank is not None:
-        fit_to_bank(hp, frozen_bank)
-    config = hp.check_fits(
-        base_model.module_shapes,
-        max_rank=base_model.max_rank,
-        max_num_vectors=limits.max_num_vectors,
-        base_model=base_model.name,
-    )
+    config = checked_config(base_model, hp, limits, frozen_bank)
     wanted = {(m.name, m.in_features, m.out_features) for m in source.config.modules}
     if {(m.name, m.in_features, m.out_features) for m in config.modules} != wanted:
         names = sorted(m.name for m in source.config.modules)
