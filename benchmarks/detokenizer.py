@@ -66,7 +66,9 @@ def main() -> None:
     rows = [ids[r * 7 : r * 7 + CONTEXT + TOKENS] for r in range(ROWS)]  # each row its own offset
     versions = {"this checkout": load_detokenizer(root / "server/vbserve/engine/detokenizer.py")}
     if args.baseline:
-        versions["baseline"] = load_detokenizer(args.baseline / "server/vbserve/engine/detokenizer.py")
+        path = args.baseline / "server/vbserve/engine/detokenizer.py"
+        path = path if path.exists() else args.baseline / "server/engine/detokenizer.py"  # before the import names
+        versions["baseline"] = load_detokenizer(path)
     per_token: dict[str, list[float]] = {label: [] for label in versions}
     for _ in range(args.rounds):
         for label, module in versions.items():
