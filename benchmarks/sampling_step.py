@@ -81,7 +81,8 @@ def main() -> None:
     samplers = {"this checkout": (sampling, SamplingParams)}
     if args.baseline:
         old = load_sampler(args.baseline)
-        samplers["baseline"] = (old, importlib.import_module("baseline_engine.types").SamplingParams)
+        contract = "contract" if importlib.util.find_spec("baseline_engine.contract") else "types"
+        samplers["baseline"] = (old, importlib.import_module(f"baseline_engine.{contract}").SamplingParams)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(ROWS, VOCAB, generator=gen) * 3
     prompts = [torch.randint(0, VOCAB, (PROMPT,), generator=gen).tolist() for _ in range(ROWS)]

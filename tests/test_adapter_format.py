@@ -125,7 +125,7 @@ def test_one_adapter_encodes_to_one_file() -> None:
     assert {encode_bank(adapter.bank) for _ in range(20)} == {encode_bank(adapter.bank)}
     script = (
         "import hashlib, sys\n"
-        "from adapter_store import encode_adapter\n"
+        "from vbserve_store import encode_adapter\n"
         "from tests.test_adapter_format import make_adapter\n"
         "sys.stdout.write(hashlib.sha256(encode_adapter(make_adapter())).hexdigest())\n"
     )
