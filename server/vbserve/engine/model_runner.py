@@ -56,15 +56,19 @@ class ModelRunner:
         reason = unsupported(model) if fast_path else "turned off (VBSERVE_FAST_PATH=false)"
         self.fast = LlamaForward(model) if reason is None else None
         log.info("forward: %s", "the engine's Llama forward" if reason is None else f"Hugging Face's ({reason})")
-        # The decode step's inputs and output live at fixed addresses (see `decode`).
+        # The decode step's inputs live at fixed addresses (see `decode`).
         self._decode_ids = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_positions = torch.zeros(max_rows, 1, dtype=torch.long, device=self.device)
         self._decode_last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        self._decode_logits = torch.zeros(max_rows, vocab_size, dtype=torch.float32, device=self.device)
         # The Hugging Face forward is not captured: it builds its masks and caches per call.
         captured = cuda_graphs and self.device.type == "cuda" and self.fast is not None
         self.graphs = DecodeGraphs(self.device) if captured else None
+        # A replayed graph's output must live at a fixed address too; an eager step returns
+        # its logits as computed (a copy in and a copy out would only add work).
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        self._graph_logits = (
+            torch.zeros(max_rows, vocab_size, dtype=torch.float32, device=self.device) if captured else None
+        )
         # Padding and the length bucket are what a graph needs. Run eagerly they only add
         # work, and the longer attention changes bfloat16's rounding on the CPU (docs/engine.md,
         # "The decode step"), so an eager step keeps its exact shapes (N rows, the longest
@@ -82,8 +86,8 @@ class ModelRunner:
         The step is static (`static_decode`): N is padded up to a bucket of `batch_buckets`
         (padded rows: a dummy token at the cache's scratch position, base model only, logits
         dropped), it attends over a bucket of `attention_buckets` with the mask built inside
-        the step from the positions buffer, and its inputs, routing and logits sit in
-        buffers preallocated for `max_rows`. Every shape in it depends only on the buckets
+        the step from the positions buffer, and its inputs and routing (and, captured, its
+        logits) sit in buffers preallocated for `max_rows`. Every shape in it depends only on the buckets
         and the adapters' ranks in use, and nothing in it reads a value back to the host, so
         on CUDA it is captured once per such key and replayed (`DecodeGraphs`). Eager
         runners (the CPU) run the same code with no buckets: N rows, the longest row's length."""
@@ -98,21 +102,20 @@ class ModelRunner:
         self.routing.route(slots, padded_rows=rows if self.static_decode else None)
         try:
             if self.graphs is None:
-                self._decode_step(rows, kv_len)
-            else:
-                ranks = None if self.routing.index is None else tuple(m.rank for m in self.layers.values())
-                self.graphs.replay((rows, kv_len, ranks), lambda: self._decode_step(rows, kv_len))
+                return self._decode_step(rows, kv_len)[:n]
+            graph_logits = self._graph_logits[:rows]
+            ranks = None if self.routing.index is None else tuple(m.rank for m in self.layers.values())
+            self.graphs.replay((rows, kv_len, ranks), lambda: graph_logits.copy_(self._decode_step(rows, kv_len)))
+            return graph_logits[:n].clone()  # the next replay overwrites the buffer
         finally:
             self.routing.slots = None
-        return self._decode_logits[:n].clone()
 
-    def _decode_step(self, rows: int, kv_len: int) -> None:
-        """The static step (see `decode`): reads the decode buffers' first `rows` rows and the
-        routing set for them, writes their logits into `_decode_logits`."""
+    def _decode_step(self, rows: int, kv_len: int) -> torch.Tensor:
+        """The static step (see `decode`): the logits (rows, V) of the decode buffers' first
+        `rows` rows, with the routing set for them."""
         positions = self._decode_positions[:rows]
         self.cache.route(0, positions, kv_len)
-        logits = self._logits(self._decode_ids[:rows], positions, self._decode_last[:rows], kv_len)
-        self._decode_logits[:rows].copy_(logits)
+        return self._logits(self._decode_ids[:rows], positions, self._decode_last[:rows], kv_len)
 
     @torch.inference_mode()
     def forward(
